@@ -1,0 +1,296 @@
+"""Command-line interface: ``defectml search | generate | show``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from defectml.distort import DEFAULT_DISTORTIONS, TrialSettings
+from defectml.errors import DefectMLError, InputError
+from defectml.fingerprint import SoapSettings
+from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
+
+EPILOG = """examples:
+  defectml search examples/CdTe.cif --defect v_Cd --charge 0 --out runs/cdte
+  defectml search host.cif --defect all --out runs/all          # every native defect, default charges
+  defectml generate examples/CdTe.cif --defect v_Cd --charge 0,-1 --out trials/   # for DFT elsewhere
+  defectml show runs/cdte
+"""
+
+
+def _parse_charges(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            lo, hi = (int(x) for x in text.split(":"))
+            return list(range(min(lo, hi), max(lo, hi) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"cannot parse --charge {text!r}: use 0, -2,-1,0 or -2:0") from None
+
+
+def _parse_distortions(text: str | None) -> tuple[float, ...]:
+    if text is None:
+        return DEFAULT_DISTORTIONS
+    try:
+        if text.count(":") == 2:
+            lo, hi, step = (float(x) for x in text.split(":"))
+            n = int(round((hi - lo) / step)) + 1
+            values = [round(lo + i * step, 6) for i in range(n)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"cannot parse --distortions {text!r}: use -0.6:0.6:0.1 or -0.4,0.4") from None
+    return tuple(v for v in values if abs(v) > 1e-9)
+
+
+def _parse_oxi(text: str | None) -> dict[str, int] | None:
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        try:
+            el, val = part.split("=")
+            out[el.strip()] = int(val)
+        except ValueError:
+            raise InputError(f"cannot parse --oxi {part!r}: use e.g. Cd=2,Te=-2") from None
+    return out
+
+
+def _add_structure_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("structure", help="host crystal: CIF, POSCAR, extxyz or any ASE/pymatgen format")
+    p.add_argument("--defect", default="all",
+                   help="v_Cd (vacancy), Se_Te (Se on a Te site), Cd_i or Te_i_C3v "
+                        "(interstitial), comma-separated, or 'all' (default)")
+    p.add_argument("--charge", default=None,
+                   help="charge state(s): 0, -2,-1,0 or -2:0 (default: each defect's defaults)")
+    p.add_argument("--oxi", default=None, help="oxidation-state overrides, e.g. Cd=2,Te=-2")
+    g = p.add_argument_group("supercell")
+    g.add_argument("--min-length", type=float, default=10.0,
+                   help="minimum distance between periodic images of the defect, Å (10)")
+    g.add_argument("--max-atoms", type=int, default=500, help="largest supercell allowed (500)")
+    g.add_argument("--diagonal", action="store_true", help="only diagonal supercell matrices")
+    t = p.add_argument_group("trials")
+    t.add_argument("--distortions", default=None,
+                   help="bond-distortion factors: -0.6:0.6:0.1 (default) or a list -0.4,-0.2,0.2")
+    t.add_argument("--rattle-stdev", type=float, default=None,
+                   help="rattle standard deviation, Å (default 10%% of the bulk bond length)")
+    t.add_argument("--dimer-distance", type=float, default=2.0,
+                   help="bond length of the vacancy Dimer trial, Å (2.0)")
+    t.add_argument("--no-dimer", action="store_true", help="no Dimer trial")
+    t.add_argument("--no-rattled", action="store_true", help="no rattle-only trial")
+    t.add_argument("--all-pairs", action="store_true",
+                   help="distort every combination of first-shell neighbours (alloys)")
+    t.add_argument("--seed", type=int, default=42, help="base random seed (42)")
+
+
+def _trial_settings(a: argparse.Namespace) -> TrialSettings:
+    return TrialSettings(
+        distortions=_parse_distortions(a.distortions), rattle_stdev=a.rattle_stdev,
+        dimer_distance=a.dimer_distance, dimer=not a.no_dimer, rattled=not a.no_rattled,
+        all_pairs=a.all_pairs, seed=a.seed,
+    )
+
+
+def _add_analysis_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("telling minima apart")
+    g.add_argument("--soap-threshold", type=float, default=DEFAULT_SOAP_THRESHOLD,
+                   help=f"SOAP cosine distance below which two relaxed trials are one minimum "
+                        f"({DEFAULT_SOAP_THRESHOLD})")
+    g.add_argument("--soap-rcut", type=float, default=5.0, help="SOAP cutoff, Å (5)")
+    g.add_argument("--soap-nmax", type=int, default=10, help="SOAP radial basis size (10)")
+    g.add_argument("--soap-lmax", type=int, default=10, help="SOAP max angular degree (10)")
+    g.add_argument("--soap-sigma", type=float, default=1.0, help="SOAP Gaussian width, Å (1.0)")
+    g.add_argument("--max-drop", type=float, default=DEFAULT_PHASE_CHANGE_DROP,
+                   help="quarantine relaxations this many eV below the median as phase changes "
+                        f"({DEFAULT_PHASE_CHANGE_DROP})")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of a table")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+
+
+def _soap(a: argparse.Namespace) -> SoapSettings:
+    return SoapSettings(r_cut=a.soap_rcut, n_max=a.soap_nmax, l_max=a.soap_lmax, sigma=a.soap_sigma)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``defectml`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="defectml",
+        description="Find the ground-state and metastable structures of point defects with a "
+                    "machine-learned interatomic potential (default CHGNet, runs offline).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "search", help="distort, relax with an MLIP, and rank the unique minima of each defect",
+        description="Generate defects and distorted trials, relax every trial with an MLIP, "
+                    "group the relaxed structures by a SOAP fingerprint of the defect site and "
+                    "rank the unique minima. Every relaxation is saved at once in "
+                    "OUT/results.db; rerunning the same command resumes.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_structure_args(s)
+    s.add_argument("--out", default="runs/defectml", help="output folder (runs/defectml)")
+    s.add_argument("--db", default=None,
+                   help="results database: SQLite path or postgresql:// URL (OUT/results.db)")
+    m = s.add_argument_group("model and relaxation")
+    m.add_argument("--model", default="chgnet",
+                   help="chgnet (default), sevennet-0, sevennet-mf-0, emt, or a MACE .model path")
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
+    m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
+    m.add_argument("--no-relax-host", action="store_true",
+                   help="use the host cell as given instead of relaxing it with the model")
+    _add_analysis_args(s)
+
+    g = sub.add_parser(
+        "generate", help="write the trial structures only (POSCARs), e.g. to run DFT elsewhere",
+        description="Write every trial structure as OUT/<defect>_<charge>/<trial>/POSCAR, in "
+                    "ShakeNBreak's folder layout, with distortion_metadata.json. No model used.",
+    )
+    _add_structure_args(g)
+    g.add_argument("--out", default="trials", help="output folder (trials)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no messages")
+
+    sh = sub.add_parser("show", help="re-print the summary of a finished (or partial) search",
+                        description="Rebuild the minima table from the results database.")
+    sh.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    _add_analysis_args(sh)
+    return parser
+
+
+def _say(quiet: bool):
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    return say
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from defectml.report import table, write_outputs
+    from defectml.search import SearchSettings, search
+    from defectml.structure_io import read_structure
+
+    host = read_structure(a.structure)
+    settings = SearchSettings(
+        model=a.model, device=a.device, threads=a.threads, fmax=a.fmax, max_steps=a.max_steps,
+        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
+        relax_host=not a.no_relax_host, oxidation_states=_parse_oxi(a.oxi),
+        trials=_trial_settings(a), soap=_soap(a), soap_threshold=a.soap_threshold,
+        max_drop=a.max_drop,
+    )
+    say = _say(a.quiet)
+    result = search(
+        host, a.defect, _parse_charges(a.charge), out=a.out, db=a.db, settings=settings,
+        progress=not a.quiet, log_fn=say,
+    )
+    extra = {
+        "structure": str(a.structure), "model": result.model, "model_version": result.model_version,
+        "settings_key": result.settings_key, "relaxed_this_run": result.relaxed,
+        "skipped_already_done": result.skipped, "wall_time_s": round(result.seconds, 1),
+        "dropped_trials": result.dropped,
+    }
+    doc = write_outputs(result.summaries, Path(a.out), extra)
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(result.summaries), end="")
+        say(f"{result.relaxed} relaxed, {result.skipped} already done, "
+            f"{result.seconds:.0f} s; results in {a.out}/ (summary.json, results.db)")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from defectml.search import SearchSettings, plan
+    from defectml.structure_io import read_structure, to_structure
+
+    host = read_structure(a.structure)
+    settings = SearchSettings(
+        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
+        oxidation_states=_parse_oxi(a.oxi), trials=_trial_settings(a),
+    )
+    items = plan(host, a.defect, _parse_charges(a.charge), settings)
+    out = Path(a.out)
+    say = _say(a.quiet)
+    for it in items:
+        folder = out / it.label
+        meta = {"defect": it.defect.name, "charge": it.charge, "site": it.defect.site.tolist(),
+                "defect_index": it.defect.defect_index, "trials": {}, "dropped": it.dropped}
+        for t in it.trials:
+            (folder / t.name).mkdir(parents=True, exist_ok=True)
+            to_structure(t.atoms).to(filename=str(folder / t.name / "POSCAR"), fmt="poscar")
+            meta["trials"][t.name] = {"seed": t.seed, "distortion": t.distortion,
+                                      "distorted_indices": list(t.distorted_indices)}
+        (folder / "distortion_metadata.json").write_text(json.dumps(meta, indent=2))
+        say(f"{it.label}: {len(it.trials)} trials -> {folder}/")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    from defectml.report import table
+    from defectml.store import ResultStore, is_url
+    from defectml.summary import summarise
+
+    target = a.run
+    if not is_url(target):
+        p = Path(target)
+        target = p / "results.db" if p.is_dir() else p
+        if not Path(target).exists():
+            raise InputError(f"no results database at {target}")
+    store = ResultStore(target)
+    summaries = summarise(store, soap=_soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    if a.json:
+        print(json.dumps({"defects": [s.to_dict() for s in summaries]}, indent=2))
+    else:
+        print(table(summaries), end="")
+    return 0
+
+
+NEGATIVE_VALUE_OPTIONS = ("--charge", "--distortions")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let ``--charge -2,-1`` and ``--distortions -0.4,0.4`` through argparse.
+
+    argparse takes a value such as ``-0.4,0.4`` for an option flag; joining it to its option
+    (``--distortions=-0.4,0.4``) removes the ambiguity.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in NEGATIVE_VALUE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, 130 when interrupted)."""
+    warnings.filterwarnings("ignore", module=r"(pymatgen|spglib|sevenn|dscribe|ase)(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    handler = {"search": cmd_search, "generate": cmd_generate, "show": cmd_show}[args.command]
+    try:
+        return handler(args)
+    except DefectMLError as exc:
+        print(f"defectml: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("defectml: interrupted; finished relaxations are saved, rerun to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

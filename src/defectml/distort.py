@@ -1,0 +1,269 @@
+"""Trial structures: chemically guided bond distortions, rattles and dimers.
+
+A *trial* is one starting structure for a relaxation. For each defect and charge state we make
+(following ShakeNBreak and the seed paper's Methods):
+
+* ``Unperturbed``: the ideal defect supercell, untouched (the energy reference);
+* ``Rattled``: every atom given a Monte-Carlo rattle, no bond distortion;
+* ``Bond_Distortion_X%``: the N nearest neighbours of the defect moved radially by X% of their
+  distance to the defect site, every other atom rattled;
+* ``Dimer`` (vacancies): the two closest neighbours pushed together to a bond length.
+
+N follows from the number of excess electrons (see :func:`number_of_distorted_neighbours`).
+Each trial gets its own seed derived from the base seed and its name, so trials are reproducible
+one by one and differ from each other.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+
+DEFAULT_DISTORTIONS: tuple[float, ...] = (
+    -0.6, -0.5, -0.4, -0.3, -0.2, -0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
+)
+
+
+@dataclass(frozen=True)
+class TrialSettings:
+    """How trials are generated.
+
+    Attributes:
+        distortions: Bond-distortion factors (fractions, -0.6 = 60% compression). 0.0 is the
+            ``Rattled`` trial and is not repeated here.
+        rattle_stdev: Standard deviation (Å) of the rattle; ``None`` means 10% of the bulk
+            nearest-neighbour distance.
+        rattle_min_distance_factor: Rattle moves are rejected when an atom comes closer than
+            this factor times the bulk nearest-neighbour distance to another atom.
+        dimer_distance: Bond length (Å) of the ``Dimer`` trial (2.0 Å in the seed paper).
+        unperturbed: Include the ``Unperturbed`` trial.
+        rattled: Include the rattle-only trial.
+        dimer: Include the ``Dimer`` trial for vacancies.
+        all_pairs: Distort every combination of N first-shell neighbours instead of only the N
+            closest ones (for alloys, where the closest atoms are not the only candidates).
+        seed: Base random seed.
+        min_distance: Trials with two atoms closer than this (Å) are dropped.
+    """
+
+    distortions: tuple[float, ...] = DEFAULT_DISTORTIONS
+    rattle_stdev: float | None = None
+    rattle_min_distance_factor: float = 0.8
+    dimer_distance: float = 2.0
+    unperturbed: bool = True
+    rattled: bool = True
+    dimer: bool = True
+    all_pairs: bool = False
+    seed: int = 42
+    min_distance: float = 1.0
+
+    def as_dict(self) -> dict:
+        """Return a JSON-friendly copy (used to key results in the store)."""
+        d = dict(self.__dict__)
+        d["distortions"] = [round(x, 6) for x in self.distortions]
+        return d
+
+
+@dataclass
+class Trial:
+    """One starting structure for a relaxation.
+
+    Attributes:
+        name: ``Unperturbed``, ``Rattled``, ``Dimer`` or ``Bond_Distortion_X%`` (with a
+            ``_a-b`` suffix naming the distorted atoms in all-pairs mode).
+        atoms: The starting structure.
+        seed: The seed used for its rattle (0 for the unperturbed trial).
+        distortion: The bond-distortion factor, 0.0 for ``Rattled``, ``None`` otherwise.
+        distorted_indices: Indices of the atoms moved by the distortion or dimer.
+    """
+
+    name: str
+    atoms: Atoms
+    seed: int
+    distortion: float | None = None
+    distorted_indices: tuple[int, ...] = field(default_factory=tuple)
+
+
+def number_of_distorted_neighbours(excess_electrons: int) -> int:
+    """Number of neighbours to distort for a defect with ``excess_electrons``.
+
+    The ShakeNBreak rule: |n| ≤ 4 → |n| neighbours, otherwise 8 − |n| (the defect is then
+    closer to a full shell of the opposite sign).
+    """
+    n = abs(int(excess_electrons))
+    return n if n <= 4 else max(0, 8 - n)
+
+
+def trial_seed(base_seed: int, *labels: object) -> int:
+    """A stable per-trial seed (independent of Python's hash randomisation)."""
+    key = "|".join(str(x) for x in (base_seed, *labels))
+    return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+
+def _mic_vectors(atoms: Atoms, origin: np.ndarray) -> np.ndarray:
+    """Minimum-image vectors from ``origin`` (Cartesian) to every atom."""
+    cell = atoms.cell.array
+    frac = np.linalg.solve(cell.T, (atoms.positions - origin).T).T
+    frac -= np.round(frac)
+    return frac @ cell
+
+
+def neighbours_by_distance(atoms: Atoms, site: np.ndarray, exclude: int | None = None):
+    """Atom indices sorted by minimum-image distance to ``site`` and the distances."""
+    vec = _mic_vectors(atoms, site)
+    dist = np.linalg.norm(vec, axis=1)
+    if exclude is not None:
+        dist[exclude] = np.inf
+    order = np.argsort(dist, kind="stable")
+    if exclude is not None:
+        order = order[order != exclude]
+    return order, dist[order]
+
+
+def first_shell(atoms: Atoms, site: np.ndarray, exclude: int | None = None, tol: float = 0.15):
+    """Indices of the first neighbour shell of ``site`` (within (1+tol) × closest distance)."""
+    order, dist = neighbours_by_distance(atoms, site, exclude)
+    return [int(i) for i, d in zip(order, dist, strict=True) if d <= dist[0] * (1 + tol)]
+
+
+def min_interatomic_distance(atoms: Atoms) -> float:
+    """Smallest minimum-image distance between two atoms (inf for a single atom)."""
+    if len(atoms) < 2:
+        return float("inf")
+    from ase.neighborlist import neighbor_list
+
+    cutoff = 3.0
+    d = neighbor_list("d", atoms, cutoff)
+    return float(d.min()) if len(d) else cutoff
+
+
+def distort_bonds(atoms: Atoms, site: np.ndarray, indices, factor: float) -> Atoms:
+    """Move ``indices`` radially: new distance to ``site`` = (1 + factor) × old distance."""
+    out = atoms.copy()
+    vec = _mic_vectors(atoms, site)
+    for i in indices:
+        out.positions[i] = site + (1.0 + factor) * vec[i]
+    out.wrap()
+    return out
+
+
+def make_dimer(atoms: Atoms, pair: tuple[int, int], distance: float) -> Atoms:
+    """Push the atoms of ``pair`` symmetrically along their bond to ``distance`` apart."""
+    out = atoms.copy()
+    i, j = pair
+    bond = _mic_vectors(atoms, atoms.positions[i])[j]
+    mid = atoms.positions[i] + 0.5 * bond
+    unit = bond / np.linalg.norm(bond)
+    out.positions[i] = mid - 0.5 * distance * unit
+    out.positions[j] = mid + 0.5 * distance * unit
+    out.wrap()
+    return out
+
+
+def mc_rattle(
+    atoms: Atoms,
+    stdev: float,
+    d_min: float,
+    seed: int,
+    frozen=(),
+    max_attempts: int = 10,
+) -> Atoms:
+    """Monte-Carlo rattle: Gaussian displacements that keep atoms ≥ ``d_min`` apart.
+
+    Each non-frozen atom (in random order) draws up to ``max_attempts`` displacements of
+    standard deviation ``stdev``; the first that keeps it at least ``d_min`` from every other
+    atom is accepted, otherwise the atom stays where it is.
+    """
+    rng = np.random.default_rng(seed)
+    out = atoms.copy()
+    cell = out.cell.array
+    inv = np.linalg.inv(cell)
+    frozen_set = set(int(i) for i in frozen)
+    for i in rng.permutation(len(out)):
+        if int(i) in frozen_set:
+            continue
+        for _ in range(max_attempts):
+            trial = out.positions[i] + rng.normal(0.0, stdev, 3)
+            frac = (out.positions - trial) @ inv
+            frac -= np.round(frac)
+            d = np.linalg.norm(frac @ cell, axis=1)
+            d[i] = np.inf
+            if d.min() >= d_min:
+                out.positions[i] = trial
+                break
+    out.wrap()
+    return out
+
+
+def make_trials(
+    atoms: Atoms,
+    site: np.ndarray,
+    *,
+    defect_index: int | None,
+    n_distorted: int,
+    bulk_nn_distance: float,
+    is_vacancy: bool,
+    settings: TrialSettings,
+    label: str = "",
+) -> tuple[list[Trial], list[str]]:
+    """Make all trial structures for one defect in one charge state.
+
+    Args:
+        atoms: The unrelaxed defect supercell.
+        site: Cartesian position of the defect site (vacant site, substituted or inserted atom).
+        defect_index: Index of the defect atom (``None`` for a vacancy).
+        n_distorted: Number of neighbours to distort (see :func:`number_of_distorted_neighbours`).
+        bulk_nn_distance: Bulk nearest-neighbour distance (Å), sets the rattle scale.
+        is_vacancy: Whether to add the ``Dimer`` trial.
+        settings: Trial settings.
+        label: Defect and charge label, mixed into each trial's seed.
+
+    Returns:
+        The trials, and a note for each trial dropped (atoms closer than ``settings.min_distance``).
+    """
+    stdev = settings.rattle_stdev if settings.rattle_stdev is not None else 0.1 * bulk_nn_distance
+    d_min = settings.rattle_min_distance_factor * bulk_nn_distance
+    order, _ = neighbours_by_distance(atoms, site, exclude=defect_index)
+    shell = first_shell(atoms, site, exclude=defect_index)
+
+    def rattled(base: Atoms, name: str, frozen=()) -> tuple[Atoms, int]:
+        seed = trial_seed(settings.seed, label, name)
+        return mc_rattle(base, stdev, d_min, seed, frozen=frozen), seed
+
+    candidates: list[Trial] = []
+    if settings.unperturbed:
+        candidates.append(Trial("Unperturbed", atoms.copy(), seed=0))
+    if settings.rattled:
+        a, seed = rattled(atoms, "Rattled")
+        candidates.append(Trial("Rattled", a, seed=seed, distortion=0.0))
+    if n_distorted > 0:
+        if settings.all_pairs and len(shell) > n_distorted:
+            groups = [tuple(c) for c in itertools.combinations(sorted(shell), n_distorted)]
+        else:
+            groups = [tuple(int(i) for i in order[:n_distorted])]
+        for group in groups:
+            suffix = "_" + "-".join(str(i) for i in group) if len(groups) > 1 else ""
+            for f in settings.distortions:
+                if abs(f) < 1e-9:
+                    continue
+                name = f"Bond_Distortion_{100 * f:.1f}%{suffix}"
+                base = distort_bonds(atoms, site, group, f)
+                a, seed = rattled(base, name, frozen=group)
+                candidates.append(Trial(name, a, seed=seed, distortion=f, distorted_indices=group))
+    if settings.dimer and is_vacancy and len(order) >= 2:
+        pair = (int(order[0]), int(order[1]))
+        base = make_dimer(atoms, pair, settings.dimer_distance)
+        a, seed = rattled(base, "Dimer", frozen=pair)
+        candidates.append(Trial("Dimer", a, seed=seed, distorted_indices=pair))
+
+    trials, dropped = [], []
+    for t in candidates:
+        dmin = min_interatomic_distance(t.atoms)
+        if dmin < settings.min_distance:
+            dropped.append(f"{t.name}: atoms {dmin:.2f} Å apart (< {settings.min_distance} Å)")
+        else:
+            trials.append(t)
+    return trials, dropped

@@ -1,0 +1,263 @@
+"""From relaxed trials to the energy landscape: quarantine, unique minima, labels.
+
+Input is a list of :class:`RelaxedTrial` (what the store holds for one defect in one charge
+state); output is a ranked list of :class:`Minimum`. Pure functions, no I/O.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase import Atoms
+
+from defectml.defects import site_symmetry
+from defectml.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
+from defectml.relax import CONVERGED
+
+#: Default SOAP cosine-distance threshold for "same minimum" (see benchmarks/soap_threshold.py).
+DEFAULT_SOAP_THRESHOLD = 0.01
+#: Relaxations this far (eV) below the median of their defect are quarantined as phase changes.
+DEFAULT_PHASE_CHANGE_DROP = 3.0
+
+
+@dataclass
+class RelaxedTrial:
+    """One finished relaxation of one trial, as the landscape analysis needs it."""
+
+    name: str
+    status: str
+    energy: float | None
+    atoms: Atoms
+    site: np.ndarray
+    defect_index: int | None
+    distortion: float | None = None
+    reason: str = ""
+    steps: int = 0
+
+    def centre(self) -> np.ndarray:
+        """Defect-site position in the relaxed structure (the defect atom follows its atom)."""
+        if self.defect_index is None:
+            return np.asarray(self.site, dtype=float)
+        return np.asarray(self.atoms.positions[self.defect_index], dtype=float)
+
+
+@dataclass
+class Minimum:
+    """One unique minimum of the landscape.
+
+    Attributes:
+        rank: 0 for the lowest energy.
+        trial: Name of the lowest-energy trial in it (its structure represents the minimum).
+        energy: Its energy (eV).
+        delta_e: Energy relative to the ``Unperturbed`` relaxation (eV), or to the lowest
+            minimum when the unperturbed relaxation is unavailable.
+        trials: All trials that relaxed into it.
+        bonds: New short bonds between like ions near the defect: (A, B, distance).
+        symmetry: Local point symmetry (Schoenflies) of the defect and its first shell.
+        label: Short human label, e.g. ``C2v, Te-Te dimer 2.86 A``.
+    """
+
+    rank: int
+    trial: str
+    energy: float
+    delta_e: float
+    trials: list[str]
+    atoms: Atoms
+    bonds: list[tuple[str, str, float]] = field(default_factory=list)
+    symmetry: str = "C1"
+    label: str = ""
+
+    @property
+    def contains_unperturbed(self) -> bool:
+        """Whether the unperturbed trial fell into this minimum."""
+        return "Unperturbed" in self.trials
+
+
+def quarantine(trials: list[RelaxedTrial], max_drop: float = DEFAULT_PHASE_CHANGE_DROP):
+    """Split trials into rankable ones and quarantined ones (with reasons).
+
+    Quarantined: failed relaxations (NaN, atoms too close, model error), unconverged ones, and
+    energies more than ``max_drop`` eV below the median of the rest (a likely phase change or
+    model hole, not a defect minimum).
+    """
+    good = [t for t in trials if t.status == CONVERGED and t.energy is not None]
+    bad = [(t, t.reason or t.status) for t in trials if t not in good]
+    if len(good) >= 3:
+        median = statistics.median(t.energy for t in good)
+        keep = []
+        for t in good:
+            drop = median - t.energy
+            if drop > max_drop:
+                bad.append((t, f"energy {drop:.2f} eV below the median: possible phase change"))
+            else:
+                keep.append(t)
+        good = keep
+    return good, bad
+
+
+def group_minima(
+    trials: list[RelaxedTrial],
+    threshold: float = DEFAULT_SOAP_THRESHOLD,
+    soap: SoapSettings | None = None,
+) -> list[list[int]]:
+    """Group trials whose defect-site SOAP vectors lie within ``threshold`` cosine distance.
+
+    Trials are taken from lowest energy up; each joins the first group whose lowest-energy
+    member is within the threshold, else starts a new group.
+
+    Returns:
+        Lists of indices into ``trials``; each list starts with its lowest-energy member, and
+        groups are ordered by that energy.
+    """
+    if not trials:
+        return []
+    fps = soap_fingerprints([t.atoms for t in trials], [t.centre() for t in trials], soap)
+    dist = cosine_distances(fps)
+    order = sorted(range(len(trials)), key=lambda i: trials[i].energy)
+    groups: list[list[int]] = []
+    for i in order:
+        for g in groups:
+            if dist[i, g[0]] <= threshold:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return groups
+
+
+def _mic(atoms: Atoms, origin: np.ndarray, indices) -> np.ndarray:
+    cell = atoms.cell.array
+    frac = np.linalg.solve(cell.T, (atoms.positions[list(indices)] - origin).T).T
+    frac -= np.round(frac)
+    return frac @ cell
+
+
+def new_bonds(
+    atoms: Atoms,
+    centre: np.ndarray,
+    defect_index: int | None,
+    oxidation_states: dict[str, int],
+    bulk_like_distances: dict[tuple[str, str], float],
+    radius: float,
+) -> list[tuple[str, str, float]]:
+    """Short bonds between like ions (same element, or same sign of charge) near the defect.
+
+    A pair counts when it is shorter than 1.15 × the sum of covalent radii and, if such a pair
+    exists in the host, shorter than 0.9 × its shortest distance there.
+    """
+    vec = _mic(atoms, centre, range(len(atoms)))
+    near = [int(i) for i in np.flatnonzero(np.linalg.norm(vec, axis=1) <= radius)]
+    if defect_index is not None and defect_index not in near:
+        near.append(defect_index)
+    symbols = atoms.get_chemical_symbols()
+    bonds = []
+    for a_pos, a in enumerate(near):
+        for b in near[a_pos + 1:]:
+            sa, sb = symbols[a], symbols[b]
+            oa, ob = oxidation_states.get(sa, 0), oxidation_states.get(sb, 0)
+            if sa != sb and oa * ob <= 0:
+                continue
+            d = float(np.linalg.norm(vec[a] - vec[b]))
+            limit = 1.15 * _covalent_sum(sa, sb)
+            bulk = bulk_like_distances.get(tuple(sorted((sa, sb))))
+            if bulk is not None:
+                limit = min(limit, 0.9 * bulk)
+            if d < limit:
+                bonds.append((*sorted((sa, sb)), round(d, 3)))
+    return sorted(bonds, key=lambda x: x[2])
+
+
+def _covalent_sum(a: str, b: str) -> float:
+    """Sum of covalent radii (Å); 1.5 Å for an element without a tabulated radius."""
+    from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
+
+    r = CovalentRadius.radius
+    return r.get(a, 1.5) + r.get(b, 1.5)
+
+
+def like_pair_distances(bulk: Atoms, cutoff: float = 6.0) -> dict[tuple[str, str], float]:
+    """Shortest distance of every element pair in the bulk host within ``cutoff`` Å."""
+    from ase.neighborlist import neighbor_list
+
+    i, j, d = neighbor_list("ijd", bulk, cutoff)
+    symbols = np.array(bulk.get_chemical_symbols())
+    out: dict[tuple[str, str], float] = {}
+    for a, b, dist in zip(symbols[i], symbols[j], d, strict=True):
+        key = tuple(sorted((str(a), str(b))))
+        out[key] = min(out.get(key, np.inf), float(dist))
+    return out
+
+
+def local_symmetry(
+    atoms: Atoms, centre: np.ndarray, defect_index: int | None, symprec: float = 0.1
+) -> str:
+    """Schoenflies point group of the defect site in the relaxed supercell (spglib).
+
+    ``symprec`` (Å) absorbs the residual noise of a relaxation stopped at a force threshold.
+    """
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    structure = AseAtomsAdaptor.get_structure(atoms)
+    frac = structure.lattice.get_fractional_coords(centre)
+    marker = atoms.get_chemical_symbols()[defect_index] if defect_index is not None else None
+    return site_symmetry(structure, frac, marker, symprec=symprec)
+
+
+def describe(bonds: list[tuple[str, str, float]], symmetry: str) -> str:
+    """Short label: ``C2v, Te-Te dimer 2.86 A`` / ``Td, no new bonds``."""
+    if not bonds:
+        return f"{symmetry}, no new bonds"
+    if len(bonds) == 1:
+        a, b, d = bonds[0]
+        return f"{symmetry}, {a}-{b} dimer {d:.2f} A"
+    parts = ", ".join(f"{a}-{b} {d:.2f}" for a, b, d in bonds[:3])
+    more = f" +{len(bonds) - 3}" if len(bonds) > 3 else ""
+    return f"{symmetry}, {len(bonds)} bonds: {parts}{more} A"
+
+
+def find_minima(
+    trials: list[RelaxedTrial],
+    *,
+    bulk: Atoms,
+    oxidation_states: dict[str, int],
+    threshold: float = DEFAULT_SOAP_THRESHOLD,
+    soap: SoapSettings | None = None,
+    max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
+) -> tuple[list[Minimum], list[tuple[RelaxedTrial, str]]]:
+    """Rank the unique minima of one defect in one charge state.
+
+    Args:
+        trials: All finished relaxations of the defect in this charge state.
+        bulk: The bulk supercell (reference distances for "new" bonds).
+        oxidation_states: Oxidation state of each element (sign decides "like" ions).
+        threshold: SOAP cosine-distance threshold.
+        soap: SOAP settings.
+        max_drop: Phase-change quarantine threshold (eV below the median).
+
+    Returns:
+        The minima (lowest first) and the quarantined trials with reasons.
+    """
+    good, bad = quarantine(trials, max_drop)
+    if not good:
+        return [], bad
+    groups = group_minima(good, threshold, soap)
+    unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
+    reference = unperturbed.energy if unperturbed else min(t.energy for t in good)
+    like = like_pair_distances(bulk)
+    nn = min(like.values())
+    minima = []
+    for rank, g in enumerate(groups):
+        rep = good[g[0]]
+        centre = rep.centre()
+        bonds = new_bonds(rep.atoms, centre, rep.defect_index, oxidation_states, like, 1.5 * nn)
+        sym = local_symmetry(rep.atoms, centre, rep.defect_index)
+        minima.append(
+            Minimum(
+                rank=rank, trial=rep.name, energy=float(rep.energy),
+                delta_e=float(rep.energy - reference), trials=[good[i].name for i in g],
+                atoms=rep.atoms, bonds=bonds, symmetry=sym, label=describe(bonds, sym),
+            )
+        )
+    return minima, bad

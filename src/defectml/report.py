@@ -1,0 +1,109 @@
+"""What a person reads: the minima table, the JSON summary, structures and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from defectml.structure_io import write_structure
+from defectml.summary import DefectSummary
+
+
+def table(summaries: list[DefectSummary]) -> str:
+    """A plain-text table of the unique minima of every defect and charge state."""
+    lines = []
+    for s in summaries:
+        n_ok = sum(t.status == "converged" for t in s.trials)
+        lines.append(f"{s.label}  ({s.model}; {len(s.trials)} trials, {n_ok} converged, "
+                     f"{len(s.minima)} unique minima)")
+        lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<34} trials")
+        for m in s.minima:
+            names = ", ".join(_short(t) for t in m.trials)
+            lines.append(f"  {m.rank:>2}  {m.delta_e:>+8.3f}  {m.label:<34} {names}")
+        for t, reason in s.quarantined:
+            lines.append(f"   !  quarantined {t.name}: {reason}")
+        if not s.minima:
+            lines.append("      no converged relaxation to rank")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _short(trial: str) -> str:
+    return trial.replace("Bond_Distortion_", "")
+
+
+def write_outputs(summaries: list[DefectSummary], out: Path, extra: dict | None = None) -> dict:
+    """Write minima structures (CIF + POSCAR), plots and ``summary.json`` under ``out``.
+
+    Returns:
+        The JSON summary written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {**(extra or {}), "defects": []}
+    for s in summaries:
+        entry = s.to_dict()
+        folder = out / s.label
+        for m, m_entry in zip(s.minima, entry["minima"], strict=True):
+            structure = AseAtomsAdaptor.get_structure(m.atoms)
+            stem = folder / "minima" / f"{m.rank:02d}_{m.trial.replace('%', 'pc')}"
+            files = write_structure(structure, stem)
+            m_entry["files"] = [str(f.relative_to(out)) for f in files]
+        if s.trials:
+            plot = plot_energy_vs_distortion(s, folder / "energy_vs_distortion.png")
+            entry["plot"] = str(plot.relative_to(out)) if plot else None
+        doc["defects"].append(entry)
+    (out / "summary.json").write_text(json.dumps(doc, indent=2))
+    (out / "summary.txt").write_text(table(summaries))
+    return doc
+
+
+def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None:
+    """ShakeNBreak-style plot: ΔE vs bond distortion, coloured by the minimum each trial fell in.
+
+    The unperturbed relaxation is the dashed zero line; ``Rattled`` sits at 0%, ``Dimer`` and
+    any other special trials to the right of the distortion axis.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not summary.minima:
+        return None
+    reference = summary.minima[0].energy - summary.minima[0].delta_e
+    basin = {name: m.rank for m in summary.minima for name in m.trials}
+    cmap = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    specials = []
+    for t in summary.trials:
+        if t.name not in basin:
+            continue
+        de = t.energy - reference
+        colour = cmap(basin[t.name] % 10)
+        if t.name == "Unperturbed":
+            continue
+        if t.distortion is not None and t.name.startswith(("Bond_Distortion", "Rattled")):
+            marker = "s" if t.name == "Rattled" else "o"
+            ax.scatter(100 * t.distortion, de, color=colour, marker=marker, s=40, zorder=3)
+        else:
+            specials.append((t.name, de, colour))
+    xs = [100 * t.distortion for t in summary.trials if t.distortion is not None] or [0.0]
+    right = max(xs) + 15
+    for k, (name, de, colour) in enumerate(specials):
+        ax.scatter(right + 10 * k, de, color=colour, marker="*", s=90, zorder=3)
+        ax.annotate(name, (right + 10 * k, de), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.axhline(0.0, color="grey", ls="--", lw=1, label="Unperturbed")
+    for m in summary.minima[:10]:
+        ax.scatter([], [], color=cmap(m.rank % 10), label=f"#{m.rank}: {m.label}")
+    ax.set_xlabel("Bond distortion (%)")
+    ax.set_ylabel("Energy relative to unperturbed (eV)")
+    ax.set_title(f"{summary.label} ({summary.model})")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,323 @@
+"""The search pipeline: host → defects → trials → relaxations (stored) → minima.
+
+:func:`plan` turns a host and a defect request into :class:`DefectCharge` work items with their
+trials (no model needed: ``defectml generate`` stops there). :func:`search` adds the model:
+relaxes the host, relaxes every trial not already in the store, writing each result the moment
+it finishes, and summarises the landscape from the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+from pymatgen.core import Structure
+
+from defectml.defects import (
+    Defect,
+    bulk_nn_distance,
+    guess_oxidation_states,
+    make_defects,
+    parse_defect_specs,
+)
+from defectml.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
+from defectml.errors import InputError, ModelError
+from defectml.fingerprint import SoapSettings
+from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
+from defectml.models import Model, load_model, wrap_calculator
+from defectml.relax import RelaxationFailure, relax_host, relax_structures
+from defectml.store import ResultStore, content_key, is_url
+from defectml.structure_io import to_atoms, to_structure
+from defectml.summary import DefectSummary, charge_label, summarise
+
+log = logging.getLogger("defectml")
+
+
+@dataclass
+class SearchSettings:
+    """Everything that decides a search's results (and so keys them in the store).
+
+    Attributes:
+        model: Registry name or MACE model path (ignored when a calculator is passed).
+        device: ``cpu`` or ``cuda``.
+        threads: Torch threads (default: all cores this process may use).
+        fmax: Force threshold (eV/Å) of the FIRE relaxations.
+        max_steps: Step limit of each relaxation.
+        min_length: Minimum distance (Å) between periodic images of the defect.
+        max_atoms: Largest supercell accepted.
+        force_diagonal: Only diagonal supercell matrices.
+        relax_host: Relax the host cell with the model first (symmetry kept).
+        oxidation_states: Overrides of the guessed oxidation states.
+        trials: Trial generation settings.
+        soap: SOAP settings for telling minima apart.
+        soap_threshold: Cosine distance below which two relaxed trials are the same minimum.
+        max_drop: Quarantine relaxations this far (eV) below the median as phase changes.
+    """
+
+    model: str = "chgnet"
+    device: str = "cpu"
+    threads: int | None = None
+    fmax: float = 0.05
+    max_steps: int = 1500
+    min_length: float = 10.0
+    max_atoms: int = 500
+    force_diagonal: bool = False
+    relax_host: bool = True
+    oxidation_states: dict[str, int] | None = None
+    trials: TrialSettings = field(default_factory=TrialSettings)
+    soap: SoapSettings = field(default_factory=SoapSettings)
+    soap_threshold: float = DEFAULT_SOAP_THRESHOLD
+    max_drop: float = DEFAULT_PHASE_CHANGE_DROP
+
+    def validate(self) -> None:
+        """Raise ``InputError`` for out-of-range numbers."""
+        if self.fmax <= 0:
+            raise InputError(f"fmax must be positive, got {self.fmax}")
+        if self.max_steps < 1:
+            raise InputError(f"max steps must be at least 1, got {self.max_steps}")
+        if not 0 <= self.soap_threshold < 2:
+            raise InputError(f"SOAP threshold must be in [0, 2), got {self.soap_threshold}")
+        if any(abs(f) >= 1 for f in self.trials.distortions):
+            raise InputError("bond distortions must lie strictly between -1 and 1")
+
+    def key(self, model_name: str) -> str:
+        """Content key of the settings that change relaxation results."""
+        return content_key(
+            model_name, self.fmax, self.max_steps, self.min_length, self.max_atoms,
+            self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
+        )
+
+
+@dataclass
+class DefectCharge:
+    """One defect in one charge state, with its trial structures."""
+
+    defect: Defect
+    charge: int
+    trials: list[Trial]
+    dropped: list[str]
+
+    @property
+    def label(self) -> str:
+        """Folder label, e.g. ``v_Cd_0``."""
+        return charge_label(self.defect.name, self.charge)
+
+
+@dataclass
+class SearchResult:
+    """What a search produced: one summary per defect and charge state."""
+
+    summaries: list[DefectSummary]
+    model: str
+    model_version: str
+    settings_key: str
+    relaxed: int
+    skipped: int
+    seconds: float
+    dropped: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _charges_for(defect: Defect, charges: list[int] | None) -> list[int]:
+    chosen = list(charges) if charges is not None else list(defect.default_charges)
+    for q in chosen:
+        defect.check_charge(q)
+    return chosen
+
+
+def plan(
+    host: Structure,
+    defects: str = "all",
+    charges: list[int] | None = None,
+    settings: SearchSettings | None = None,
+) -> list[DefectCharge]:
+    """Defects, charge states and trials for ``host`` (no model involved).
+
+    Raises:
+        InputError: for impossible defect specs, charges or supercell requests.
+    """
+    s = settings or SearchSettings()
+    found = make_defects(
+        host, defects, oxidation_states=s.oxidation_states, min_length=s.min_length,
+        max_atoms=s.max_atoms, force_diagonal=s.force_diagonal,
+    )
+    nn = bulk_nn_distance(host)
+    items = []
+    for d in found:
+        for q in _charges_for(d, charges):
+            n = number_of_distorted_neighbours(d.excess_electrons(q))
+            trials, dropped = make_trials(
+                to_atoms(d.supercell), d.site, defect_index=d.defect_index, n_distorted=n,
+                bulk_nn_distance=nn, is_vacancy=d.kind == "vacancy", settings=s.trials,
+                label=charge_label(d.name, q),
+            )
+            items.append(DefectCharge(d, q, trials, dropped))
+    return items
+
+
+def _foreign_elements(defects: str, host: Structure) -> set[str]:
+    """Elements the defect request adds to the host."""
+    out = set()
+    for spec in parse_defect_specs(defects, host):
+        if spec is not None:
+            out |= {e for e in (spec["sub"], spec["int"]) if e}
+    return out
+
+
+def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, log_fn):
+    """The relaxed host (from the store if already done) and its key."""
+    primitive = host.get_primitive_structure()
+    primitive.remove_oxidation_states()
+    oxi = guess_oxidation_states(primitive, s.oxidation_states)
+    host_key = content_key(
+        primitive.lattice.matrix, [sp.symbol for sp in primitive.species], primitive.frac_coords,
+        model.name, model.version, s.relax_host, oxi,
+    )
+    row = store.first(kind="host", host_key=host_key)
+    if row is not None:
+        return to_structure(row.toatoms()), host_key
+    atoms = to_atoms(primitive)
+    try:
+        if s.relax_host:
+            log_fn(f"relaxing the host {primitive.composition.reduced_formula} with {model.name}")
+            atoms, energy = relax_host(atoms, model.calculator)
+        else:
+            atoms.calc = model.calculator
+            energy = float(atoms.get_potential_energy())
+            atoms.calc = None
+    except RelaxationFailure as exc:
+        raise ModelError(f"host relaxation with {model.name} failed: {exc}") from None
+    store.add_host(atoms, energy, host_key, model.name, {"oxidation_states": oxi,
+                                                        "model_version": model.version})
+    return to_structure(atoms), host_key
+
+
+def search(
+    host: Structure | Atoms,
+    defects: str = "all",
+    charges: list[int] | None = None,
+    *,
+    out: str | Path = "runs/defectml",
+    db: str | None = None,
+    settings: SearchSettings | None = None,
+    calculator: Calculator | None = None,
+    progress: bool = True,
+    log_fn: Callable[[str], None] = log.info,
+) -> SearchResult:
+    """Search the low-energy structures of point defects in ``host``.
+
+    Args:
+        host: The host crystal (pymatgen ``Structure`` or ASE ``Atoms``).
+        defects: ``v_Cd``, ``Se_Te``, ``Te_i``, comma-separated, or ``all``.
+        charges: Charge states (default: each defect's default charges).
+        out: Output folder; the store is ``<out>/results.db`` unless ``db`` is given.
+        db: A database path or URL (e.g. ``postgresql://user:pw@host/db``) for the store.
+        settings: Search settings.
+        calculator: Any ASE calculator, used instead of ``settings.model``.
+        progress: Show a progress bar.
+        log_fn: Where progress messages go.
+
+    Returns:
+        The per-defect summaries (also written to the store as raw relaxations).
+
+    Raises:
+        DefectMLError: for bad input; finished relaxations are already stored when it is raised.
+    """
+    t0 = time.perf_counter()
+    s = settings or SearchSettings()
+    s.validate()
+    structure = to_structure(host)
+    foreign = _foreign_elements(defects, structure)  # also validates the defect specs early
+    target = db or Path(out) / "results.db"
+    if not is_url(target):
+        _check_out(Path(out))
+    store = ResultStore(target)
+    model = wrap_calculator(calculator) if calculator is not None else load_model(
+        s.model, s.device, s.threads
+    )
+    model.check_elements({sp.symbol for sp in structure.composition.elements} | foreign)
+    relaxed_host, host_key = _host(store, structure, model, s, log_fn)
+    items = plan(relaxed_host, defects, charges, s)
+    if any(it.charge != 0 for it in items) and not model.charge_aware:
+        log_fn(
+            f"note: {model.name} has no charge input; charged states differ only in their trial "
+            "distortions (energies are those of the neutral electron count)"
+        )
+    skey = s.key(model.name)
+    done = store.done_trial_keys(skey)
+    pending = []
+    for it in items:
+        defect_key = content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length)
+        store.add_defect(to_atoms(it.defect.supercell), defect_key, host_key, it.defect.name, {
+            "site": it.defect.site, "defect_index": it.defect.defect_index,
+            "sc_matrix": it.defect.sc_matrix, "kind": it.defect.kind,
+            "multiplicity": it.defect.multiplicity, "site_symmetry": it.defect.site_symmetry,
+            "oxi_change": it.defect.oxi_change,
+        })
+        for t in it.trials:
+            tkey = content_key(skey, defect_key, it.charge, t.name)
+            if tkey not in done:
+                pending.append((it, defect_key, t, tkey))
+    skipped = sum(len(it.trials) for it in items) - len(pending)
+    if skipped:
+        log_fn(f"resuming: {skipped} relaxations already in the store, {len(pending)} to do")
+    _relax_pending(store, pending, model, s, skey, progress)
+    wanted = {(content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length), it.charge)
+              for it in items}
+    summaries = summarise(
+        store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted
+    )
+    return SearchResult(
+        summaries, model.name, model.version, skey, len(pending), skipped,
+        time.perf_counter() - t0, {it.label: it.dropped for it in items if it.dropped},
+    )
+
+
+def _check_out(out: Path) -> None:
+    """Fail early, and clearly, on an output folder that cannot be made or written."""
+    from defectml.errors import StoreError
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    probe = out / ".write-test"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise StoreError(f"output folder {out} is not writable: {exc.strerror or exc}") from None
+
+
+def _relax_pending(store, pending, model: Model, s: SearchSettings, skey: str, progress: bool):
+    """Relax the pending trials, storing each result as it finishes."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(pending), disable=not progress or not pending, unit="trial",
+               desc="relaxing")
+    results = relax_structures(
+        (t.atoms for _, _, t, _ in pending), model.calculator, fmax=s.fmax, max_steps=s.max_steps
+    )
+    for (it, defect_key, t, tkey), r in zip(pending, results, strict=True):
+        bar.set_postfix_str(f"{it.label} {t.name}", refresh=False)
+        store.add_relaxation(
+            r.atoms, r.energy, r.forces,
+            {
+                "fidelity": "mlip", "defect": it.defect.name, "defect_key": defect_key,
+                "charge_state": it.charge, "trial": t.name, "trial_key": tkey,
+                "settings_key": skey, "status": r.status, "model": model.name,
+                "steps": r.steps, "seed": t.seed, "distortion": t.distortion,
+            },
+            {
+                "initial_positions": t.atoms.positions, "site": it.defect.site,
+                "defect_index": it.defect.defect_index, "distorted_indices": list(t.distorted_indices),
+                "reason": r.reason, "model_version": model.version, "seconds": r.seconds,
+                "fmax": s.fmax, "max_steps": s.max_steps,
+            },
+        )
+        bar.update(1)
+    bar.close()

@@ -1,0 +1,157 @@
+"""The results store: one ASE database (SQLite file by default, or a PostgreSQL URL).
+
+Three kinds of row, one per stage of the pipeline:
+
+* ``kind="host"``: the (relaxed) host cell, its energy, oxidation states and supercell matrix;
+* ``kind="defect"``: the unrelaxed defect supercell, defect site and metadata;
+* ``kind="relaxation"``: one finished relaxation of one trial: final structure, energy,
+  forces, status and reason, model and version, seed, steps, and the starting positions.
+
+Every row carries a content key (``host_key``, ``defect_key``, ``trial_key``) derived from the
+inputs that determine it, so a rerun finds what is already done and skips it. Each relaxation is
+written (and committed) the moment it finishes: killing a run loses at most the relaxations in
+flight. Minima are not stored: they are recomputed from the relaxations, deterministically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+
+from defectml.errors import StoreError
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable ``parts``."""
+    text = json.dumps(parts, sort_keys=True, default=_json_default)
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def _json_default(obj: Any):
+    if isinstance(obj, np.ndarray):
+        return np.round(obj, 6).tolist()
+    if isinstance(obj, np.integer | np.floating):
+        return obj.item()
+    raise TypeError(f"not serialisable: {type(obj).__name__}")
+
+
+def is_url(target: str | Path) -> bool:
+    """Whether ``target`` is a database URL (e.g. ``postgresql://...``) rather than a path."""
+    return "://" in str(target)
+
+
+class ResultStore:
+    """An ASE database holding hosts, defects and relaxations.
+
+    Args:
+        target: Path of an SQLite file (created if missing) or a PostgreSQL URL.
+
+    Raises:
+        StoreError: if the folder is not writable or the file is not a readable ASE database.
+    """
+
+    def __init__(self, target: str | Path):
+        import ase.db
+
+        self.target = str(target)
+        if not is_url(target):
+            path = Path(target)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+            if not os.access(path.parent, os.W_OK):
+                raise StoreError(f"output folder is not writable: {path.parent}")
+            if path.exists() and path.stat().st_size > 0:
+                _check_sqlite(path)
+        try:
+            # No ASE lock file: a run killed mid-write would leave it behind and block the next
+            # run forever; SQLite and PostgreSQL do their own locking.
+            self.db = ase.db.connect(self.target, use_lock_file=False)
+            self.db.count()
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - ase/sqlite/psycopg errors
+            raise StoreError(f"cannot open results database {self.target}: {exc}") from None
+
+    # --- generic -------------------------------------------------------------------------
+    def _write(self, atoms: Atoms, energy, forces, kvp: dict, data: dict) -> int:
+        atoms = atoms.copy()
+        if energy is not None:
+            atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+        kvp = {k: v for k, v in kvp.items() if v is not None}
+        try:
+            return self.db.write(atoms, key_value_pairs=kvp, data=data)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot write to results database {self.target}: {exc}") from None
+
+    def select(self, **query) -> list:
+        """Rows matching ``query`` (ASE db selection keywords)."""
+        try:
+            return list(self.db.select(**query))
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot read results database {self.target}: {exc}") from None
+
+    def first(self, **query):
+        """The first row matching ``query`` or ``None``."""
+        rows = self.select(limit=1, **query)
+        return rows[0] if rows else None
+
+    # --- hosts and defects ---------------------------------------------------------------
+    def add_host(self, atoms: Atoms, energy: float, host_key: str, model: str, data: dict) -> int:
+        """Store the (relaxed) host."""
+        return self._write(
+            atoms, energy, None, {"kind": "host", "host_key": host_key, "model": model}, data
+        )
+
+    def add_defect(self, atoms: Atoms, defect_key: str, host_key: str, name: str, data: dict):
+        """Store an unrelaxed defect supercell (once per ``defect_key``)."""
+        if self.first(kind="defect", defect_key=defect_key) is None:
+            kvp = {"kind": "defect", "defect_key": defect_key, "host_key": host_key, "defect": name}
+            self._write(atoms, None, None, kvp, data)
+
+    # --- relaxations ---------------------------------------------------------------------
+    def done_trial_keys(self, settings_key: str) -> set[str]:
+        """Keys of the relaxations already finished under ``settings_key``."""
+        return {r.trial_key for r in self.select(kind="relaxation", settings_key=settings_key)}
+
+    def add_relaxation(self, atoms: Atoms, energy, forces, kvp: dict, data: dict) -> int:
+        """Store one finished relaxation (committed immediately)."""
+        return self._write(atoms, energy, forces, {"kind": "relaxation", **kvp}, data)
+
+    def count(self, **query) -> int:
+        """Number of rows matching ``query``."""
+        try:
+            return self.db.count(**query)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot read results database {self.target}: {exc}") from None
+
+
+def _check_sqlite(path: Path) -> None:
+    """Raise ``StoreError`` unless ``path`` is an SQLite file with ASE's tables."""
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(16)
+        if header != b"SQLite format 3\x00":
+            raise sqlite3.DatabaseError("not an SQLite file")
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            con.execute("PRAGMA quick_check").fetchone()
+        finally:
+            con.close()
+        if "systems" not in tables:
+            raise sqlite3.DatabaseError("no ASE 'systems' table")
+    except (sqlite3.DatabaseError, OSError) as exc:
+        raise StoreError(
+            f"results database {path} is corrupted or not an ASE database ({exc}); "
+            "it was left untouched: move it aside or choose another --out"
+        ) from None

@@ -1,0 +1,79 @@
+"""Reading host structures and writing relaxed ones, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ase import Atoms
+from pymatgen.core import Structure
+from pymatgen.io.ase import AseAtomsAdaptor
+
+from defectml.errors import InputError
+
+
+def to_structure(obj: Structure | Atoms) -> Structure:
+    """Return a pymatgen ``Structure`` for a pymatgen ``Structure`` or a periodic ASE ``Atoms``."""
+    if isinstance(obj, Structure):
+        return obj.copy()
+    if isinstance(obj, Atoms):
+        if not all(obj.pbc) or obj.cell.rank != 3:
+            raise InputError("the ASE Atoms must be periodic in 3D with a full cell")
+        return AseAtomsAdaptor.get_structure(obj)
+    raise InputError(f"expected a pymatgen Structure or an ASE Atoms, got {type(obj).__name__}")
+
+
+def to_atoms(structure: Structure) -> Atoms:
+    """Return an ASE ``Atoms`` copy of a pymatgen ``Structure`` (oxidation states dropped)."""
+    s = structure.copy()
+    s.remove_oxidation_states()
+    return AseAtomsAdaptor.get_atoms(s)
+
+
+def read_structure(path: str | Path) -> Structure:
+    """Read a crystal structure from any format pymatgen or ASE can read.
+
+    Args:
+        path: CIF, POSCAR/CONTCAR, extxyz, or any other file ASE/pymatgen understand.
+
+    Returns:
+        The structure as a pymatgen ``Structure``.
+
+    Raises:
+        InputError: if the file is missing, empty, unreadable or holds no periodic 3D structure.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"structure file not found: {p}")
+    if p.is_dir():
+        raise InputError(f"expected a structure file, got a folder: {p}")
+    if p.stat().st_size == 0:
+        raise InputError(f"structure file is empty: {p}")
+    errors: list[str] = []
+    try:
+        structure = Structure.from_file(p)
+    except Exception as exc:  # noqa: BLE001 - pymatgen raises many types for bad files
+        errors.append(f"pymatgen: {exc}")
+        try:
+            from ase.io import read
+
+            structure = to_structure(read(p))
+        except Exception as exc2:  # noqa: BLE001
+            errors.append(f"ASE: {exc2}")
+            detail = "; ".join(e.splitlines()[0][:120] for e in errors if e)
+            raise InputError(f"cannot read a crystal structure from {p} ({detail})") from None
+    if len(structure) == 0:
+        raise InputError(f"structure file holds no atoms: {p}")
+    if structure.volume < 1e-3:
+        raise InputError(f"structure in {p} has a degenerate cell (volume ~0)")
+    return structure
+
+
+def write_structure(structure: Structure, stem: Path) -> list[Path]:
+    """Write ``structure`` as ``<stem>.cif`` and ``<stem>.vasp`` (POSCAR) and return the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    s = structure.copy()
+    s.remove_oxidation_states()
+    cif, poscar = stem.with_suffix(".cif"), stem.with_suffix(".vasp")
+    s.to(filename=str(cif), fmt="cif")
+    s.to(filename=str(poscar), fmt="poscar")
+    return [cif, poscar]

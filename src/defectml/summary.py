@@ -1,0 +1,139 @@
+"""From the store to per-defect summaries: the minima of every defect and charge state.
+
+Used both at the end of a search and by ``defectml show``: the summary is always rebuilt from the
+stored relaxations, so what is shown is exactly what is on disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from ase.build import make_supercell
+
+from defectml.errors import StoreError
+from defectml.fingerprint import SoapSettings
+from defectml.landscape import (
+    DEFAULT_PHASE_CHANGE_DROP,
+    DEFAULT_SOAP_THRESHOLD,
+    Minimum,
+    RelaxedTrial,
+    find_minima,
+)
+from defectml.store import ResultStore
+
+
+def charge_label(name: str, charge: int) -> str:
+    """ShakeNBreak-style folder label: ``v_Cd_0``, ``v_Cd_-1``, ``Mg_O_+2``."""
+    return f"{name}_{charge:+d}" if charge else f"{name}_0"
+
+
+@dataclass
+class DefectSummary:
+    """The landscape of one defect in one charge state."""
+
+    defect: str
+    charge: int
+    model: str
+    trials: list[RelaxedTrial]
+    minima: list[Minimum]
+    quarantined: list[tuple[RelaxedTrial, str]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        """Folder label, e.g. ``v_Cd_0``."""
+        return charge_label(self.defect, self.charge)
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (structures as file names are added by the report)."""
+        return {
+            "defect": self.defect,
+            "charge": self.charge,
+            "model": self.model,
+            "n_trials": len(self.trials),
+            "n_converged": sum(t.status == "converged" for t in self.trials),
+            "minima": [
+                {
+                    "rank": m.rank,
+                    "delta_e_eV": round(m.delta_e, 4),
+                    "energy_eV": round(m.energy, 4),
+                    "trial": m.trial,
+                    "trials": m.trials,
+                    "label": m.label,
+                    "symmetry": m.symmetry,
+                    "bonds": [{"pair": f"{a}-{b}", "length_A": d} for a, b, d in m.bonds],
+                    "contains_unperturbed": m.contains_unperturbed,
+                }
+                for m in self.minima
+            ],
+            "quarantined": [{"trial": t.name, "reason": r} for t, r in self.quarantined],
+        }
+
+
+def latest_settings_key(store: ResultStore) -> str:
+    """Settings key of the most recently written relaxation."""
+    rows = store.select(kind="relaxation", sort="-id", limit=1)
+    if not rows:
+        raise StoreError(f"no relaxations in {store.target}: run 'defectml search' first")
+    return rows[0].settings_key
+
+
+def summarise(
+    store: ResultStore,
+    settings_key: str | None = None,
+    *,
+    soap: SoapSettings | None = None,
+    threshold: float = DEFAULT_SOAP_THRESHOLD,
+    max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
+    only: set[tuple[str, int]] | None = None,
+) -> list[DefectSummary]:
+    """Summaries of every (defect, charge) relaxed under ``settings_key`` (default: latest).
+
+    Args:
+        store: The results store.
+        settings_key: Which run settings to summarise.
+        soap: SOAP settings for grouping.
+        threshold: SOAP cosine-distance threshold.
+        max_drop: Phase-change quarantine threshold (eV).
+        only: Restrict to these ``(defect_key, charge)`` pairs.
+    """
+    key = settings_key or latest_settings_key(store)
+    rows = store.select(kind="relaxation", settings_key=key)
+    groups: dict[tuple[str, int], list] = {}
+    for r in rows:
+        groups.setdefault((r.defect_key, int(r.charge_state)), []).append(r)
+    summaries = []
+    for (defect_key, charge), group in groups.items():
+        if only is not None and (defect_key, charge) not in only:
+            continue
+        defect_row = store.first(kind="defect", defect_key=defect_key)
+        host_row = store.first(kind="host", host_key=defect_row.host_key) if defect_row else None
+        if defect_row is None or host_row is None:
+            raise StoreError(f"results database {store.target} lacks the defect/host of {defect_key}")
+        host = host_row.toatoms()
+        bulk = make_supercell(host, np.asarray(defect_row.data["sc_matrix"]))
+        oxi = dict(host_row.data["oxidation_states"])
+        trials = [_relaxed_trial(r) for r in sorted(group, key=lambda r: r.id)]
+        minima, bad = find_minima(
+            trials, bulk=bulk, oxidation_states=oxi,
+            threshold=threshold, soap=soap, max_drop=max_drop,
+        )
+        summaries.append(
+            DefectSummary(defect_row.defect, charge, group[0].model, trials, minima, bad)
+        )
+    summaries.sort(key=lambda s: (s.defect, s.charge))
+    return summaries
+
+
+def _relaxed_trial(row) -> RelaxedTrial:
+    return RelaxedTrial(
+        name=row.trial,
+        status=row.status,
+        energy=row.get("energy"),
+        atoms=row.toatoms(),
+        site=np.asarray(row.data["site"]),
+        defect_index=row.data.get("defect_index"),
+        distortion=row.get("distortion"),
+        reason=row.data.get("reason", ""),
+        steps=int(row.steps),
+    )

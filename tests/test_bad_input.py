@@ -1,0 +1,123 @@
+"""Each kind of bad input: one clear line on stderr, exit code 2, nothing stored lost."""
+
+import sqlite3
+
+import pytest
+
+from defectml.cli import main
+
+EMT = ["--model", "emt", "--min-length", "7", "--oxi", "Cu=2", "--distortions", "-0.4",
+       "--quiet"]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+@pytest.mark.parametrize("content", [None, "", "garbage\n"])
+def test_bad_structure_file(tmp_path, capsys, content):
+    path = tmp_path / "host.cif"
+    if content is not None:
+        path.write_text(content)
+    code, err = _run(capsys, "search", str(path), "--out", str(tmp_path / "o"), *EMT)
+    assert code == 2 and len(err) == 1 and err[0].startswith("defectml: error:")
+
+
+def test_defect_species_not_in_host(tmp_path, capsys, copper_cif):
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Zn",
+                     "--out", str(tmp_path / "o"), *EMT)
+    assert code == 2 and err == ["defectml: error: cannot make v_Zn: Zn is not in the host "
+                                 "(elements ['Cu'])"]
+
+
+def test_element_not_covered_by_model(tmp_path, capsys, cdte):
+    cif = tmp_path / "CdTe.cif"
+    cdte.to(filename=str(cif))
+    code, err = _run(capsys, "search", str(cif), "--defect", "v_Cd", "--model", "emt",
+                     "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and len(err) == 1 and "does not cover element(s) Cd, Te" in err[0]
+
+
+def test_substituent_not_covered_by_model(tmp_path, capsys, copper_cif):
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "Te_Cu",
+                     "--out", str(tmp_path / "o"), *EMT)
+    assert code == 2 and "does not cover element(s) Te" in err[0]
+
+
+def test_unknown_model(tmp_path, capsys, copper_cif):
+    code, err = _run(capsys, "search", str(copper_cif), "--model", "nonsense",
+                     "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2 and "unknown model 'nonsense'" in err[0]
+
+
+def test_impossible_charge(tmp_path, capsys, copper_cif):
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--charge", "9",
+                     "--out", str(tmp_path / "o"), *EMT)
+    assert code == 2 and len(err) == 1 and "impossible charge +9 for v_Cu" in err[0]
+
+
+def test_unparsable_charge(tmp_path, capsys, copper_cif):
+    code, err = _run(capsys, "search", str(copper_cif), "--charge", "one",
+                     "--out", str(tmp_path / "o"), *EMT)
+    assert code == 2 and "cannot parse --charge" in err[0]
+
+
+def test_supercell_request_host_cannot_satisfy(tmp_path, capsys, copper_cif):
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--out",
+                     str(tmp_path / "o"), "--model", "emt", "--min-length", "30",
+                     "--max-atoms", "100", "--quiet")
+    assert code == 2 and "no supercell" in err[0]
+
+
+def test_unwritable_output_folder(tmp_path, capsys, copper_cif):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu",
+                     "--out", str(blocker / "run"), *EMT)
+    assert code == 2 and len(err) == 1 and "cannot create output folder" in err[0]
+
+
+def test_corrupted_database_is_reported_and_left_untouched(tmp_path, capsys, copper_cif):
+    out = tmp_path / "run"
+    out.mkdir()
+    db = out / "results.db"
+    junk = b"SQLite format 3\x00" + b"\x17" * 4000
+    db.write_bytes(junk)
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--out", str(out),
+                     *EMT)
+    assert code == 2 and len(err) == 1 and "corrupted" in err[0]
+    assert db.read_bytes() == junk
+    code, err = _run(capsys, "show", str(out))
+    assert code == 2 and "corrupted" in err[0]
+
+
+def test_non_ase_sqlite_database(tmp_path, capsys, copper_cif):
+    out = tmp_path / "run"
+    out.mkdir()
+    con = sqlite3.connect(out / "results.db")
+    con.execute("CREATE TABLE other (x)")
+    con.commit()
+    con.close()
+    code, err = _run(capsys, "search", str(copper_cif), "--out", str(out), *EMT)
+    assert code == 2 and "not an ASE database" in err[0] or "corrupted" in err[0]
+
+
+def test_show_without_results(tmp_path, capsys):
+    code, err = _run(capsys, "show", str(tmp_path / "nothing"))
+    assert code == 2 and "no results database" in err[0]
+
+
+def test_error_after_work_keeps_finished_results(tmp_path, capsys, copper_cif):
+    out = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0",
+                 "--out", str(out), *EMT]) == 0
+    capsys.readouterr()
+    from defectml import ResultStore
+
+    before = ResultStore(out / "results.db").count(kind="relaxation")
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--charge", "12",
+                     "--out", str(out), *EMT)
+    assert code == 2
+    assert ResultStore(out / "results.db").count(kind="relaxation") == before > 0

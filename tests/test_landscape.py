@@ -1,0 +1,100 @@
+import numpy as np
+import pytest
+
+from defectml.defects import make_defects
+from defectml.distort import make_dimer, neighbours_by_distance
+from defectml.landscape import (
+    RelaxedTrial,
+    describe,
+    find_minima,
+    group_minima,
+    like_pair_distances,
+    quarantine,
+)
+from defectml.structure_io import to_atoms
+
+OXI = {"Cd": 2, "Te": -2}
+
+
+@pytest.fixture(scope="module")
+def vcd(cdte):
+    (v,) = make_defects(cdte, "v_Cd")
+    return v, to_atoms(v.supercell), to_atoms(v.bulk_supercell)
+
+
+def _trial(name, atoms, energy, site, status="converged"):
+    return RelaxedTrial(name, status, energy, atoms, site, None)
+
+
+def _dimerised(atoms, site, length=2.85):
+    order, _ = neighbours_by_distance(atoms, site)
+    return make_dimer(atoms, (int(order[0]), int(order[1])), length)
+
+
+def test_ideal_vacancy_is_td_without_new_bonds_and_dimer_is_c2v(vcd):
+    v, atoms, bulk = vcd
+    dimer = _dimerised(atoms, v.site)
+    trials = [
+        _trial("Unperturbed", atoms, -100.0, v.site),
+        _trial("Bond_Distortion_10.0%", atoms.copy(), -100.0005, v.site),
+        _trial("Dimer", dimer, -100.3, v.site),
+    ]
+    minima, bad = find_minima(trials, bulk=bulk, oxidation_states=OXI)
+    assert not bad and len(minima) == 2
+    low, high = minima
+    assert low.trials == ["Dimer"] and low.delta_e == pytest.approx(-0.3)
+    assert low.symmetry == "C2v"
+    assert low.bonds == [("Te", "Te", pytest.approx(2.85, abs=1e-3))]
+    assert low.label == "C2v, Te-Te dimer 2.85 A"
+    assert set(high.trials) == {"Unperturbed", "Bond_Distortion_10.0%"}
+    assert high.symmetry == "Td" and high.bonds == [] and high.contains_unperturbed
+
+
+def test_grouping_tells_small_rattles_from_a_real_change(vcd):
+    v, atoms, _ = vcd
+    jiggled = atoms.copy()
+    jiggled.rattle(0.01, seed=3)
+    trials = [_trial("a", atoms, -1.0, v.site), _trial("b", jiggled, -0.99, v.site),
+              _trial("c", _dimerised(atoms, v.site), -1.2, v.site)]
+    assert group_minima(trials) == [[2], [0, 1]]
+    assert group_minima(trials, threshold=1.5) == [[2, 0, 1]]
+
+
+def test_quarantine_failed_unconverged_and_phase_changes(vcd):
+    v, atoms, _ = vcd
+    trials = [_trial(f"t{i}", atoms, -100.0 - 0.01 * i, v.site) for i in range(4)]
+    trials += [_trial("collapse", atoms, -120.0, v.site),
+               _trial("nan", atoms, None, v.site, status="failed"),
+               _trial("slow", atoms, -100.0, v.site, status="unconverged")]
+    trials[-2].reason = "non-finite energy (NaN/inf)"
+    good, bad = quarantine(trials, max_drop=3.0)
+    assert [t.name for t in good] == ["t0", "t1", "t2", "t3"]
+    reasons = {t.name: r for t, r in bad}
+    assert "phase change" in reasons["collapse"]
+    assert reasons["nan"].startswith("non-finite") and reasons["slow"] == "unconverged"
+
+
+def test_reference_falls_back_to_lowest_without_unperturbed(vcd):
+    v, atoms, bulk = vcd
+    minima, _ = find_minima([_trial("Rattled", atoms, -5.0, v.site)], bulk=bulk, oxidation_states=OXI)
+    assert minima[0].delta_e == 0.0
+
+
+def test_like_pair_distances_of_cdte(vcd):
+    _, _, bulk = vcd
+    d = like_pair_distances(bulk)
+    assert d[("Cd", "Te")] == pytest.approx(2.806, abs=1e-3)
+    assert d[("Te", "Te")] == pytest.approx(4.583, abs=1e-3)
+
+
+def test_describe():
+    assert describe([], "Td") == "Td, no new bonds"
+    assert "2 bonds" in describe([("Te", "Te", 2.9), ("Te", "Te", 3.0)], "C2")
+
+
+def test_defect_atom_position_is_followed(cdte):
+    (s,) = make_defects(cdte, "Se_Te")
+    atoms = to_atoms(s.supercell)
+    atoms.positions[s.defect_index] += [0.3, 0, 0]
+    t = RelaxedTrial("x", "converged", 0.0, atoms, s.site, s.defect_index)
+    assert np.allclose(t.centre(), atoms.positions[s.defect_index])

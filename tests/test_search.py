@@ -1,0 +1,108 @@
+"""End-to-end search with ASE's EMT potential on a Cu vacancy (fast, real relaxations)."""
+
+import json
+
+import pytest
+
+from defectml import ResultStore, SearchSettings, TrialSettings, search, summarise
+from defectml.cli import main
+
+FAST = ["--model", "emt", "--min-length", "7", "--oxi", "Cu=2", "--distortions", "-0.4,0.3",
+        "--fmax", "0.05", "--quiet"]
+
+
+def _settings(**kw):
+    return SearchSettings(model="emt", min_length=7.0, oxidation_states={"Cu": 2},
+                          trials=TrialSettings(distortions=(-0.4, 0.3)), **kw)
+
+
+def test_python_api_end_to_end(tmp_path, copper):
+    result = search(copper, "v_Cu", [0], out=tmp_path, settings=_settings(), progress=False)
+    (s,) = result.summaries
+    assert s.label == "v_Cu_0" and result.relaxed == 5 and result.skipped == 0
+    assert [t.name for t in s.trials] == ["Unperturbed", "Rattled", "Bond_Distortion_-40.0%",
+                                          "Bond_Distortion_30.0%", "Dimer"]
+    assert all(t.status == "converged" for t in s.trials)
+    assert s.minima and s.minima[0].energy == min(t.energy for t in s.trials)
+    assert sum(len(m.trials) for m in s.minima) == 5
+    # every relaxation is in the store with its metadata
+    store = ResultStore(tmp_path / "results.db")
+    rows = store.select(kind="relaxation")
+    assert len(rows) == 5
+    row = rows[0]
+    assert row.model == "emt" and row.fidelity == "mlip" and row.charge_state == 0
+    assert row.data["model_version"].startswith("ase") and row.forces.shape == (31, 3)
+    assert store.count(kind="host") == 1 and store.count(kind="defect") == 1
+
+
+def test_rerun_skips_everything_done(tmp_path, copper):
+    first = search(copper, "v_Cu", [0], out=tmp_path, settings=_settings(), progress=False)
+    again = search(copper, "v_Cu", [0], out=tmp_path, settings=_settings(), progress=False)
+    assert again.relaxed == 0 and again.skipped == first.relaxed
+    assert ResultStore(tmp_path / "results.db").count(kind="relaxation") == first.relaxed
+    assert [m.trials for m in again.summaries[0].minima] == [
+        m.trials for m in first.summaries[0].minima]
+    # changed settings are a different run, not a reuse of stale results
+    other = search(copper, "v_Cu", [0], out=tmp_path, settings=_settings(fmax=0.1), progress=False)
+    assert other.relaxed == first.relaxed
+
+
+def test_any_ase_calculator_through_the_api(tmp_path, copper):
+    from ase.calculators.emt import EMT
+
+    result = search(copper, "v_Cu", [0], out=tmp_path, calculator=EMT(), progress=False,
+                    settings=_settings())
+    assert result.model == "EMT" and result.summaries[0].minima
+
+
+def test_cli_search_writes_every_output_and_show_reprints(tmp_path, copper_cif, capsys):
+    out = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0",
+                 "--out", str(out), *FAST]) == 0
+    table = capsys.readouterr().out
+    assert "v_Cu_0" in table and "dE (eV)" in table
+    doc = json.loads((out / "summary.json").read_text())
+    (entry,) = doc["defects"]
+    assert entry["n_trials"] == 5 and entry["minima"][0]["delta_e_eV"] <= 0.0
+    for f in entry["minima"][0]["files"]:
+        assert (out / f).stat().st_size > 0
+    assert (out / "v_Cu_0" / "energy_vs_distortion.png").stat().st_size > 1000
+    assert main(["show", str(out)]) == 0
+    assert capsys.readouterr().out == table
+    assert main(["show", str(out), "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["defects"][0]["minima"] == [
+        {k: v for k, v in m.items() if k != "files"} for m in entry["minima"]]
+
+
+def test_cli_json_and_default_charges(tmp_path, copper_cif, capsys):
+    out = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--out", str(out), "--json",
+                 *FAST]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert sorted(d["charge"] for d in doc["defects"]) == [-2, -1, 0]
+
+
+def test_generate_writes_shakenbreak_layout(tmp_path, cdte):
+    cif = tmp_path / "CdTe.cif"
+    cdte.to(filename=str(cif))
+    assert main(["generate", str(cif), "--defect", "v_Cd", "--charge", "0,-1", "--out",
+                 str(tmp_path / "t"), "--quiet"]) == 0
+    neutral = tmp_path / "t" / "v_Cd_0"
+    assert (neutral / "Unperturbed" / "POSCAR").exists()
+    assert (neutral / "Bond_Distortion_-30.0%" / "POSCAR").exists()
+    assert (neutral / "Dimer" / "POSCAR").exists()
+    meta = json.loads((neutral / "distortion_metadata.json").read_text())
+    assert len(meta["trials"]) == 15
+    # V_Cd^-1 has one hole: one neighbour distorted
+    meta1 = json.loads((tmp_path / "t" / "v_Cd_-1" / "distortion_metadata.json").read_text())
+    assert {len(t["distorted_indices"]) for n, t in meta1["trials"].items()
+            if n.startswith("Bond")} == {1}
+
+
+def test_summarise_requires_relaxations(tmp_path):
+    from defectml.errors import StoreError
+
+    store = ResultStore(tmp_path / "empty.db")
+    with pytest.raises(StoreError, match="no relaxations"):
+        summarise(store)
