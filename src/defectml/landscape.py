@@ -16,8 +16,10 @@ from defectml.defects import site_symmetry
 from defectml.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
 from defectml.relax import CONVERGED
 
-#: Default SOAP cosine-distance threshold for "same minimum" (see benchmarks/soap_threshold.py).
-DEFAULT_SOAP_THRESHOLD = 0.01
+#: Default SOAP cosine-distance threshold for "same minimum". On CdTe V_Cd^0 relaxed trials of one
+#: basin lie within 1.8e-3 of each other; distinct motifs with the same bonds lie further apart.
+#: Rerun benchmarks/soap_threshold.py to see the numbers on any run.
+DEFAULT_SOAP_THRESHOLD = 0.005
 #: Relaxations this far (eV) below the median of their defect are quarantined as phase changes.
 DEFAULT_PHASE_CHANGE_DROP = 3.0
 
@@ -101,11 +103,13 @@ def group_minima(
     trials: list[RelaxedTrial],
     threshold: float = DEFAULT_SOAP_THRESHOLD,
     soap: SoapSettings | None = None,
+    signatures: list | None = None,
 ) -> list[list[int]]:
     """Group trials whose defect-site SOAP vectors lie within ``threshold`` cosine distance.
 
     Trials are taken from lowest energy up; each joins the first group whose lowest-energy
-    member is within the threshold, else starts a new group.
+    member is within the threshold (and, if ``signatures`` are given, has the same signature,
+    e.g. the same set of new bonds), else starts a new group.
 
     Returns:
         Lists of indices into ``trials``; each list starts with its lowest-energy member, and
@@ -115,16 +119,22 @@ def group_minima(
         return []
     fps = soap_fingerprints([t.atoms for t in trials], [t.centre() for t in trials], soap)
     dist = cosine_distances(fps)
+    sig = signatures if signatures is not None else [None] * len(trials)
     order = sorted(range(len(trials)), key=lambda i: trials[i].energy)
     groups: list[list[int]] = []
     for i in order:
         for g in groups:
-            if dist[i, g[0]] <= threshold:
+            if dist[i, g[0]] <= threshold and sig[i] == sig[g[0]]:
                 g.append(i)
                 break
         else:
             groups.append([i])
     return groups
+
+
+def bond_signature(bonds: list[tuple[str, str, float]]) -> tuple[tuple[str, str], ...]:
+    """The bonding motif without lengths: which like-ion pairs are bonded, how many times."""
+    return tuple(sorted((a, b) for a, b, _ in bonds))
 
 
 def _mic(atoms: Atoms, origin: np.ndarray, indices) -> np.ndarray:
@@ -191,7 +201,7 @@ def like_pair_distances(bulk: Atoms, cutoff: float = 6.0) -> dict[tuple[str, str
 
 
 def local_symmetry(
-    atoms: Atoms, centre: np.ndarray, defect_index: int | None, symprec: float = 0.1
+    atoms: Atoms, centre: np.ndarray, defect_index: int | None, symprec: float = 0.2
 ) -> str:
     """Schoenflies point group of the defect site in the relaxed supercell (spglib).
 
@@ -228,6 +238,9 @@ def find_minima(
 ) -> tuple[list[Minimum], list[tuple[RelaxedTrial, str]]]:
     """Rank the unique minima of one defect in one charge state.
 
+    Two trials are one minimum when their defect-site SOAP vectors are within ``threshold`` and
+    they form the same new like-ion bonds (so a dimer and a trimer are never merged).
+
     Args:
         trials: All finished relaxations of the defect in this charge state.
         bulk: The bulk supercell (reference distances for "new" bonds).
@@ -242,22 +255,23 @@ def find_minima(
     good, bad = quarantine(trials, max_drop)
     if not good:
         return [], bad
-    groups = group_minima(good, threshold, soap)
+    like = like_pair_distances(bulk)
+    radius = 1.5 * min(like.values())
+    bonds = [
+        new_bonds(t.atoms, t.centre(), t.defect_index, oxidation_states, like, radius) for t in good
+    ]
+    groups = group_minima(good, threshold, soap, [bond_signature(b) for b in bonds])
     unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
     reference = unperturbed.energy if unperturbed else min(t.energy for t in good)
-    like = like_pair_distances(bulk)
-    nn = min(like.values())
     minima = []
     for rank, g in enumerate(groups):
         rep = good[g[0]]
-        centre = rep.centre()
-        bonds = new_bonds(rep.atoms, centre, rep.defect_index, oxidation_states, like, 1.5 * nn)
-        sym = local_symmetry(rep.atoms, centre, rep.defect_index)
+        sym = local_symmetry(rep.atoms, rep.centre(), rep.defect_index)
         minima.append(
             Minimum(
                 rank=rank, trial=rep.name, energy=float(rep.energy),
                 delta_e=float(rep.energy - reference), trials=[good[i].name for i in g],
-                atoms=rep.atoms, bonds=bonds, symmetry=sym, label=describe(bonds, sym),
+                atoms=rep.atoms, bonds=bonds[g[0]], symmetry=sym, label=describe(bonds[g[0]], sym),
             )
         )
     return minima, bad

@@ -3,6 +3,7 @@
 Built-in names:
 
 * ``chgnet`` (default): CHGNet 0.3.0, weights shipped inside the ``chgnet`` wheel;
+* ``chgnet-0.2.0``: the earlier CHGNet weights, also in the wheel;
 * ``sevennet-0`` and ``sevennet-mf-0``: SevenNet checkpoints shipped inside the ``sevenn`` wheel
   (``pip install defectml[sevennet]``);
 * ``emt``: ASE's effective-medium potential (Al, Cu, Ag, Au, Ni, Pd, Pt; for tests and demos);
@@ -25,7 +26,7 @@ from pymatgen.core import Element
 
 from defectml.errors import ModelError
 
-BUILTIN_MODELS = ("chgnet", "sevennet-0", "sevennet-mf-0", "emt")
+BUILTIN_MODELS = ("chgnet", "chgnet-0.2.0", "sevennet-0", "sevennet-mf-0", "emt")
 
 
 @dataclass
@@ -71,17 +72,18 @@ def _elements_up_to(z_max: int) -> frozenset[str]:
     return frozenset(Element.from_Z(z).symbol for z in range(1, z_max + 1))
 
 
-def _chgnet(device: str) -> Model:
+def _chgnet(device: str, weights: str = "0.3.0") -> Model:
     import chgnet
     from chgnet.model import CHGNet
     from chgnet.model.dynamics import CHGNetCalculator
 
     with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
-        model = CHGNet.load(model_name="0.3.0", use_device=device, verbose=False)
+        model = CHGNet.load(model_name=weights, use_device=device, verbose=False)
         calc = CHGNetCalculator(model=model, use_device=device, on_isolated_atoms="ignore")
     n_elements = model.atom_embedding.embedding.num_embeddings
     version = f"chgnet {chgnet.__version__}, weights {model.version}"
-    return Model("chgnet", version, calc, _elements_up_to(n_elements))
+    name = "chgnet" if weights == "0.3.0" else f"chgnet-{weights}"
+    return Model(name, version, calc, _elements_up_to(n_elements))
 
 
 def _sevennet(name: str, device: str) -> Model:
@@ -130,11 +132,11 @@ def load_model(name: str = "chgnet", device: str = "cpu", threads: int | None = 
         ModelError: unknown name, missing optional package, or unreadable model file.
     """
     key = name.lower()
-    if key in ("chgnet", "emt", "sevennet-0", "sevennet-mf-0"):
+    if key in BUILTIN_MODELS:
         if key != "emt":
             set_threads(threads)
-        if key == "chgnet":
-            return _chgnet(device)
+        if key.startswith("chgnet"):
+            return _chgnet(device, "0.3.0" if key == "chgnet" else key.split("-", 1)[1])
         if key == "emt":
             return _emt()
         return _sevennet(key, device)

@@ -14,14 +14,15 @@ from defectml.summary import DefectSummary
 def table(summaries: list[DefectSummary]) -> str:
     """A plain-text table of the unique minima of every defect and charge state."""
     lines = []
+    width = max([34] + [len(m.label) for s in summaries for m in s.minima])
     for s in summaries:
         n_ok = sum(t.status == "converged" for t in s.trials)
         lines.append(f"{s.label}  ({s.model}; {len(s.trials)} trials, {n_ok} converged, "
                      f"{len(s.minima)} unique minima)")
-        lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<34} trials")
+        lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<{width}} trials")
         for m in s.minima:
             names = ", ".join(_short(t) for t in m.trials)
-            lines.append(f"  {m.rank:>2}  {m.delta_e:>+8.3f}  {m.label:<34} {names}")
+            lines.append(f"  {m.rank:>2}  {m.delta_e:>+8.3f}  {m.label:<{width}} {names}")
         for t, reason in s.quarantined:
             lines.append(f"   !  quarantined {t.name}: {reason}")
         if not s.minima:
