@@ -106,3 +106,18 @@ def test_summarise_requires_relaxations(tmp_path):
     store = ResultStore(tmp_path / "empty.db")
     with pytest.raises(StoreError, match="no relaxations"):
         summarise(store)
+
+
+@pytest.mark.skipif("DEFECTML_TEST_POSTGRES_URL" not in __import__("os").environ,
+                    reason="set DEFECTML_TEST_POSTGRES_URL=postgresql://... to test a server")
+def test_postgresql_store_works_the_same(tmp_path, copper):
+    import os
+
+    url = os.environ["DEFECTML_TEST_POSTGRES_URL"]
+    store = ResultStore(url)
+    for row in store.select():
+        store.db.delete([row.id])
+    first = search(copper, "v_Cu", [0], out=tmp_path, db=url, settings=_settings(), progress=False)
+    again = search(copper, "v_Cu", [0], out=tmp_path, db=url, settings=_settings(), progress=False)
+    assert first.relaxed == 5 and again.relaxed == 0 and again.skipped == 5
+    assert ResultStore(url).count(kind="relaxation") == 5

@@ -174,6 +174,7 @@ def _say(quiet: bool):
 
 
 def cmd_search(a: argparse.Namespace) -> int:
+    """`defectml search`: run the search and write the outputs."""
     from defectml.report import table, write_outputs
     from defectml.search import SearchSettings, search
     from defectml.structure_io import read_structure
@@ -208,6 +209,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    """`defectml generate`: write trial POSCARs in ShakeNBreak's layout."""
     from defectml.search import SearchSettings, plan
     from defectml.structure_io import read_structure, to_structure
 
@@ -234,6 +236,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
 
 
 def cmd_show(a: argparse.Namespace) -> int:
+    """`defectml show`: rebuild and print the summary from the store."""
     from defectml.report import table
     from defectml.store import ResultStore, is_url
     from defectml.summary import summarise

@@ -79,6 +79,11 @@ class ResultStore:
             self.db.count()
         except StoreError:
             raise
+        except ModuleNotFoundError as exc:
+            raise StoreError(
+                f"cannot open {self.target}: {exc}; database servers need "
+                "pip install 'defectml[postgres]'"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - ase/sqlite/psycopg errors
             raise StoreError(f"cannot open results database {self.target}: {exc}") from None
 

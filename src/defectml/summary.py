@@ -113,7 +113,7 @@ def summarise(
         host = host_row.toatoms()
         bulk = make_supercell(host, np.asarray(defect_row.data["sc_matrix"]))
         oxi = dict(host_row.data["oxidation_states"])
-        trials = [_relaxed_trial(r) for r in sorted(group, key=lambda r: r.id)]
+        trials = [relaxed_trial_from_row(r) for r in sorted(group, key=lambda r: r.id)]
         minima, bad = find_minima(
             trials, bulk=bulk, oxidation_states=oxi,
             threshold=threshold, soap=soap, max_drop=max_drop,
@@ -125,7 +125,8 @@ def summarise(
     return summaries
 
 
-def _relaxed_trial(row) -> RelaxedTrial:
+def relaxed_trial_from_row(row) -> RelaxedTrial:
+    """A :class:`RelaxedTrial` from a stored relaxation row."""
     return RelaxedTrial(
         name=row.trial,
         status=row.status,
