@@ -104,7 +104,7 @@ def test_summarise_requires_relaxations(tmp_path):
     from defectml.errors import StoreError
 
     store = ResultStore(tmp_path / "empty.db")
-    with pytest.raises(StoreError, match="no relaxations"):
+    with pytest.raises(StoreError, match="no mlip relaxations"):
         summarise(store)
 
 
@@ -121,3 +121,16 @@ def test_postgresql_store_works_the_same(tmp_path, copper):
     again = search(copper, "v_Cu", [0], out=tmp_path, db=url, settings=_settings(), progress=False)
     assert first.relaxed == 5 and again.relaxed == 0 and again.skipped == 5
     assert ResultStore(url).count(kind="relaxation") == 5
+
+
+def test_model_element_coverage():
+    from defectml.models import load_model
+
+    model = load_model("emt")
+    model.check_elements({"Cu", "Au"})
+    with pytest.raises(__import__("defectml").ModelError, match="does not cover element"):
+        model.check_elements({"Cu", "Te"})
+    chgnet = load_model("chgnet", threads=1)
+    chgnet.check_elements({"Cd", "Te", "Pu"})
+    with pytest.raises(__import__("defectml").ModelError, match="Am"):
+        chgnet.check_elements({"Am"})

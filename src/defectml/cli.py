@@ -18,6 +18,9 @@ EPILOG = """examples:
   defectml search host.cif --defect all --out runs/all          # every native defect, default charges
   defectml generate examples/CdTe.cif --defect v_Cd --charge 0,-1 --out trials/   # for DFT elsewhere
   defectml show runs/cdte
+  defectml shortlist runs/cdte --window 0.5                 # DFT inputs for the unique minima
+  defectml ingest snb_folders/ --out runs/dft               # ShakeNBreak/VASP results in
+  defectml evaluate runs/cdte --dft runs/dft                # surrogate vs DFT metrics
 """
 
 
@@ -158,9 +161,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="trials", help="output folder (trials)")
     g.add_argument("--quiet", "-q", action="store_true", help="no messages")
 
+    sl = sub.add_parser(
+        "shortlist", help="pick the unique low-energy minima and write DFT inputs for them",
+        description="From a finished search, pick the minima within --window eV of the lowest "
+                    "(at most --max-per-defect), plus the unperturbed minimum as a control, "
+                    "and write VASP, Quantum ESPRESSO and CP2K inputs for each.",
+    )
+    sl.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    sl.add_argument("--max-per-defect", type=int, default=5, help="minima per defect (5)")
+    sl.add_argument("--window", type=float, default=0.5, help="energy window, eV (0.5)")
+    sl.add_argument("--codes", default="vasp,qe,cp2k", help="vasp,qe,cp2k (all by default)")
+    sl.add_argument("--overrides", default=None,
+                    help="YAML file: {vasp: {INCAR tags}, qe: {namelist: {...}}, cp2k: {cutoff: ..}}")
+    sl.add_argument("--out", default=None, help="where to write inputs (RUN/dft)")
+    _add_analysis_args(sl)
+
+    ing = sub.add_parser(
+        "ingest", help="store DFT results (ShakeNBreak folders, VASP outputs, extxyz)",
+        description="Read DFT relaxations into a results database as fidelity='dft' rows: a "
+                    "ShakeNBreak folder (<defect>_<charge>/<trial>/CONTCAR + <defect>.yaml), a "
+                    "folder of them, or one relaxation (VASP folder or extxyz) with --defect, "
+                    "--charge and --site.",
+    )
+    ing.add_argument("path", help="ShakeNBreak folder(s), VASP folder or extxyz file")
+    ing.add_argument("--out", required=True, help="folder of the results database")
+    ing.add_argument("--db", default=None, help="database path or URL (OUT/results.db)")
+    ing.add_argument("--host", default=None, help="bulk host structure (found as *bulk* if omitted)")
+    ing.add_argument("--defect", default=None, help="defect name, for a single relaxation")
+    ing.add_argument("--charge", default=None, help="charge, for a single relaxation")
+    ing.add_argument("--site", default=None, help="defect site, fractional x,y,z (single relaxation)")
+    ing.add_argument("--trial", default=None, help="trial name (single relaxation)")
+    ing.add_argument("--quiet", "-q", action="store_true", help="no messages")
+
+    ev = sub.add_parser(
+        "evaluate", help="MLIP search vs DFT: ground-state hits, DFT savings, energy errors",
+        description="Set a search against DFT results for the same defects (ingested or "
+                    "DFT-relaxed): ground-state hit, DFT relaxations saved, energy MAEs, "
+                    "Spearman correlation, ground-state RMSD; table, JSON and parity plot.",
+    )
+    ev.add_argument("run", help="the search (folder, results.db or URL)")
+    ev.add_argument("--dft", default=None, help="the DFT results (default: the same store)")
+    ev.add_argument("--max-per-defect", type=int, default=5, help="shortlist size (5)")
+    ev.add_argument("--window", type=float, default=0.5, help="shortlist energy window, eV (0.5)")
+    ev.add_argument("--out", default=None, help="where to write evaluation.json/.png (RUN)")
+    _add_analysis_args(ev)
+
     sh = sub.add_parser("show", help="re-print the summary of a finished (or partial) search",
                         description="Rebuild the minima table from the results database.")
     sh.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    sh.add_argument("--fidelity", choices=("auto", "mlip", "dft"), default="auto",
+                    help="which results: MLIP searches, DFT, or auto (MLIP if any, else DFT)")
     _add_analysis_args(sh)
     return parser
 
@@ -235,20 +285,116 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_show(a: argparse.Namespace) -> int:
-    """`defectml show`: rebuild and print the summary from the store."""
-    from defectml.report import table
+def _open_store(target: str):
     from defectml.store import ResultStore, is_url
-    from defectml.summary import summarise
 
-    target = a.run
     if not is_url(target):
         p = Path(target)
         target = p / "results.db" if p.is_dir() else p
         if not Path(target).exists():
             raise InputError(f"no results database at {target}")
-    store = ResultStore(target)
+    return ResultStore(target)
+
+
+def _run_folder(target: str) -> Path:
+    p = Path(target)
+    return p if p.is_dir() else p.parent
+
+
+def cmd_shortlist(a: argparse.Namespace) -> int:
+    """`defectml shortlist`: choose minima for DFT and write their inputs."""
+    from defectml.dft_inputs import load_overrides, write_inputs
+    from defectml.shortlist import select
+    from defectml.structure_io import to_structure, write_structure
+    from defectml.summary import summarise
+
+    store = _open_store(a.run)
     summaries = summarise(store, soap=_soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    overrides = load_overrides(a.overrides)
+    codes = [c.strip() for c in a.codes.split(",") if c.strip()]
+    out = Path(a.out) if a.out else _run_folder(a.run) / "dft"
+    doc = []
+    for s in summaries:
+        chosen = select(s, a.max_per_defect, a.window)
+        entry = {"defect": s.defect, "charge": s.charge, "n_trials": len(s.trials),
+                 "n_minima": len(s.minima), "shortlist": []}
+        for m in chosen:
+            folder = out / s.label / f"{m.rank:02d}_{m.trial.replace('%', 'pc')}"
+            write_inputs(m.atoms, s.charge, folder, codes, overrides)
+            write_structure(to_structure(m.atoms), folder / "structure")
+            entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
+                                       "delta_e_eV": round(m.delta_e, 4), "folder": str(folder),
+                                       "control": m.contains_unperturbed and m.rank != 0})
+        doc.append(entry)
+        n = len(chosen)
+        print(f"{s.label}: {n} of {len(s.minima)} minima -> DFT "
+              f"({n} relaxations instead of {len(s.trials)}: {1 - n / max(len(s.trials), 1):.0%} saved)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shortlist.json").write_text(json.dumps(doc, indent=2))
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    """`defectml ingest`: read DFT results into the store."""
+    from defectml.ingest import ingest_relaxation, ingest_snb_folder
+    from defectml.store import ResultStore
+
+    out = Path(a.out)
+    store = ResultStore(a.db or out / "results.db")
+    path = Path(a.path)
+    if a.defect is not None:
+        if a.charge is None or a.site is None or a.host is None:
+            raise InputError("a single relaxation needs --defect, --charge, --site x,y,z and --host")
+        try:
+            site = [float(x) for x in a.site.split(",")]
+            charge = int(a.charge)
+        except ValueError:
+            raise InputError("--site takes x,y,z fractional coordinates, --charge an integer") from None
+        report = ingest_relaxation(store, path, a.defect, charge, Path(a.host), site, a.trial)
+    else:
+        report = ingest_snb_folder(store, path, Path(a.host) if a.host else None)
+    if not a.quiet:
+        print(f"stored {report.stored} DFT relaxations ({', '.join(report.defects)})",
+              file=sys.stderr)
+        for note in report.skipped:
+            print(f"  skipped {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    """`defectml evaluate`: surrogate metrics, MLIP vs DFT."""
+    from defectml.evaluate import evaluate, parity_plot, table, to_dict
+    from defectml.summary import summarise
+
+    kw = {"soap": _soap(a), "threshold": a.soap_threshold, "max_drop": a.max_drop}
+    ml = summarise(_open_store(a.run), **kw)
+    dft = summarise(_open_store(a.dft or a.run), fidelity="dft", **kw)
+    rows, summary = evaluate(ml, dft, max_per_defect=a.max_per_defect, window=a.window,
+                             soap=_soap(a))
+    if not rows:
+        raise InputError("no defect and charge state is present in both the search and the DFT data")
+    out = Path(a.out) if a.out else _run_folder(a.run)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = to_dict(rows, summary)
+    (out / "evaluation.json").write_text(json.dumps(doc, indent=2))
+    parity_plot(rows, out / "evaluation_parity.png")
+    print(json.dumps(doc, indent=2) if a.json else table(rows, summary), end="")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    """`defectml show`: rebuild and print the summary from the store."""
+    from defectml.report import table
+    from defectml.summary import summarise
+
+    store = _open_store(a.run)
+    fidelity = a.fidelity
+    if fidelity == "auto":
+        fidelity = "mlip" if store.count(kind="relaxation", fidelity="mlip") else "dft"
+    summaries = summarise(store, soap=_soap(a), threshold=a.soap_threshold, max_drop=a.max_drop,
+                          fidelity=fidelity)
     if a.json:
         print(json.dumps({"defects": [s.to_dict() for s in summaries]}, indent=2))
     else:
@@ -283,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
-    handler = {"search": cmd_search, "generate": cmd_generate, "show": cmd_show}[args.command]
+    handler = {"search": cmd_search, "generate": cmd_generate, "show": cmd_show,
+               "shortlist": cmd_shortlist, "ingest": cmd_ingest, "evaluate": cmd_evaluate}[args.command]
     try:
         return handler(args)
     except DefectMLError as exc:

@@ -96,7 +96,8 @@ def _sevennet(name: str, device: str) -> Model:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         calc = SevenNetCalculator(key, device=device, **kwargs)
-    return Model(name, f"sevenn {sevenn.__version__}, {key}", calc, frozenset(calc.type_map))
+    elements = frozenset(Element.from_Z(int(z)).symbol for z in calc.type_map)  # keys are Z
+    return Model(name, f"sevenn {sevenn.__version__}, {key}", calc, elements)
 
 
 def _emt() -> Model:

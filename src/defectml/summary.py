@@ -70,11 +70,12 @@ class DefectSummary:
         }
 
 
-def latest_settings_key(store: ResultStore) -> str:
-    """Settings key of the most recently written relaxation."""
-    rows = store.select(kind="relaxation", sort="-id", limit=1)
+def latest_settings_key(store: ResultStore, fidelity: str = "mlip") -> str:
+    """Settings key of the most recently written relaxation of this fidelity."""
+    rows = store.select(kind="relaxation", fidelity=fidelity, sort="-id", limit=1)
     if not rows:
-        raise StoreError(f"no relaxations in {store.target}: run 'defectml search' first")
+        hint = "run 'defectml search' first" if fidelity == "mlip" else "ingest DFT results first"
+        raise StoreError(f"no {fidelity} relaxations in {store.target}: {hint}")
     return rows[0].settings_key
 
 
@@ -86,6 +87,7 @@ def summarise(
     threshold: float = DEFAULT_SOAP_THRESHOLD,
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
     only: set[tuple[str, int]] | None = None,
+    fidelity: str = "mlip",
 ) -> list[DefectSummary]:
     """Summaries of every (defect, charge) relaxed under ``settings_key`` (default: latest).
 
@@ -96,9 +98,10 @@ def summarise(
         threshold: SOAP cosine-distance threshold.
         max_drop: Phase-change quarantine threshold (eV).
         only: Restrict to these ``(defect_key, charge)`` pairs.
+        fidelity: ``mlip`` (searches) or ``dft`` (ingested or DFT-relaxed results).
     """
-    key = settings_key or latest_settings_key(store)
-    rows = store.select(kind="relaxation", settings_key=key)
+    key = settings_key or latest_settings_key(store, fidelity)
+    rows = store.select(kind="relaxation", settings_key=key, fidelity=fidelity)
     groups: dict[tuple[str, int], list] = {}
     for r in rows:
         groups.setdefault((r.defect_key, int(r.charge_state)), []).append(r)

@@ -1,0 +1,179 @@
+"""DFT input files for shortlisted minima: VASP (pymatgen input sets), Quantum ESPRESSO and CP2K.
+
+Defect relaxations at the shortlisting stage follow the seed paper: Γ-point only, no symmetry,
+spin-polarised, fixed cell. Codes are written side by side::
+
+    <out>/<defect>_<charge>/<rank>_<trial>/vasp/{INCAR, KPOINTS, POSCAR, POTCAR or POTCAR.spec}
+                                          /qe/espresso.pwi
+                                          /cp2k/cp2k.inp
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+
+from defectml.errors import InputError
+
+CODES = ("vasp", "qe", "cp2k")
+
+VASP_DEFAULTS = {"ISYM": 0, "ISPIN": 2, "IBRION": 2, "ISIF": 2, "NSW": 300, "EDIFF": 1e-5,
+                 "EDIFFG": -0.01, "LCHARG": False, "LWAVE": False, "LREAL": "Auto"}
+
+
+def load_overrides(path: str | Path | None) -> dict:
+    """INCAR (or other) overrides from a YAML file (``{}`` when no file is given)."""
+    if path is None:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"overrides file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"cannot parse {p} as YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p} must hold a mapping of INCAR tags to values")
+    return data
+
+
+def write_vasp(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:
+    """VASP inputs from pymatgen's ``MPRelaxSet`` with defect-search settings.
+
+    Without POTCARs configured for pymatgen, ``POTCAR.spec`` lists the symbols and NELECT is left
+    for the user (a note says how to set it for a charged defect).
+    """
+    from pymatgen.io.ase import AseAtomsAdaptor
+    from pymatgen.io.vasp.inputs import Kpoints
+    from pymatgen.io.vasp.sets import MPRelaxSet
+
+    structure = AseAtomsAdaptor.get_structure(atoms)
+    incar = {**VASP_DEFAULTS, **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    vis = MPRelaxSet(structure, user_incar_settings=incar,
+                     user_kpoints_settings=Kpoints.gamma_automatic((1, 1, 1)),
+                     user_potcar_functional="PBE_54")
+    try:
+        if charge:
+            vis = MPRelaxSet(structure, user_incar_settings={**incar, "NELECT": vis.nelect - charge},
+                             user_kpoints_settings=Kpoints.gamma_automatic((1, 1, 1)),
+                             user_potcar_functional="PBE_54")
+        vis.write_input(str(folder))
+    except (OSError, RuntimeError, ValueError, KeyError):
+        vis.write_input(str(folder), potcar_spec=True)
+        if charge:
+            (folder / "NOTE_CHARGE.txt").write_text(
+                f"Charge {charge:+d}: set NELECT = (sum of ZVAL over atoms, from POTCAR) - ({charge})"
+                "\n(pymatgen had no POTCARs to compute it)\n")
+    return sorted(folder.iterdir())
+
+
+def write_qe(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:
+    """Quantum ESPRESSO ``pw.x`` relax input (ASE writer), Γ-point, spin-polarised."""
+    from ase.io import write
+
+    folder.mkdir(parents=True, exist_ok=True)
+    a = atoms.copy()
+    a.set_initial_magnetic_moments(np.full(len(a), 0.5))
+    input_data = {
+        "control": {"calculation": "relax", "prefix": "defect", "pseudo_dir": "./pseudo",
+                    "forc_conv_thr": 1e-3},
+        "system": {"ecutwfc": 40, "ecutrho": 320, "occupations": "smearing",
+                   "smearing": "gaussian", "degauss": 0.005, "nspin": 2, "tot_charge": charge},
+        "electrons": {"conv_thr": 1e-6, "mixing_beta": 0.3},
+        "ions": {},
+    }
+    for section, values in (overrides or {}).items():
+        input_data.setdefault(section, {}).update(values)
+    pseudos = {el: f"{el}.upf" for el in sorted(set(a.get_chemical_symbols()))}
+    path = folder / "espresso.pwi"
+    write(path, a, format="espresso-in", input_data=input_data, pseudopotentials=pseudos,
+          kpts=None)
+    return [path]
+
+
+def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:
+    """CP2K GEO_OPT input: PBE, GTH pseudopotentials, DZVP-MOLOPT-SR basis, Γ-point, UKS."""
+    o = {"cutoff": 400, "rel_cutoff": 50, "basis": "DZVP-MOLOPT-SR-GTH", "max_iter": 300,
+         **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    cell = atoms.cell.array
+    symbols = atoms.get_chemical_symbols()
+    coords = "\n".join(f"      {s:3s} {x:14.8f} {y:14.8f} {z:14.8f}"
+                       for s, (x, y, z) in zip(symbols, atoms.positions, strict=True))
+    kinds = "\n".join(
+        f"    &KIND {el}\n      BASIS_SET {o['basis']}\n      POTENTIAL GTH-PBE\n    &END KIND"
+        for el in sorted(set(symbols)))
+    text = f"""&GLOBAL
+  PROJECT defect
+  RUN_TYPE GEO_OPT
+  PRINT_LEVEL LOW
+&END GLOBAL
+&MOTION
+  &GEO_OPT
+    MAX_ITER {o['max_iter']}
+    MAX_FORCE 4.5E-04
+  &END GEO_OPT
+&END MOTION
+&FORCE_EVAL
+  METHOD QS
+  &DFT
+    BASIS_SET_FILE_NAME BASIS_MOLOPT
+    POTENTIAL_FILE_NAME GTH_POTENTIALS
+    CHARGE {charge}
+    UKS T
+    &MGRID
+      CUTOFF {o['cutoff']}
+      REL_CUTOFF {o['rel_cutoff']}
+    &END MGRID
+    &SCF
+      EPS_SCF 1.0E-6
+      MAX_SCF 100
+      &OT
+        MINIMIZER DIIS
+      &END OT
+    &END SCF
+    &XC
+      &XC_FUNCTIONAL PBE
+      &END XC_FUNCTIONAL
+    &END XC
+  &END DFT
+  &SUBSYS
+    &CELL
+      A {cell[0][0]:.8f} {cell[0][1]:.8f} {cell[0][2]:.8f}
+      B {cell[1][0]:.8f} {cell[1][1]:.8f} {cell[1][2]:.8f}
+      C {cell[2][0]:.8f} {cell[2][1]:.8f} {cell[2][2]:.8f}
+    &END CELL
+    &COORD
+{coords}
+    &END COORD
+{kinds}
+  &END SUBSYS
+&END FORCE_EVAL
+"""
+    path = folder / "cp2k.inp"
+    path.write_text(text)
+    return [path]
+
+
+WRITERS = {"vasp": write_vasp, "qe": write_qe, "cp2k": write_cp2k}
+
+
+def write_inputs(
+    atoms: Atoms, charge: int, folder: Path, codes=CODES, overrides: dict | None = None
+) -> dict[str, list[Path]]:
+    """Write inputs for every code in ``codes`` under ``folder/<code>/``.
+
+    ``overrides`` maps a code to its overrides (VASP: INCAR tags; QE: namelist sections;
+    CP2K: cutoff, rel_cutoff, basis, max_iter).
+    """
+    unknown = set(codes) - set(WRITERS)
+    if unknown:
+        raise InputError(f"unknown DFT code(s) {sorted(unknown)}: choose from {', '.join(CODES)}")
+    overrides = overrides or {}
+    return {code: WRITERS[code](atoms, charge, folder / code, overrides.get(code))
+            for code in codes}

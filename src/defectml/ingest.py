@@ -1,0 +1,290 @@
+"""Bringing DFT results into the store: ShakeNBreak folders, VASP outputs, extxyz.
+
+Ingested relaxations are ordinary ``kind="relaxation"`` rows with ``fidelity="dft"``, next to a
+host row and a defect row, so everything that works on a search (``summarise``, ``show``,
+grouping into minima) works on DFT results too, and ``evaluate`` can set one against the other.
+
+ShakeNBreak layout (one folder per defect and charge, e.g. ``Mg_O_+1/``)::
+
+    Mg_O_+1/Bond_Distortion_-30.0%/{POSCAR, CONTCAR, vasprun.xml(.gz), OUTCAR(.gz)}
+    Mg_O_+1/Unperturbed/...  Rattled/...  Dimer/...
+    Mg_O_+1/Mg_O_+1.yaml                  final energies (eV) of each trial
+    Mg_O_+1/distortion_metadata.json      defect site (``unique_site``) and distorted atoms
+
+Folders ending ``_High_Energy`` were abandoned by ShakeNBreak and are skipped.
+``Bond_Distortion_0.0%`` is stored as ``Rattled`` (a rattle with no bond distortion), the name
+defectml gives that trial.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from ase import Atoms
+from ase.io import read
+
+from defectml.defects import DEFECT_SPEC, guess_oxidation_states
+from defectml.errors import InputError
+from defectml.store import ResultStore, content_key
+from defectml.structure_io import read_structure, to_atoms, to_structure
+
+CHARGE_FOLDER = re.compile(r"^(?P<name>.+)_(?P<charge>[+-]?\d+)$")
+TRIAL_FOLDER = re.compile(r"^(Bond_Distortion_-?\d+(\.\d+)?%|Unperturbed|Rattled|Dimer)$")
+
+
+@dataclass
+class IngestReport:
+    """What an ingest stored and what it skipped (with reasons)."""
+
+    stored: int = 0
+    skipped: list[str] = field(default_factory=list)
+    defects: list[str] = field(default_factory=list)
+
+
+def normalise_trial_name(folder: str) -> str:
+    """ShakeNBreak folder name → defectml trial name (``Bond_Distortion_0.0%`` → ``Rattled``)."""
+    return "Rattled" if folder in ("Bond_Distortion_0.0%", "Bond_Distortion_-0.0%") else folder
+
+
+def _distortion(name: str) -> float | None:
+    if name == "Rattled":
+        return 0.0
+    m = re.match(r"Bond_Distortion_(-?\d+(\.\d+)?)%", name)
+    return float(m.group(1)) / 100 if m else None
+
+
+def read_snb_energies(path: Path) -> dict[str, float]:
+    """Final energies of a ShakeNBreak ``<defect>.yaml``, keyed by defectml trial name."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text()) or {}
+    out: dict[str, float] = {}
+    for key, value in (raw.get("distortions") or {}).items():
+        if isinstance(key, int | float):
+            name = normalise_trial_name(f"Bond_Distortion_{100 * float(key):.1f}%")
+        else:
+            name = normalise_trial_name(str(key))
+        out[name] = float(value)
+    for key, value in raw.items():
+        if key != "distortions" and isinstance(value, int | float):
+            out[normalise_trial_name(str(key))] = float(value)
+    return out
+
+
+def read_vasp_relaxation(folder: Path) -> tuple[list[Atoms], Atoms | None]:
+    """Ionic steps (with energies, forces) and the initial structure of a VASP relaxation.
+
+    Reads vasprun.xml, else OUTCAR (gzipped too); the final structure is CONTCAR when no
+    trajectory is present. Returns ``([], None)`` when the folder holds nothing readable.
+    """
+    frames: list[Atoms] = []
+    for name in ("vasprun.xml", "vasprun.xml.gz", "OUTCAR", "OUTCAR.gz"):
+        f = folder / name
+        if f.exists():
+            try:
+                frames = list(read(f, index=":"))
+                break
+            except Exception:  # noqa: BLE001, S112 - truncated outputs: try the next file
+                continue
+    initial = None
+    for name in ("POSCAR", "POSCAR.gz"):
+        if (folder / name).exists():
+            initial = read(folder / name, format="vasp")
+            break
+    if not frames:
+        for name in ("CONTCAR", "CONTCAR.gz"):
+            f = folder / name
+            if f.exists() and f.stat().st_size > 0:
+                frames = [read(f, format="vasp")]
+                break
+    return frames, initial
+
+
+def _site_from_metadata(folder: Path, defect: str) -> np.ndarray | None:
+    for meta in (folder / "distortion_metadata.json", folder.parent / "distortion_metadata.json"):
+        if meta.exists():
+            doc = json.loads(meta.read_text())
+            entry = (doc.get("defects") or {}).get(defect)
+            if entry and entry.get("unique_site") is not None:
+                return np.asarray(entry["unique_site"], dtype=float)
+    return None
+
+
+def _find_host(folder: Path) -> Path | None:
+    for base in (folder, folder.parent, folder.parent.parent):
+        for f in sorted(base.glob("*bulk*")):
+            if f.is_file():
+                return f
+    return None
+
+
+def _defect_index(atoms: Atoms, frac_site: np.ndarray, kind: str) -> tuple[np.ndarray, int | None]:
+    """Cartesian site and the defect atom's index (``None`` for a vacancy)."""
+    cart = frac_site @ atoms.cell.array
+    if kind == "vacancy":
+        return cart, None
+    frac = atoms.get_scaled_positions() - frac_site
+    frac -= np.round(frac)
+    dist = np.linalg.norm(frac @ atoms.cell.array, axis=1)
+    return cart, int(np.argmin(dist))
+
+
+def ingest_snb_folder(
+    store: ResultStore, folder: Path, host_file: Path | None = None, source: str | None = None
+) -> IngestReport:
+    """Store one ShakeNBreak defect folder (or a folder of them) as DFT relaxations.
+
+    Args:
+        store: Where to write.
+        folder: ``<defect>_<charge>/`` or a folder containing several.
+        host_file: The bulk host (default: a ``*bulk*`` file beside or above the folders).
+        source: Label of this data set (default: the folder path).
+
+    Raises:
+        InputError: if no ShakeNBreak folder, host or defect site can be found.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    charge_folders = [folder] if CHARGE_FOLDER.match(folder.name) and any(
+        TRIAL_FOLDER.match(p.name) for p in folder.iterdir()) else sorted(
+        p for p in folder.iterdir() if p.is_dir() and CHARGE_FOLDER.match(p.name))
+    if not charge_folders:
+        raise InputError(f"no ShakeNBreak defect folders (<defect>_<charge>/) in {folder}")
+    host_path = host_file or _find_host(folder)
+    if host_path is None:
+        raise InputError(f"no bulk host found near {folder}: pass --host BULK_STRUCTURE")
+    host = read_structure(host_path)
+    oxi = guess_oxidation_states(host)
+    host_atoms = to_atoms(host)
+    source = source or str(folder.resolve())
+    host_key = content_key("dft-host", source, str(host_path))
+    if store.first(kind="host", host_key=host_key) is None:
+        store.add_host(host_atoms, None, host_key, "dft", {"oxidation_states": oxi,
+                                                            "source": str(host_path)})
+    settings_key = content_key("dft", source)
+    report = IngestReport()
+    for cf in charge_folders:
+        _ingest_charge_folder(store, cf, host_atoms, host_key, settings_key, report)
+    return report
+
+
+def _ingest_charge_folder(store, cf: Path, host_atoms, host_key, settings_key, report) -> None:
+    m = CHARGE_FOLDER.match(cf.name)
+    name, charge = m["name"], int(m["charge"])
+    spec = DEFECT_SPEC.match(name)
+    kind = "vacancy" if spec and spec["vac"] else "interstitial" if spec and spec["int"] else (
+        "substitution")
+    frac_site = _site_from_metadata(cf, name)
+    yaml_files = list(cf.glob("*.yaml"))
+    energies = read_snb_energies(yaml_files[0]) if yaml_files else {}
+    trial_dirs = sorted(p for p in cf.iterdir() if p.is_dir() and TRIAL_FOLDER.match(p.name))
+    unperturbed = cf / "Unperturbed" / "POSCAR"
+    reference = read(unperturbed, format="vasp") if unperturbed.exists() else None
+    if frac_site is None or reference is None:
+        report.skipped.append(f"{cf.name}: no distortion_metadata.json site or Unperturbed/POSCAR")
+        return
+    site, index = _defect_index(reference, frac_site, kind)
+    sc = np.rint(np.linalg.solve(host_atoms.cell.array.T, reference.cell.array.T).T).astype(int)
+    defect_key = content_key("dft-defect", host_key, cf.name)
+    store.add_defect(reference, defect_key, host_key, name, {
+        "site": site, "defect_index": index, "sc_matrix": sc, "kind": kind, "source": str(cf)})
+    done = store.done_trial_keys(settings_key)
+    for td in trial_dirs:
+        trial = normalise_trial_name(td.name)
+        tkey = content_key(settings_key, defect_key, charge, trial)
+        if tkey in done:
+            continue
+        frames, initial = read_vasp_relaxation(td)
+        if not frames:
+            report.skipped.append(f"{cf.name}/{td.name}: no CONTCAR/vasprun.xml/OUTCAR")
+            continue
+        final = frames[-1]
+        energy = energies.get(trial)
+        if energy is None and final.calc is not None:
+            energy = float(final.get_potential_energy())
+        if energy is None:
+            report.skipped.append(f"{cf.name}/{td.name}: no energy in the yaml or VASP outputs")
+            continue
+        forces = final.get_forces() if final.calc is not None and "forces" in final.calc.results \
+            else None
+        data = {"site": site, "defect_index": index, "reason": "", "source": str(td),
+                "initial_positions": (initial or frames[0]).positions}
+        if len(frames) > 1:
+            data["trajectory"] = {
+                "positions": np.array([f.positions for f in frames]),
+                "energies": np.array([f.get_potential_energy() for f in frames]),
+            }
+        store.add_relaxation(final, energy, forces, {
+            "fidelity": "dft", "defect": name, "defect_key": defect_key, "charge_state": charge,
+            "trial": trial, "trial_key": tkey, "settings_key": settings_key,
+            "status": "converged", "model": "dft", "steps": len(frames),
+            "distortion": _distortion(trial),
+        }, data)
+        report.stored += 1
+    report.defects.append(cf.name)
+
+
+def ingest_relaxation(
+    store: ResultStore,
+    path: Path,
+    defect: str,
+    charge: int,
+    host_file: Path,
+    site: list[float],
+    trial: str | None = None,
+) -> IngestReport:
+    """Store one DFT relaxation: an extxyz trajectory or a VASP folder (vasprun/OUTCAR/CONTCAR).
+
+    The last frame is the relaxed structure; all frames are kept as its trajectory. ``site`` is
+    the defect site in fractional coordinates of the cell.
+    """
+    path = Path(path)
+    if path.is_dir():
+        frames, initial = read_vasp_relaxation(path)
+    elif path.is_file():
+        try:
+            frames, initial = list(read(path, index=":")), None
+        except Exception as exc:  # noqa: BLE001
+            raise InputError(f"cannot read {path}: {exc}") from None
+    else:
+        raise InputError(f"not found: {path}")
+    if not frames or frames[-1].calc is None:
+        raise InputError(f"no relaxation with energies in {path}")
+    spec = DEFECT_SPEC.match(defect)
+    if spec is None:
+        raise InputError(f"cannot parse defect {defect!r}: use v_X, A_B or X_i")
+    host_atoms = to_atoms(read_structure(host_file))
+    source = str(path.resolve())
+    host_key = content_key("dft-host", str(Path(host_file).resolve()))
+    if store.first(kind="host", host_key=host_key) is None:
+        store.add_host(host_atoms, None, host_key, "dft",
+                       {"oxidation_states": guess_oxidation_states(to_structure(host_atoms))})
+    kind = "vacancy" if spec["vac"] else "interstitial" if spec["int"] else "substitution"
+    first = initial or frames[0]
+    cart, index = _defect_index(first, np.asarray(site, dtype=float), kind)
+    sc = np.rint(np.linalg.solve(host_atoms.cell.array.T, first.cell.array.T).T).astype(int)
+    defect_key = content_key("dft-defect", host_key, defect, charge)
+    store.add_defect(first, defect_key, host_key, defect,
+                     {"site": cart, "defect_index": index, "sc_matrix": sc, "kind": kind})
+    settings_key = content_key("dft", host_key)
+    final = frames[-1]
+    name = trial or str(final.info.get("trial", path.stem if path.is_file() else path.name))
+    tkey = content_key(settings_key, defect_key, charge, name)
+    if tkey in store.done_trial_keys(settings_key):
+        return IngestReport(skipped=[f"{name}: already stored"])
+    forces = final.get_forces() if "forces" in final.calc.results else None
+    store.add_relaxation(final, float(final.get_potential_energy()), forces, {
+        "fidelity": "dft", "defect": defect, "defect_key": defect_key, "charge_state": charge,
+        "trial": name, "trial_key": tkey, "settings_key": settings_key,
+        "status": "converged", "model": "dft", "steps": len(frames),
+        "distortion": _distortion(name),
+    }, {"site": cart, "defect_index": index, "reason": "", "source": source,
+        "initial_positions": first.positions,
+        "trajectory": {"positions": np.array([f.positions for f in frames]),
+                       "energies": np.array([f.get_potential_energy() for f in frames])}})
+    return IngestReport(stored=1, defects=[f"{defect}_{charge}"])
