@@ -150,6 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
     m.add_argument("--no-relax-host", action="store_true",
                    help="use the host cell as given instead of relaxing it with the model")
+    m.add_argument("--early-stop", action="store_true",
+                   help="stop a relaxation once it reaches the basin of an already relaxed "
+                        "minimum (same defect-site SOAP, energy within 0.05 eV)")
+    x = s.add_argument_group("execution")
+    x.add_argument("--workers", type=int, default=1,
+                   help="worker processes (1: this process); torch threads are split among them")
+    x.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local process pool (default) or Dask distributed")
+    x.add_argument("--scheduler", default=None,
+                   help="Dask scheduler address, e.g. tcp://head:8786 (default: a LocalCluster)")
+    x.add_argument("--batch-size", type=int, default=1, help="trials per task (1)")
     _add_analysis_args(s)
 
     g = sub.add_parser(
@@ -235,12 +246,13 @@ def cmd_search(a: argparse.Namespace) -> int:
         min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
         relax_host=not a.no_relax_host, oxidation_states=_parse_oxi(a.oxi),
         trials=_trial_settings(a), soap=_soap(a), soap_threshold=a.soap_threshold,
-        max_drop=a.max_drop,
+        max_drop=a.max_drop, early_stop=a.early_stop,
     )
     say = _say(a.quiet)
     result = search(
         host, a.defect, _parse_charges(a.charge), out=a.out, db=a.db, settings=settings,
-        progress=not a.quiet, log_fn=say,
+        progress=not a.quiet, log_fn=say, workers=a.workers, executor=a.executor,
+        scheduler=a.scheduler, batch_size=a.batch_size,
     )
     extra = {
         "structure": str(a.structure), "model": result.model, "model_version": result.model_version,

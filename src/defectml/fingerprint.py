@@ -7,6 +7,7 @@ defect) for telling minima apart.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,10 @@ class SoapSettings:
 
 
 def soap_fingerprints(
-    structures: Sequence[Atoms], centres: Sequence[np.ndarray], settings: SoapSettings | None = None
+    structures: Sequence[Atoms],
+    centres: Sequence[np.ndarray],
+    settings: SoapSettings | None = None,
+    species: Sequence[str] | None = None,
 ) -> np.ndarray:
     """One L2-normalised SOAP vector per structure, centred on its defect site.
 
@@ -33,25 +37,30 @@ def soap_fingerprints(
         structures: Relaxed structures (same species set).
         centres: Cartesian position of the defect site in each structure.
         settings: SOAP parameters.
+        species: Species the descriptor covers (default: those in ``structures``); vectors are
+            comparable only between calls with the same species.
 
     Returns:
         Array of shape (n_structures, n_features).
     """
-    from dscribe.descriptors import SOAP
-
     if len(structures) == 0:
         return np.zeros((0, 0))
     s = settings or SoapSettings()
-    species = sorted({sym for a in structures for sym in a.get_chemical_symbols()})
-    soap = SOAP(
-        species=species, r_cut=s.r_cut, n_max=s.n_max, l_max=s.l_max, sigma=s.sigma,
-        periodic=True, sparse=False,
-    )
+    species = sorted(species or {sym for a in structures for sym in a.get_chemical_symbols()})
+    soap = _descriptor(tuple(species), s)
     vectors = np.array(
         [soap.create(a, centers=[np.asarray(c)])[0] for a, c in zip(structures, centres, strict=True)]
     )
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.where(norms > 0, norms, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _descriptor(species: tuple[str, ...], s: SoapSettings):
+    from dscribe.descriptors import SOAP
+
+    return SOAP(species=list(species), r_cut=s.r_cut, n_max=s.n_max, l_max=s.l_max,
+                sigma=s.sigma, periodic=True, sparse=False)
 
 
 def cosine_distances(fingerprints: np.ndarray) -> np.ndarray:

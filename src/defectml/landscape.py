@@ -14,7 +14,7 @@ from ase import Atoms
 
 from defectml.defects import site_symmetry
 from defectml.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
-from defectml.relax import CONVERGED
+from defectml.relax import CONVERGED, IN_BASIN
 
 #: Default SOAP cosine-distance threshold for "same minimum". On CdTe V_Cd^0 relaxed trials of one
 #: basin lie within 1.8e-3 of each other; distinct motifs with the same bonds lie further apart.
@@ -37,6 +37,7 @@ class RelaxedTrial:
     distortion: float | None = None
     reason: str = ""
     steps: int = 0
+    basin_of: str | None = None
 
     def centre(self) -> np.ndarray:
         """Defect-site position in the relaxed structure (the defect atom follows its atom)."""
@@ -85,7 +86,7 @@ def quarantine(trials: list[RelaxedTrial], max_drop: float = DEFAULT_PHASE_CHANG
     model hole, not a defect minimum).
     """
     good = [t for t in trials if t.status == CONVERGED and t.energy is not None]
-    bad = [(t, t.reason or t.status) for t in trials if t not in good]
+    bad = [(t, t.reason or t.status) for t in trials if t not in good and t.status != IN_BASIN]
     if len(good) >= 3:
         median = statistics.median(t.energy for t in good)
         keep = []
@@ -135,6 +136,54 @@ def group_minima(
 def bond_signature(bonds: list[tuple[str, str, float]]) -> tuple[tuple[str, str], ...]:
     """The bonding motif without lengths: which like-ion pairs are bonded, how many times."""
     return tuple(sorted((a, b) for a, b, _ in bonds))
+
+
+@dataclass
+class BasinWatch:
+    """Early stop for relaxations that reach the basin of an already relaxed minimum.
+
+    Called every ``every`` steps (after ``min_steps``): when the defect-site SOAP vector of the
+    current structure is within ``threshold`` of a known minimum's and its energy is no more than
+    ``energy_tol`` eV above that minimum, the relaxation would only end in that minimum, so it
+    stops. Picklable, so it can travel to worker processes.
+    """
+
+    species: tuple[str, ...]
+    site: np.ndarray
+    defect_index: int | None
+    soap: SoapSettings = field(default_factory=SoapSettings)
+    threshold: float = DEFAULT_SOAP_THRESHOLD
+    energy_tol: float = 0.05
+    every: int = 5
+    min_steps: int = 10
+    names: list[str] = field(default_factory=list)
+    energies: list[float] = field(default_factory=list)
+    fingerprints: list[np.ndarray] = field(default_factory=list)
+
+    def _fingerprint(self, atoms: Atoms) -> np.ndarray:
+        centre = self.site if self.defect_index is None else atoms.positions[self.defect_index]
+        return soap_fingerprints([atoms], [centre], self.soap, self.species)[0]
+
+    def add(self, name: str, atoms: Atoms, energy: float) -> None:
+        """Record a converged minimum to watch for."""
+        self.names.append(name)
+        self.energies.append(float(energy))
+        self.fingerprints.append(self._fingerprint(atoms))
+
+    def __call__(self, atoms: Atoms, energy: float, step: int) -> str | None:
+        """The name of the known minimum this structure has reached, or ``None``."""
+        if not self.names or step < self.min_steps or step % self.every:
+            return None
+        close = [e for e in self.energies if energy - e <= self.energy_tol]
+        if not close:
+            return None
+        d = 1.0 - np.asarray(self.fingerprints) @ self._fingerprint(atoms)
+        for j in np.argsort(d):
+            if d[j] > self.threshold:
+                break
+            if energy - self.energies[j] <= self.energy_tol:
+                return self.names[j]
+        return None
 
 
 def _mic(atoms: Atoms, origin: np.ndarray, indices) -> np.ndarray:
@@ -263,6 +312,14 @@ def find_minima(
     groups = group_minima(good, threshold, soap, [bond_signature(b) for b in bonds])
     unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
     reference = unperturbed.energy if unperturbed else min(t.energy for t in good)
+    members = {good[g[0]].name: [good[i].name for i in g] for g in groups}
+    where = {name: rep for rep, names in members.items() for name in names}
+    for t in trials:  # trials stopped early join the minimum of the basin they reached
+        if t.status == IN_BASIN:
+            if t.basin_of in where:
+                members[where[t.basin_of]].append(t.name)
+            else:
+                bad.append((t, f"{t.reason}, which is not a ranked minimum"))
     minima = []
     for rank, g in enumerate(groups):
         rep = good[g[0]]
@@ -270,7 +327,7 @@ def find_minima(
         minima.append(
             Minimum(
                 rank=rank, trial=rep.name, energy=float(rep.energy),
-                delta_e=float(rep.energy - reference), trials=[good[i].name for i in g],
+                delta_e=float(rep.energy - reference), trials=members[rep.name],
                 atoms=rep.atoms, bonds=bonds[g[0]], symmetry=sym, label=describe(bonds[g[0]], sym),
             )
         )

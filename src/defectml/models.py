@@ -18,9 +18,12 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from ase import Atoms
 from ase.calculators.calculator import Calculator
 from pymatgen.core import Element
 
@@ -39,6 +42,8 @@ class Model:
         calculator: The ASE calculator.
         elements: Element symbols the model covers (``None``: unknown, not checked).
         charge_aware: Whether the model takes the cell charge as an input.
+        batch_fn: Energies and forces of a list of structures in one model call, if the model
+            supports batching (CHGNet does).
     """
 
     name: str
@@ -46,6 +51,13 @@ class Model:
     calculator: Calculator
     elements: frozenset[str] | None = None
     charge_aware: bool = False
+    batch_fn: Callable[[list[Atoms]], list[tuple[float, np.ndarray]]] | None = None
+
+    def batch(self) -> Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]:
+        """Energies and forces of many structures in one call (batched where the model can)."""
+        from defectml.relax import calculator_batch_fn
+
+        return self.batch_fn or calculator_batch_fn(self.calculator)
 
     def check_elements(self, elements) -> None:
         """Raise ``ModelError`` if the model does not cover every element in ``elements``."""
@@ -83,7 +95,21 @@ def _chgnet(device: str, weights: str = "0.3.0") -> Model:
     n_elements = model.atom_embedding.embedding.num_embeddings
     version = f"chgnet {chgnet.__version__}, weights {model.version}"
     name = "chgnet" if weights == "0.3.0" else f"chgnet-{weights}"
-    return Model(name, version, calc, _elements_up_to(n_elements))
+    return Model(name, version, calc, _elements_up_to(n_elements), batch_fn=_chgnet_batch(model))
+
+
+def _chgnet_batch(model):
+    """CHGNet's batched prediction: all structures' graphs in one forward pass."""
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    def evaluate(structures: list[Atoms]) -> list[tuple[float, np.ndarray]]:
+        pmg = [AseAtomsAdaptor.get_structure(a) for a in structures]
+        preds = model.predict_structure(pmg, task="ef", batch_size=len(pmg))
+        preds = preds if isinstance(preds, list) else [preds]
+        return [(float(p["e"]) * len(a), np.asarray(p["f"], dtype=float))
+                for p, a in zip(preds, structures, strict=True)]
+
+    return evaluate
 
 
 def _sevennet(name: str, device: str) -> Model:

@@ -9,7 +9,7 @@ touching anything upstream.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +21,7 @@ from ase.optimize import FIRE
 CONVERGED = "converged"
 UNCONVERGED = "unconverged"
 FAILED = "failed"
+IN_BASIN = "in_basin"  # stopped early: reached the basin of an already relaxed minimum
 
 
 @dataclass
@@ -33,8 +34,9 @@ class Relaxation:
         forces: Final forces (eV/Å), ``None`` if unavailable.
         steps: Optimiser steps taken.
         status: ``converged``, ``unconverged`` (step limit hit) or ``failed``.
-        reason: Why it failed or did not converge (empty when converged).
+        reason: Why it failed, did not converge or was stopped (empty when converged).
         seconds: Wall time.
+        basin_of: For ``in_basin``: the name of the relaxed trial whose basin it reached.
     """
 
     atoms: Atoms
@@ -44,10 +46,17 @@ class Relaxation:
     status: str
     reason: str = ""
     seconds: float = 0.0
+    basin_of: str | None = None
 
 
 class RelaxationFailure(Exception):
     """Raised inside an optimisation when the geometry or the model output is unphysical."""
+
+
+class _InBasin(Exception):
+    def __init__(self, basin: str):
+        super().__init__(basin)
+        self.basin = basin
 
 
 def closest_pair_below(atoms: Atoms, cutoff: float) -> float | None:
@@ -81,10 +90,21 @@ def relax_one(
     fmax: float = 0.05,
     max_steps: int = 1500,
     min_distance: float = 0.5,
+    watch: Callable[[Atoms, float, int], str | None] | None = None,
 ) -> Relaxation:
     """Relax one structure at fixed cell with FIRE until max force < ``fmax`` (eV/Å).
 
     Never raises for a bad relaxation: failures come back with ``status="failed"`` and a reason.
+
+    Args:
+        atoms: Starting structure.
+        calculator: ASE calculator.
+        fmax: Force threshold (eV/Å).
+        max_steps: Step limit.
+        min_distance: Atoms closer than this (Å) fail the relaxation.
+        watch: Optional early stop: called as ``watch(atoms, energy, step)`` after each step;
+            a returned name stops the relaxation with status ``in_basin`` (it has reached the
+            basin of that already relaxed trial, so finishing it would add nothing).
     """
     start = time.perf_counter()
     work = atoms.copy()
@@ -95,6 +115,10 @@ def relax_one(
     def check() -> None:
         _guard(work, min_distance)
         last_good.positions[:] = work.positions
+        if watch is not None:
+            basin = watch(work, float(work.get_potential_energy()), opt.nsteps)
+            if basin is not None:
+                raise _InBasin(basin)
 
     opt.attach(check, interval=1)
     try:
@@ -105,6 +129,12 @@ def relax_one(
         _guard(work, min_distance)
         energy = float(work.get_potential_energy())
         forces = np.array(work.get_forces())
+    except _InBasin as stop:
+        final = work.copy()
+        final.calc = None
+        return Relaxation(final, float(work.get_potential_energy()), np.array(work.get_forces()),
+                          opt.nsteps, IN_BASIN, f"stopped at step {opt.nsteps}: in the basin of "
+                          f"{stop.basin}", time.perf_counter() - start, basin_of=stop.basin)
     except RelaxationFailure as exc:
         return _failed(last_good, opt.nsteps, str(exc), start)
     except Exception as exc:  # noqa: BLE001 - a model crash must not kill the search
@@ -158,3 +188,142 @@ def relax_host(atoms: Atoms, calculator: Calculator, fmax: float = 0.01, max_ste
     out = work.copy()
     out.calc = None
     return out, energy
+
+
+BatchFn = Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]
+
+
+def calculator_batch_fn(calculator: Calculator) -> BatchFn:
+    """A batch function that evaluates structures one by one with an ASE calculator."""
+
+    def evaluate(structures: list[Atoms]) -> list[tuple[float, np.ndarray]]:
+        out = []
+        for a in structures:
+            a = a.copy()
+            a.calc = calculator
+            out.append((float(a.get_potential_energy()), np.array(a.get_forces())))
+        return out
+
+    return evaluate
+
+
+@dataclass
+class _FireState:
+    """ASE's FIRE (defaults of ase.optimize.FIRE) for one structure of a batch."""
+
+    index: int
+    atoms: Atoms
+    start: float
+    vel: np.ndarray | None = None
+    dt: float = 0.1
+    a: float = 0.1
+    n_pos: int = 0
+    steps: int = 0
+    last_good: np.ndarray | None = None
+
+    def step(self, forces: np.ndarray, maxstep: float = 0.2) -> None:
+        if self.vel is None:
+            self.vel = np.zeros_like(forces)
+        else:
+            vf = np.vdot(forces, self.vel)
+            if vf > 0.0:
+                self.vel = (1.0 - self.a) * self.vel + self.a * forces / np.sqrt(
+                    np.vdot(forces, forces)) * np.sqrt(np.vdot(self.vel, self.vel))
+                if self.n_pos > 5:
+                    self.dt = min(self.dt * 1.1, 1.0)
+                    self.a *= 0.99
+                self.n_pos += 1
+            else:
+                self.vel[:] = 0.0
+                self.a = 0.1
+                self.dt *= 0.5
+                self.n_pos = 0
+        self.vel += self.dt * forces
+        dr = self.dt * self.vel
+        norm = np.sqrt(np.vdot(dr, dr))
+        if norm > maxstep:
+            dr *= maxstep / norm
+        self.atoms.positions += dr
+        self.steps += 1
+
+
+def relax_batched(
+    structures: Iterable[Atoms],
+    batch_fn: BatchFn,
+    *,
+    fmax: float = 0.05,
+    max_steps: int = 1500,
+    min_distance: float = 0.5,
+    max_batch: int = 16,
+) -> Iterator[tuple[int, Relaxation]]:
+    """Relax many structures together: one ``batch_fn`` call per optimisation step for all.
+
+    The same FIRE as :func:`relax_one` (ASE's defaults), with a per-structure state; finished
+    structures leave the batch and waiting ones enter, up to ``max_batch`` at a time.
+
+    Yields:
+        ``(input index, Relaxation)`` as each finishes (not in input order).
+    """
+    waiting = list(enumerate(structures))[::-1]
+    active: list[_FireState] = []
+    while waiting or active:
+        while waiting and len(active) < max_batch:
+            i, a = waiting.pop()
+            st = _FireState(i, a.copy(), time.perf_counter())
+            st.atoms.calc = None
+            st.last_good = st.atoms.positions.copy()
+            d = closest_pair_below(st.atoms, min_distance)
+            if d is not None:
+                yield i, _failed(st.atoms, 0, f"atoms {d:.2f} Å apart (< {min_distance} Å) "
+                                 "at the start", st.start)
+                continue
+            active.append(st)
+        if not active:
+            continue
+        try:
+            results = batch_fn([st.atoms for st in active])
+        except Exception as exc:  # noqa: BLE001 - fall back to one by one to isolate the culprit
+            results = []
+            for st in active:
+                try:
+                    results.append(batch_fn([st.atoms])[0])
+                except Exception as one:  # noqa: BLE001
+                    results.append(one if isinstance(one, Exception) else exc)
+        still = []
+        for st, res in zip(active, results, strict=True):
+            done = _advance(st, res, fmax, max_steps, min_distance)
+            if done is None:
+                still.append(st)
+            else:
+                yield st.index, done
+        active = still
+
+
+def _advance(st: _FireState, res, fmax: float, max_steps: int, min_distance: float):
+    """Check one structure of the batch, then step it; a :class:`Relaxation` when finished."""
+    if isinstance(res, Exception):
+        return _failed_at(st, f"model error: {type(res).__name__}: {res}")
+    energy, forces = res
+    if not np.isfinite(energy):
+        return _failed_at(st, "non-finite energy (NaN/inf)")
+    if not np.all(np.isfinite(forces)):
+        return _failed_at(st, "non-finite forces (NaN/inf)")
+    d = closest_pair_below(st.atoms, min_distance)
+    if d is not None:
+        return _failed_at(st, f"atoms {d:.2f} Å apart (< {min_distance} Å)")
+    st.last_good = st.atoms.positions.copy()
+    fmax_now = float(np.sqrt((forces**2).sum(axis=1)).max())
+    if fmax_now < fmax or st.steps >= max_steps:
+        converged = fmax_now < fmax
+        reason = "" if converged else f"max force above {fmax} eV/Å after {max_steps} steps"
+        return Relaxation(st.atoms.copy(), float(energy), np.array(forces), st.steps,
+                          CONVERGED if converged else UNCONVERGED, reason,
+                          time.perf_counter() - st.start)
+    st.step(forces)
+    return None
+
+
+def _failed_at(st: _FireState, reason: str) -> Relaxation:
+    atoms = st.atoms.copy()
+    atoms.positions[:] = st.last_good
+    return _failed(atoms, st.steps, reason, st.start)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from pymatgen.core import Structure
@@ -26,11 +27,12 @@ from defectml.defects import (
     parse_defect_specs,
 )
 from defectml.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
+from defectml.engine import Job, ModelSpec, run_jobs
 from defectml.errors import InputError, ModelError
 from defectml.fingerprint import SoapSettings
-from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
+from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
 from defectml.models import Model, load_model, wrap_calculator
-from defectml.relax import RelaxationFailure, relax_host, relax_structures
+from defectml.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.store import ResultStore, content_key, is_url
 from defectml.structure_io import to_atoms, to_structure
 from defectml.summary import DefectSummary, charge_label, summarise
@@ -57,6 +59,8 @@ class SearchSettings:
         soap: SOAP settings for telling minima apart.
         soap_threshold: Cosine distance below which two relaxed trials are the same minimum.
         max_drop: Quarantine relaxations this far (eV) below the median as phase changes.
+        early_stop: Stop a relaxation once it has reached the basin of an already relaxed
+            minimum (same defect-site SOAP within the threshold, energy within 0.05 eV).
     """
 
     model: str = "chgnet"
@@ -73,6 +77,7 @@ class SearchSettings:
     soap: SoapSettings = field(default_factory=SoapSettings)
     soap_threshold: float = DEFAULT_SOAP_THRESHOLD
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP
+    early_stop: bool = False
 
     def validate(self) -> None:
         """Raise ``InputError`` for out-of-range numbers."""
@@ -90,6 +95,7 @@ class SearchSettings:
         return content_key(
             model_name, self.fmax, self.max_steps, self.min_length, self.max_atoms,
             self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
+            *(["early_stop", self.soap_threshold] if self.early_stop else []),
         )
 
 
@@ -207,6 +213,10 @@ def search(
     calculator: Calculator | None = None,
     progress: bool = True,
     log_fn: Callable[[str], None] = log.info,
+    workers: int = 1,
+    executor: str = "local",
+    scheduler: str | None = None,
+    batch_size: int = 1,
 ) -> SearchResult:
     """Search the low-energy structures of point defects in ``host``.
 
@@ -220,6 +230,10 @@ def search(
         calculator: Any ASE calculator, used instead of ``settings.model``.
         progress: Show a progress bar.
         log_fn: Where progress messages go.
+        workers: Worker processes (local pool, or Dask LocalCluster workers).
+        executor: ``local`` (this process, or a process pool when workers > 1) or ``dask``.
+        scheduler: A Dask scheduler address; none starts a LocalCluster.
+        batch_size: Trials per task sent to a worker.
 
     Returns:
         The per-defect summaries (also written to the store as raw relaxations).
@@ -265,7 +279,10 @@ def search(
     skipped = sum(len(it.trials) for it in items) - len(pending)
     if skipped:
         log_fn(f"resuming: {skipped} relaxations already in the store, {len(pending)} to do")
-    _relax_pending(store, pending, model, s, skey, progress)
+    execution = {"workers": workers, "executor": executor, "scheduler": scheduler,
+                 "batch_size": batch_size}
+    spec = ModelSpec(s.model, s.device, s.threads, calculator)
+    _relax_pending(store, pending, model, spec, s, skey, progress, execution)
     wanted = {(content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length), it.charge)
               for it in items}
     summaries = summarise(
@@ -293,17 +310,37 @@ def _check_out(out: Path) -> None:
         raise StoreError(f"output folder {out} is not writable: {exc.strerror or exc}") from None
 
 
-def _relax_pending(store, pending, model: Model, s: SearchSettings, skey: str, progress: bool):
-    """Relax the pending trials, storing each result as it finishes."""
+def _watches(store, pending, s: SearchSettings, skey: str) -> dict:
+    """One early-stop watch per (defect, charge), seeded with minima already in the store."""
+    watches: dict[tuple[str, int], BasinWatch] = {}
+    if not s.early_stop:
+        return watches
+    for it, defect_key, _, _ in pending:
+        key = (defect_key, it.charge)
+        if key in watches:
+            continue
+        species = tuple(sorted(set(it.defect.supercell.symbol_set)))
+        w = BasinWatch(species, np.asarray(it.defect.site), it.defect.defect_index, s.soap,
+                       s.soap_threshold)
+        for row in store.select(kind="relaxation", settings_key=skey, defect_key=defect_key,
+                                charge_state=it.charge, status=CONVERGED):
+            w.add(row.trial, row.toatoms(), row.energy)
+        watches[key] = w
+    return watches
+
+
+def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSettings, skey: str,
+                   progress: bool, execution: dict):
+    """Relax the pending trials on the chosen executor, storing each result as it finishes."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(pending), disable=not progress or not pending, unit="trial",
-               desc="relaxing")
-    results = relax_structures(
-        (t.atoms for _, _, t, _ in pending), model.calculator, fmax=s.fmax, max_steps=s.max_steps
-    )
-    for (it, defect_key, t, tkey), r in zip(pending, results, strict=True):
-        bar.set_postfix_str(f"{it.label} {t.name}", refresh=False)
+    watches = _watches(store, pending, s, skey)
+    jobs = [Job(t.atoms, tag=(it, defect_key, t, tkey), watch=watches.get((defect_key, it.charge)))
+            for it, defect_key, t, tkey in pending]
+    bar = tqdm(total=len(jobs), disable=not progress or not jobs, unit="trial", desc="relaxing")
+    results = run_jobs(jobs, spec, fmax=s.fmax, max_steps=s.max_steps, model=model, **execution)
+    for job, r in results:
+        it, defect_key, t, tkey = job.tag
         store.add_relaxation(
             r.atoms, r.energy, r.forces,
             {
@@ -316,8 +353,11 @@ def _relax_pending(store, pending, model: Model, s: SearchSettings, skey: str, p
                 "initial_positions": t.atoms.positions, "site": it.defect.site,
                 "defect_index": it.defect.defect_index, "distorted_indices": list(t.distorted_indices),
                 "reason": r.reason, "model_version": model.version, "seconds": r.seconds,
-                "fmax": s.fmax, "max_steps": s.max_steps,
+                "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of,
             },
         )
+        if job.watch is not None and r.status == CONVERGED:
+            job.watch.add(t.name, r.atoms, r.energy)
+        bar.set_postfix_str(f"{it.label} {t.name}", refresh=False)
         bar.update(1)
     bar.close()

@@ -140,4 +140,5 @@ def relaxed_trial_from_row(row) -> RelaxedTrial:
         distortion=row.get("distortion"),
         reason=row.data.get("reason", ""),
         steps=int(row.steps),
+        basin_of=row.data.get("basin_of"),
     )

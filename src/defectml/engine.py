@@ -1,0 +1,177 @@
+"""Where relaxations run: in this process, in a local process pool, or on a Dask cluster.
+
+Every executor takes the same input — a list of :class:`Job` (structure + how to relax it) —
+and yields ``(job, Relaxation)`` pairs *as they finish*, in any order, so the caller writes each
+result to the store at once. Only the main process writes to the store: workers never touch it,
+so SQLite needs no concurrent-writer handling and a lost worker loses no stored result.
+
+Workers load the model themselves (by registry name, once per worker process) rather than
+receiving it, which keeps tasks small; a user's ASE calculator object is pickled to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+
+from defectml.errors import InputError
+from defectml.models import Model, load_model, wrap_calculator
+from defectml.relax import Relaxation, relax_batched, relax_one
+
+EXECUTORS = ("local", "dask")
+
+
+@dataclass
+class ModelSpec:
+    """How a worker obtains the model: a registry name, or a calculator object to unpickle."""
+
+    name: str = "chgnet"
+    device: str = "cpu"
+    threads: int | None = None
+    calculator: Calculator | None = None
+
+
+@dataclass
+class Job:
+    """One relaxation to run; ``tag`` is returned untouched (the caller's bookkeeping)."""
+
+    atoms: Atoms
+    tag: Any = None
+    watch: Any = None  # optional early-stop check, see relax.relax_one
+    extra: dict = field(default_factory=dict)
+
+
+_MODELS: dict[tuple, Model] = {}
+
+
+def _model(spec: ModelSpec) -> Model:
+    """The worker's model, loaded once per process."""
+    if spec.calculator is not None:
+        return wrap_calculator(spec.calculator)
+    key = (spec.name, spec.device, spec.threads)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(spec.name, spec.device, spec.threads)
+    return _MODELS[key]
+
+
+def relax_batch(atoms_list: list[Atoms], spec: ModelSpec, fmax: float, max_steps: int,
+                watches: list | None = None, model: Model | None = None) -> list[Relaxation]:
+    """Relax a batch in the current process (what a worker runs).
+
+    Without early-stop watches, a batch of several structures goes through
+    :func:`relax_batched` (one model call per step for all of them); otherwise one by one.
+    """
+    model = model or _model(spec)
+    watches = watches or [None] * len(atoms_list)
+    if len(atoms_list) > 1 and not any(watches):
+        out: list[Relaxation | None] = [None] * len(atoms_list)
+        for i, r in relax_batched(atoms_list, model.batch(), fmax=fmax, max_steps=max_steps,
+                                  max_batch=len(atoms_list)):
+            out[i] = r
+        return out
+    return [relax_one(a, model.calculator, fmax=fmax, max_steps=max_steps, watch=w)
+            for a, w in zip(atoms_list, watches, strict=True)]
+
+
+def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
+    size = max(1, int(size))
+    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+
+
+def run_jobs(
+    jobs: list[Job],
+    spec: ModelSpec,
+    *,
+    fmax: float,
+    max_steps: int,
+    workers: int = 1,
+    executor: str = "local",
+    scheduler: str | None = None,
+    batch_size: int = 1,
+    model: Model | None = None,
+) -> Iterator[tuple[Job, Relaxation]]:
+    """Run ``jobs``; yield each ``(job, result)`` as soon as it is done.
+
+    Args:
+        jobs: The relaxations to run.
+        spec: How workers load the model.
+        fmax: Force threshold (eV/Å).
+        max_steps: Step limit.
+        workers: Local worker processes (``local``) or LocalCluster workers (``dask``, no
+            scheduler given). 1 with ``local`` runs in this process.
+        executor: ``local`` or ``dask``.
+        scheduler: Address of a running Dask scheduler (``tcp://host:8786``).
+        batch_size: Trials relaxed together (one model call per step for all of them).
+        model: The already-loaded model, used when running in this process.
+    """
+    if executor not in EXECUTORS:
+        raise InputError(f"unknown executor {executor!r}: use {' or '.join(EXECUTORS)}")
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    if not jobs:
+        return
+    if executor == "local" and workers == 1:
+        model = model or _model(spec)
+        if batch_size > 1:
+            for i, r in relax_batched([j.atoms for j in jobs], model.batch(), fmax=fmax,
+                                      max_steps=max_steps, max_batch=batch_size):
+                yield jobs[i], r
+            return
+        for job in jobs:
+            yield job, relax_one(job.atoms, model.calculator, fmax=fmax, max_steps=max_steps,
+                                 watch=job.watch)
+        return
+    per_worker = ModelSpec(spec.name, spec.device,
+                           spec.threads or max(1, len(os.sched_getaffinity(0)) // workers),
+                           spec.calculator)
+    batches = _batches(jobs, batch_size)
+    if executor == "local":
+        yield from _run_pool(batches, per_worker, fmax, max_steps, workers)
+    else:
+        yield from _run_dask(batches, per_worker, fmax, max_steps, workers, scheduler)
+
+
+def _run_pool(batches, spec, fmax, max_steps, workers):
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = mp.get_context("spawn")  # torch and fork do not mix
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = {
+            pool.submit(relax_batch, [j.atoms for j in b], spec, fmax, max_steps,
+                        [j.watch for j in b]): b
+            for b in batches
+        }
+        for fut in as_completed(futures):
+            yield from zip(futures[fut], fut.result(), strict=True)
+
+
+def _run_dask(batches, spec, fmax, max_steps, workers, scheduler):
+    try:
+        from distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise InputError("the dask executor needs: pip install 'defectml[dask]'") from None
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = {}
+        for b in batches:
+            fut = client.submit(relax_batch, [j.atoms for j in b], spec, fmax, max_steps,
+                                [j.watch for j in b], pure=False, retries=2)
+            futures[fut] = b
+        for fut in as_completed(list(futures)):
+            yield from zip(futures[fut], fut.result(), strict=True)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,104 @@
+"""Execution engines: batched FIRE, local process pool, Dask LocalCluster, early stop."""
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+
+from defectml import SearchSettings, TrialSettings, search
+from defectml.landscape import BasinWatch
+from defectml.relax import calculator_batch_fn, relax_batched, relax_one
+
+
+def _cu_vacancies(n):
+    out = []
+    for seed in range(n):
+        a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+        del a[0]
+        a.rattle(0.08, seed=seed)
+        out.append(a)
+    return out
+
+
+def test_batched_fire_is_ase_fire():
+    structures = _cu_vacancies(4)
+    seq = [relax_one(a, EMT(), fmax=0.02) for a in structures]
+    batched = dict(relax_batched(structures, calculator_batch_fn(EMT()), fmax=0.02, max_batch=3))
+    assert sorted(batched) == [0, 1, 2, 3]
+    for i, r in enumerate(seq):
+        b = batched[i]
+        assert b.status == r.status == "converged"
+        assert b.steps == r.steps
+        assert abs(b.energy - r.energy) / len(r.atoms) < 1e-6
+        assert np.allclose(b.atoms.positions, r.atoms.positions, atol=1e-6)
+
+
+def test_batched_fire_isolates_failures():
+    good, bad = _cu_vacancies(2)
+    bad.positions[1] = bad.positions[2] + [0.2, 0, 0]
+    out = dict(relax_batched([good, bad], calculator_batch_fn(EMT()), fmax=0.05))
+    assert out[0].status == "converged"
+    assert out[1].status == "failed" and "at the start" in out[1].reason
+
+
+def test_batched_chgnet_matches_sequential(cdte):
+    from defectml.defects import make_defects
+    from defectml.models import load_model
+    from defectml.structure_io import to_atoms
+
+    (v,) = make_defects(cdte, "v_Cd")
+    a = to_atoms(v.supercell)
+    structures = []
+    for seed in (1, 2):
+        s = a.copy()
+        s.rattle(0.05, seed=seed)
+        structures.append(s)
+    model = load_model("chgnet", threads=2)
+    seq = [relax_one(s, model.calculator, fmax=0.05) for s in structures]
+    batched = dict(relax_batched(structures, model.batch(), fmax=0.05))
+    for i, r in enumerate(seq):
+        assert abs(batched[i].energy - r.energy) / len(a) < 1e-3  # within 1 meV/atom
+        assert batched[i].status == "converged"
+
+
+def _settings():
+    return SearchSettings(model="emt", min_length=7.0, oxidation_states={"Cu": 2},
+                          trials=TrialSettings(distortions=(-0.4, 0.3)))
+
+
+@pytest.mark.parametrize("kw", [{"workers": 2}, {"executor": "dask", "workers": 2},
+                                {"batch_size": 3}])
+def test_executors_give_the_serial_answer(tmp_path, copper, kw):
+    serial = search(copper, "v_Cu", [0], out=tmp_path / "serial", settings=_settings(),
+                    progress=False)
+    other = search(copper, "v_Cu", [0], out=tmp_path / "other", settings=_settings(),
+                   progress=False, **kw)
+    assert other.relaxed == serial.relaxed == 5
+    (a,), (b,) = serial.summaries, other.summaries
+    assert [sorted(m.trials) for m in a.minima] == [sorted(m.trials) for m in b.minima]
+    assert [m.energy for m in a.minima] == pytest.approx([m.energy for m in b.minima], abs=1e-4)
+
+
+def test_basin_watch_stops_only_near_a_known_minimum():
+    a = _cu_vacancies(1)[0]
+    site = np.zeros(3)
+    w = BasinWatch(("Cu",), site, None, threshold=0.001, energy_tol=0.05)
+    assert w(a, 0.0, 20) is None  # nothing known yet
+    w.add("Unperturbed", a, -1.0)
+    assert w(a, -0.98, 20) == "Unperturbed"
+    assert w(a, -0.98, 3) is None  # too early
+    assert w(a, -0.5, 20) is None  # energy far above the minimum
+    far = a.copy()
+    far.positions[1:5] += 0.8  # two nearest neighbours moved 0.8 A: cosine distance ~2e-3
+    assert w(far, -0.99, 20) is None
+
+
+def test_early_stop_search_records_basin_membership(tmp_path, copper):
+    s = _settings()
+    s.early_stop = True
+    result = search(copper, "v_Cu", [0], out=tmp_path, settings=s, progress=False)
+    (summary,) = result.summaries
+    assert sum(len(m.trials) for m in summary.minima) + len(summary.quarantined) == 5
+    for t in summary.trials:
+        if t.status == "in_basin":
+            assert any(t.name in m.trials and t.basin_of in m.trials for m in summary.minima)
