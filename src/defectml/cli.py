@@ -87,8 +87,15 @@ def _add_structure_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--no-dimer", action="store_true", help="no Dimer trial")
     t.add_argument("--no-rattled", action="store_true", help="no rattle-only trial")
     t.add_argument("--all-pairs", action="store_true",
-                   help="distort every combination of first-shell neighbours (alloys)")
+                   help="also distort every other combination of first-shell neighbours (alloys)")
+    t.add_argument("--pair-distortions", default=None,
+                   help="factors for the --all-pairs trials (default: the --distortions)")
     t.add_argument("--seed", type=int, default=42, help="base random seed (42)")
+    t.add_argument("--sites", choices=("symmetry", "environment"), default="symmetry",
+                   help="symmetry: inequivalent sites of an ordered host (default); environment: "
+                        "one site per local chemical environment of the cell as given (alloys)")
+    t.add_argument("--shells", type=int, default=1,
+                   help="neighbour shells that define an environment (1)")
 
 
 def _trial_settings(a: argparse.Namespace) -> TrialSettings:
@@ -96,7 +103,52 @@ def _trial_settings(a: argparse.Namespace) -> TrialSettings:
         distortions=_parse_distortions(a.distortions), rattle_stdev=a.rattle_stdev,
         dimer_distance=a.dimer_distance, dimer=not a.no_dimer, rattled=not a.no_rattled,
         all_pairs=a.all_pairs, seed=a.seed,
+        pair_distortions=_parse_distortions(a.pair_distortions) if a.pair_distortions else None,
     )
+
+
+def _add_search_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--db", default=None,
+                   help="results database: SQLite path or postgresql:// URL (OUT/results.db)")
+    m = s.add_argument_group("model and relaxation")
+    m.add_argument("--model", default="chgnet",
+                   help="chgnet (default), sevennet-0, sevennet-mf-0, emt, or a MACE .model path")
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
+    m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
+    m.add_argument("--no-relax-host", action="store_true",
+                   help="use the host cell as given instead of relaxing it with the model")
+    m.add_argument("--early-stop", action="store_true",
+                   help="stop a relaxation once it reaches the basin of an already relaxed "
+                        "minimum (same defect-site SOAP, energy within 0.05 eV)")
+    x = s.add_argument_group("execution")
+    x.add_argument("--workers", type=int, default=1,
+                   help="worker processes (1: this process); torch threads are split among them")
+    x.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local process pool (default) or Dask distributed")
+    x.add_argument("--scheduler", default=None,
+                   help="Dask scheduler address, e.g. tcp://head:8786 (default: a LocalCluster)")
+    x.add_argument("--batch-size", type=int, default=1, help="trials per task (1)")
+
+
+def _search_settings(a: argparse.Namespace, **over):
+    from defectml.search import SearchSettings
+
+    kw = dict(
+        model=a.model, device=a.device, threads=a.threads, fmax=a.fmax, max_steps=a.max_steps,
+        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
+        relax_host=not a.no_relax_host, oxidation_states=_parse_oxi(a.oxi),
+        trials=_trial_settings(a), soap=_soap(a), soap_threshold=a.soap_threshold,
+        max_drop=a.max_drop, early_stop=a.early_stop, sites=a.sites, env_shells=a.shells,
+    )
+    kw.update(over)
+    return SearchSettings(**kw)
+
+
+def _execution(a: argparse.Namespace) -> dict:
+    return {"workers": a.workers, "executor": a.executor, "scheduler": a.scheduler,
+            "batch_size": a.batch_size}
 
 
 def _add_analysis_args(p: argparse.ArgumentParser) -> None:
@@ -139,29 +191,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_structure_args(s)
     s.add_argument("--out", default="runs/defectml", help="output folder (runs/defectml)")
-    s.add_argument("--db", default=None,
-                   help="results database: SQLite path or postgresql:// URL (OUT/results.db)")
-    m = s.add_argument_group("model and relaxation")
-    m.add_argument("--model", default="chgnet",
-                   help="chgnet (default), sevennet-0, sevennet-mf-0, emt, or a MACE .model path")
-    m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    m.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
-    m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
-    m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
-    m.add_argument("--no-relax-host", action="store_true",
-                   help="use the host cell as given instead of relaxing it with the model")
-    m.add_argument("--early-stop", action="store_true",
-                   help="stop a relaxation once it reaches the basin of an already relaxed "
-                        "minimum (same defect-site SOAP, energy within 0.05 eV)")
-    x = s.add_argument_group("execution")
-    x.add_argument("--workers", type=int, default=1,
-                   help="worker processes (1: this process); torch threads are split among them")
-    x.add_argument("--executor", choices=("local", "dask"), default="local",
-                   help="local process pool (default) or Dask distributed")
-    x.add_argument("--scheduler", default=None,
-                   help="Dask scheduler address, e.g. tcp://head:8786 (default: a LocalCluster)")
-    x.add_argument("--batch-size", type=int, default=1, help="trials per task (1)")
+    _add_search_args(s)
     _add_analysis_args(s)
+
+    al = sub.add_parser(
+        "alloy", help="defects in random alloys: one search per composition and local environment",
+        description="Build random-substitution supercells (seeded) for each fraction x, group the "
+                    "defect sites by their neighbour-shell chemistry, and search one site per "
+                    "environment with bond distortions on every pair of first-shell neighbours "
+                    "(--pair-distortions, -0.6..-0.2 by default) plus the standard trials.",
+    )
+    _add_structure_args(al)
+    al.add_argument("--substitute", required=True, help="OLD:NEW, e.g. Te:Se")
+    al.add_argument("--x", default="0.25,0.5,0.75", help="fractions of OLD replaced (0.25,0.5,0.75)")
+    al.add_argument("--alloy-seed", type=int, default=0, help="seed of the random substitution (0)")
+    al.add_argument("--out", default="runs/alloy", help="output folder (runs/alloy)")
+    _add_search_args(al)
+    _add_analysis_args(al)
 
     g = sub.add_parser(
         "generate", help="write the trial structures only (POSCARs), e.g. to run DFT elsewhere",
@@ -237,22 +283,14 @@ def _say(quiet: bool):
 def cmd_search(a: argparse.Namespace) -> int:
     """`defectml search`: run the search and write the outputs."""
     from defectml.report import table, write_outputs
-    from defectml.search import SearchSettings, search
+    from defectml.search import search
     from defectml.structure_io import read_structure
 
     host = read_structure(a.structure)
-    settings = SearchSettings(
-        model=a.model, device=a.device, threads=a.threads, fmax=a.fmax, max_steps=a.max_steps,
-        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
-        relax_host=not a.no_relax_host, oxidation_states=_parse_oxi(a.oxi),
-        trials=_trial_settings(a), soap=_soap(a), soap_threshold=a.soap_threshold,
-        max_drop=a.max_drop, early_stop=a.early_stop,
-    )
     say = _say(a.quiet)
     result = search(
-        host, a.defect, _parse_charges(a.charge), out=a.out, db=a.db, settings=settings,
-        progress=not a.quiet, log_fn=say, workers=a.workers, executor=a.executor,
-        scheduler=a.scheduler, batch_size=a.batch_size,
+        host, a.defect, _parse_charges(a.charge), out=a.out, db=a.db, settings=_search_settings(a),
+        progress=not a.quiet, log_fn=say, **_execution(a),
     )
     extra = {
         "structure": str(a.structure), "model": result.model, "model_version": result.model_version,
@@ -270,6 +308,48 @@ def cmd_search(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_alloy(a: argparse.Namespace) -> int:
+    """`defectml alloy`: random alloys, one search per composition, per local environment."""
+    import dataclasses
+
+    from defectml.alloy import make_alloy, parse_substitution
+    from defectml.alloy_report import alloy_rows, alloy_table, plot_alloy
+    from defectml.report import write_outputs
+    from defectml.search import search
+    from defectml.structure_io import read_structure, write_structure
+
+    host = read_structure(a.structure)
+    substitute = parse_substitution(a.substitute)
+    try:
+        fractions = [float(v) for v in a.x.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"cannot parse --x {a.x!r}: use e.g. 0.25,0.5") from None
+    trials = _trial_settings(a)
+    trials = dataclasses.replace(trials, all_pairs=True,
+                                 pair_distortions=trials.pair_distortions
+                                 or (-0.6, -0.5, -0.4, -0.3, -0.2))
+    settings = _search_settings(a, sites="environment", trials=trials)
+    say = _say(a.quiet)
+    out = Path(a.out)
+    rows = []
+    for x in fractions:
+        alloy = make_alloy(host, substitute, x, min_length=a.min_length, max_atoms=a.max_atoms,
+                           seed=a.alloy_seed)
+        folder = out / f"x_{x:g}"
+        write_structure(alloy, folder / "alloy")
+        say(f"x = {x:g}: {alloy.composition.formula} ({len(alloy)} atoms)")
+        result = search(alloy, a.defect, _parse_charges(a.charge), out=folder, settings=settings,
+                        progress=not a.quiet, log_fn=say, **_execution(a))
+        write_outputs(result.summaries, folder, {"x": x, "model": result.model_version})
+        rows += alloy_rows(x, result)
+    (out / "alloy_summary.json").write_text(json.dumps(rows, indent=2))
+    plot_alloy(rows, out / "energy_vs_environment.png")
+    text = alloy_table(rows)
+    (out / "alloy_summary.txt").write_text(text)
+    print(json.dumps(rows, indent=2) if a.json else text, end="")
+    return 0
+
+
 def cmd_generate(a: argparse.Namespace) -> int:
     """`defectml generate`: write trial POSCARs in ShakeNBreak's layout."""
     from defectml.search import SearchSettings, plan
@@ -278,7 +358,8 @@ def cmd_generate(a: argparse.Namespace) -> int:
     host = read_structure(a.structure)
     settings = SearchSettings(
         min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
-        oxidation_states=_parse_oxi(a.oxi), trials=_trial_settings(a),
+        oxidation_states=_parse_oxi(a.oxi), trials=_trial_settings(a), sites=a.sites,
+        env_shells=a.shells,
     )
     items = plan(host, a.defect, _parse_charges(a.charge), settings)
     out = Path(a.out)
@@ -442,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "generate": cmd_generate, "show": cmd_show,
-               "shortlist": cmd_shortlist, "ingest": cmd_ingest, "evaluate": cmd_evaluate}[args.command]
+               "shortlist": cmd_shortlist, "ingest": cmd_ingest, "evaluate": cmd_evaluate,
+               "alloy": cmd_alloy}[args.command]
     try:
         return handler(args)
     except DefectMLError as exc:

@@ -43,8 +43,9 @@ class TrialSettings:
         unperturbed: Include the ``Unperturbed`` trial.
         rattled: Include the rattle-only trial.
         dimer: Include the ``Dimer`` trial for vacancies.
-        all_pairs: Distort every combination of N first-shell neighbours instead of only the N
-            closest ones (for alloys, where the closest atoms are not the only candidates).
+        all_pairs: Also distort every other combination of N first-shell neighbours (for alloys,
+            where the closest atoms are not the only candidates), by ``pair_distortions``.
+        pair_distortions: Factors for the all-pairs trials (default: ``distortions``).
         seed: Base random seed.
         min_distance: Trials with two atoms closer than this (Å) are dropped.
     """
@@ -57,6 +58,7 @@ class TrialSettings:
     rattled: bool = True
     dimer: bool = True
     all_pairs: bool = False
+    pair_distortions: tuple[float, ...] | None = None
     seed: int = 42
     min_distance: float = 1.0
 
@@ -64,6 +66,8 @@ class TrialSettings:
         """Return a JSON-friendly copy (used to key results in the store)."""
         d = dict(self.__dict__)
         d["distortions"] = [round(x, 6) for x in self.distortions]
+        if self.pair_distortions is not None:
+            d["pair_distortions"] = [round(x, 6) for x in self.pair_distortions]
         return d
 
 
@@ -240,13 +244,15 @@ def make_trials(
         a, seed = rattled(atoms, "Rattled")
         candidates.append(Trial("Rattled", a, seed=seed, distortion=0.0))
     if n_distorted > 0:
+        closest = tuple(int(i) for i in order[:n_distorted])
+        groups = [(closest, settings.distortions, "")]
         if settings.all_pairs and len(shell) > n_distorted:
-            groups = [tuple(c) for c in itertools.combinations(sorted(shell), n_distorted)]
-        else:
-            groups = [tuple(int(i) for i in order[:n_distorted])]
-        for group in groups:
-            suffix = "_" + "-".join(str(i) for i in group) if len(groups) > 1 else ""
-            for f in settings.distortions:
+            factors = settings.pair_distortions or settings.distortions
+            for combo in itertools.combinations(sorted(shell), n_distorted):
+                if set(combo) != set(closest):
+                    groups.append((combo, factors, "_" + "-".join(str(i) for i in combo)))
+        for group, factors, suffix in groups:
+            for f in factors:
                 if abs(f) < 1e-9:
                     continue
                 name = f"Bond_Distortion_{100 * f:.1f}%{suffix}"

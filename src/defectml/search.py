@@ -61,6 +61,10 @@ class SearchSettings:
         max_drop: Quarantine relaxations this far (eV) below the median as phase changes.
         early_stop: Stop a relaxation once it has reached the basin of an already relaxed
             minimum (same defect-site SOAP within the threshold, energy within 0.05 eV).
+        sites: ``symmetry`` (inequivalent sites of an ordered host, in a new supercell) or
+            ``environment`` (one site per local chemical environment of the cell as given,
+            for alloys and disordered hosts).
+        env_shells: Neighbour shells that define an environment.
     """
 
     model: str = "chgnet"
@@ -78,6 +82,8 @@ class SearchSettings:
     soap_threshold: float = DEFAULT_SOAP_THRESHOLD
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP
     early_stop: bool = False
+    sites: str = "symmetry"
+    env_shells: int = 1
 
     def validate(self) -> None:
         """Raise ``InputError`` for out-of-range numbers."""
@@ -89,6 +95,8 @@ class SearchSettings:
             raise InputError(f"SOAP threshold must be in [0, 2), got {self.soap_threshold}")
         if any(abs(f) >= 1 for f in self.trials.distortions):
             raise InputError("bond distortions must lie strictly between -1 and 1")
+        if self.sites not in ("symmetry", "environment"):
+            raise InputError(f"sites must be 'symmetry' or 'environment', got {self.sites!r}")
 
     def key(self, model_name: str) -> str:
         """Content key of the settings that change relaxation results."""
@@ -96,6 +104,7 @@ class SearchSettings:
             model_name, self.fmax, self.max_steps, self.min_length, self.max_atoms,
             self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
             *(["early_stop", self.soap_threshold] if self.early_stop else []),
+            *(["environment", self.env_shells] if self.sites == "environment" else []),
         )
 
 
@@ -147,10 +156,18 @@ def plan(
         InputError: for impossible defect specs, charges or supercell requests.
     """
     s = settings or SearchSettings()
-    found = make_defects(
-        host, defects, oxidation_states=s.oxidation_states, min_length=s.min_length,
-        max_atoms=s.max_atoms, force_diagonal=s.force_diagonal,
-    )
+    if s.sites == "environment":
+        from defectml.alloy import environment_defects
+
+        found = environment_defects(
+            host, defects, oxidation_states=s.oxidation_states, shells=s.env_shells,
+            min_length=s.min_length, max_atoms=s.max_atoms,
+        )
+    else:
+        found = make_defects(
+            host, defects, oxidation_states=s.oxidation_states, min_length=s.min_length,
+            max_atoms=s.max_atoms, force_diagonal=s.force_diagonal,
+        )
     nn = bulk_nn_distance(host)
     items = []
     for d in found:
@@ -176,7 +193,7 @@ def _foreign_elements(defects: str, host: Structure) -> set[str]:
 
 def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, log_fn):
     """The relaxed host (from the store if already done) and its key."""
-    primitive = host.get_primitive_structure()
+    primitive = host.copy() if s.sites == "environment" else host.get_primitive_structure()
     primitive.remove_oxidation_states()
     oxi = guess_oxidation_states(primitive, s.oxidation_states)
     host_key = content_key(
