@@ -75,4 +75,4 @@ def test_impossible_charge(cdte):
 
 def test_supercell_request_that_cannot_be_met(cdte):
     with pytest.raises(InputError, match="no supercell"):
-        make_defects(cdte, "v_Cd", min_length=40.0, max_atoms=200)
+        make_defects(cdte, "v_Cd", min_length=40.0, max_atoms=60)

@@ -89,9 +89,22 @@ def _chgnet(device: str, weights: str = "0.3.0") -> Model:
     from chgnet.model import CHGNet
     from chgnet.model.dynamics import CHGNetCalculator
 
+    class ForcesOnlyCHGNetCalculator(CHGNetCalculator):
+        """CHGNet without the stress (a second backward pass) unless stress is asked for.
+
+        The stock calculator always predicts energy, forces, stress and magmoms; a fixed-cell
+        relaxation needs only energy and forces.
+        """
+
+        def calculate(self, atoms=None, properties=None, system_changes=None, task=None):
+            props = properties or ["energy", "forces"]
+            task = task or ("efs" if "stress" in props else "ef")
+            super().calculate(atoms, props, system_changes, task=task)
+
     with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
         model = CHGNet.load(model_name=weights, use_device=device, verbose=False)
-        calc = CHGNetCalculator(model=model, use_device=device, on_isolated_atoms="ignore")
+        calc = ForcesOnlyCHGNetCalculator(model=model, use_device=device,
+                                          on_isolated_atoms="ignore")
     n_elements = model.atom_embedding.embedding.num_embeddings
     version = f"chgnet {chgnet.__version__}, weights {model.version}"
     name = "chgnet" if weights == "0.3.0" else f"chgnet-{weights}"
