@@ -67,7 +67,7 @@ def test_unparsable_charge(tmp_path, capsys, copper_cif):
 def test_supercell_request_host_cannot_satisfy(tmp_path, capsys, copper_cif):
     code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--out",
                      str(tmp_path / "o"), "--model", "emt", "--min-length", "30",
-                     "--max-atoms", "100", "--quiet")
+                     "--max-atoms", "40", "--quiet")
     assert code == 2 and "no supercell" in err[0]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from defectml.alloy import bond_kind
+from defectml.report import save_figure
 
 
 def alloy_rows(x: float, result) -> list[dict]:
@@ -66,8 +67,4 @@ def plot_alloy(rows: list[dict], path: Path) -> Path | None:
     ax.set_ylabel("lowest minimum vs unperturbed (eV)")
     ax.set_title("o: no new bond, s: homo-element bond, *: mixed bond", fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

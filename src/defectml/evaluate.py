@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from defectml.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
+from defectml.report import save_figure
 from defectml.shortlist import select
 from defectml.summary import DefectSummary
 
@@ -228,8 +229,4 @@ def parity_plot(rows: list[Comparison], path: Path) -> Path | None:
     ax.set_xlabel("DFT relative energy (eV)")
     ax.set_ylabel("MLIP relative energy (eV)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -60,6 +60,17 @@ def write_outputs(summaries: list[DefectSummary], out: Path, extra: dict | None 
     return doc
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None:
     """ShakeNBreak-style plot: ΔE vs bond distortion, coloured by the minimum each trial fell in.
 
@@ -103,8 +114,4 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
     ax.set_ylabel("Energy relative to unperturbed (eV)")
     ax.set_title(f"{summary.label} ({summary.model})")
     ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
