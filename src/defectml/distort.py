@@ -63,8 +63,12 @@ class TrialSettings:
     min_distance: float = 1.0
 
     def as_dict(self) -> dict:
-        """Return a JSON-friendly copy (used to key results in the store)."""
-        d = dict(self.__dict__)
+        """Return a JSON-friendly copy (used to key results in the store).
+
+        Unset optional fields (``None``) are left out, so adding an optional setting later does
+        not change the keys of results already stored.
+        """
+        d = {k: v for k, v in self.__dict__.items() if v is not None}
         d["distortions"] = [round(x, 6) for x in self.distortions]
         if self.pair_distortions is not None:
             d["pair_distortions"] = [round(x, 6) for x in self.pair_distortions]
