@@ -66,7 +66,8 @@ def main() -> None:
     text = table(rows, summary)
     md = ["# Mg_O in MgO: MLIP search vs ShakeNBreak+VASP", "",
           f"Model: {result.model_version}. ML search: {doc['ml_trials']} trials, {result.relaxed} "
-          f"relaxed in {wall:.0f} s on this machine ({result.skipped} resumed from an earlier run). Charge states run: {', '.join(f'{q:+d}' for q in charges)}. "
+          f"relaxed in {wall:.0f} s on this machine ({result.skipped} resumed from an earlier "
+          f"run). Charge states run: {', '.join(f'{q:+d}' for q in charges)}. "
           "Rerun: `python benchmarks/dft_reference.py [--charges 0,1,2,3,4]`.", "",
           "```", text.rstrip(), "```", "",
           "Columns: GS hit = a shortlisted ML minimum (within 0.5 eV, max 5, + unperturbed) is "
