@@ -281,8 +281,10 @@ def search(
     skey = s.key(model.name)
     done = store.done_trial_keys(skey)
     pending = []
+    wanted = set()
     for it in items:
         defect_key = content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length)
+        wanted.add((defect_key, it.charge))
         store.add_defect(to_atoms(it.defect.supercell), defect_key, host_key, it.defect.name, {
             "site": it.defect.site, "defect_index": it.defect.defect_index,
             "sc_matrix": it.defect.sc_matrix, "kind": it.defect.kind,
@@ -300,8 +302,6 @@ def search(
                  "batch_size": batch_size}
     spec = ModelSpec(s.model, s.device, s.threads, calculator)
     _relax_pending(store, pending, model, spec, s, skey, progress, execution)
-    wanted = {(content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length), it.charge)
-              for it in items}
     summaries = summarise(
         store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted
     )
