@@ -134,3 +134,22 @@ def test_cli_shortlist_writes_inputs(tmp_path, copper_cif, capsys):
     assert (Path(first["folder"]) / "structure.cif").exists()
     assert "saved" in capsys.readouterr().out
     assert main(["shortlist", str(out), "--codes", "abinit"]) == 2
+
+
+def test_shortlist_relaxed_by_a_calculator_then_evaluated(tmp_path, copper_cif, capsys):
+    """The --calculator path end to end, with EMT standing in for the DFT code."""
+    out = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--out",
+                 str(out), "--model", "emt", "--min-length", "7", "--oxi", "Cu=2",
+                 "--distortions", "-0.4,0.3", "--quiet"]) == 0
+    assert main(["shortlist", str(out), "--codes", "cp2k", "--calculator", "emt"]) == 0
+    store = ResultStore(out / "results.db")
+    dft_rows = store.select(kind="relaxation", fidelity="dft")
+    assert dft_rows and all(r.model == "emt" for r in dft_rows)
+    assert main(["shortlist", str(out), "--codes", "cp2k", "--calculator", "emt"]) == 0
+    assert store.count(kind="relaxation", fidelity="dft") == len(dft_rows)  # not redone
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["summary"]["gs_hit_rate"] == 1.0  # same potential on both sides
+    assert main(["shortlist", str(out), "--calculator", "vasp-magic"]) == 2

@@ -231,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--overrides", default=None,
                     help="YAML file: {vasp: {INCAR tags}, qe: {namelist: {...}}, cp2k: {cutoff: ..}}")
     sl.add_argument("--out", default=None, help="where to write inputs (RUN/dft)")
+    sl.add_argument("--calculator", default=None,
+                    help="also relax the shortlist here with this DFT code (gpaw; emt for tests) "
+                         "and store the results as fidelity=dft")
+    sl.add_argument("--dft-fmax", type=float, default=0.05, help="force threshold for --calculator")
     _add_analysis_args(sl)
 
     ing = sub.add_parser(
@@ -397,7 +401,7 @@ def _run_folder(target: str) -> Path:
 def cmd_shortlist(a: argparse.Namespace) -> int:
     """`defectml shortlist`: choose minima for DFT and write their inputs."""
     from defectml.dft_inputs import load_overrides, write_inputs
-    from defectml.shortlist import select
+    from defectml.shortlist import dft_calculator, relax_shortlist, select
     from defectml.structure_io import to_structure, write_structure
     from defectml.summary import summarise
 
@@ -406,6 +410,8 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
     overrides = load_overrides(a.overrides)
     codes = [c.strip() for c in a.codes.split(",") if c.strip()]
     out = Path(a.out) if a.out else _run_folder(a.run) / "dft"
+    if a.calculator:
+        dft_calculator(a.calculator)  # an unknown or missing code fails before any work
     doc = []
     for s in summaries:
         chosen = select(s, a.max_per_defect, a.window)
@@ -418,6 +424,10 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
             entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
                                        "delta_e_eV": round(m.delta_e, 4), "folder": str(folder),
                                        "control": m.contains_unperturbed and m.rank != 0})
+        if a.calculator:
+            ran = relax_shortlist(store, s, chosen, lambda q: dft_calculator(a.calculator, q),
+                                  a.calculator, fmax=a.dft_fmax)
+            entry["dft_relaxed"] = ran
         doc.append(entry)
         n = len(chosen)
         print(f"{s.label}: {n} of {len(s.minima)} minima -> DFT "

@@ -31,3 +31,68 @@ def select(summary: DefectSummary, max_per_defect: int = 5, window: float = 0.5)
     if control is not None and control not in chosen:
         chosen.append(control)
     return chosen
+
+
+def dft_calculator(name: str, charge: int = 0):
+    """An ASE DFT calculator by name, for relaxing a shortlist directly.
+
+    ``gpaw``: GPAW in LCAO mode (dzp basis, PBE, Γ-point, spin-polarised, cell charge set);
+    ``emt``: ASE's EMT, a stand-in for tests. Anything else: pass a calculator object to
+    :func:`relax_shortlist` instead.
+    """
+    if name == "emt":
+        from ase.calculators.emt import EMT
+
+        return EMT()
+    if name == "gpaw":
+        try:
+            from gpaw import GPAW
+        except ImportError:
+            raise InputError("--calculator gpaw needs GPAW: pip install gpaw gpaw-data "
+                             "(build needs libxc-dev libopenblas-dev libfftw3-dev)") from None
+        return GPAW(mode="lcao", basis="dzp", xc="PBE", kpts=(1, 1, 1), spinpol=True,
+                    charge=charge, txt=None)
+    raise InputError(f"unknown DFT calculator {name!r}: use gpaw (or emt for tests)")
+
+
+def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calculator_for,
+                    label: str, *, fmax: float = 0.05, max_steps: int = 300) -> int:
+    """Relax the chosen minima with a DFT calculator; store them as ``fidelity="dft"`` rows.
+
+    Args:
+        store: The search's store (the DFT rows join the same defect rows).
+        summary: The defect's MLIP landscape (gives the defect key and site).
+        chosen: The shortlisted minima.
+        calculator_for: ``charge -> ASE calculator``.
+        label: Names this DFT setup in the store (e.g. ``gpaw``).
+        fmax: Force threshold (eV/Å).
+        max_steps: Step limit.
+
+    Returns:
+        The number of relaxations run (already stored ones are skipped).
+    """
+    from defectml.relax import relax_one
+    from defectml.store import content_key
+
+    if not summary.trials:
+        return 0
+    row = store.first(kind="relaxation", fidelity="mlip", defect=summary.defect,
+                      charge_state=summary.charge)
+    settings_key = content_key("dft", label, fmax, max_steps)
+    done = store.done_trial_keys(settings_key)
+    ran = 0
+    for m in chosen:
+        tkey = content_key(settings_key, row.defect_key, summary.charge, m.trial)
+        if tkey in done:
+            continue
+        trial = next(t for t in summary.trials if t.name == m.trial)
+        r = relax_one(m.atoms, calculator_for(summary.charge), fmax=fmax, max_steps=max_steps)
+        store.add_relaxation(r.atoms, r.energy, r.forces, {
+            "fidelity": "dft", "defect": summary.defect, "defect_key": row.defect_key,
+            "charge_state": summary.charge, "trial": m.trial, "trial_key": tkey,
+            "settings_key": settings_key, "status": r.status, "model": label, "steps": r.steps,
+            "distortion": trial.distortion,
+        }, {"site": trial.site, "defect_index": trial.defect_index, "reason": r.reason,
+            "seconds": r.seconds, "from_mlip_minimum": m.rank})
+        ran += 1
+    return ran
