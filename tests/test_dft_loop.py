@@ -153,3 +153,20 @@ def test_shortlist_relaxed_by_a_calculator_then_evaluated(tmp_path, copper_cif, 
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"]["gs_hit_rate"] == 1.0  # same potential on both sides
     assert main(["shortlist", str(out), "--calculator", "vasp-magic"]) == 2
+
+
+def test_gpaw_adapter_on_a_tiny_cell():
+    """Real DFT through the --calculator gpaw adapter (runs where GPAW is installed)."""
+    pytest.importorskip("gpaw")
+    import numpy as np
+
+    from defectml.shortlist import dft_calculator
+
+    atoms = bulk("CdTe", "zincblende", a=6.48)
+    atoms.positions[1] += [0.05, 0.0, 0.0]
+    atoms.calc = dft_calculator("gpaw", 0)
+    energy = atoms.get_potential_energy()
+    forces = atoms.get_forces()
+    assert np.isfinite(energy)
+    assert np.abs(forces.sum(axis=0)).max() < 0.05  # momentum conservation
+    assert forces[1, 0] < 0 < forces[0, 0]  # the displaced Te is pushed back
