@@ -162,8 +162,8 @@ def test_gpaw_adapter_on_a_tiny_cell():
 
     from defectml.shortlist import dft_calculator
 
-    atoms = bulk("CdTe", "zincblende", a=6.48)
-    atoms.positions[1] += [0.05, 0.0, 0.0]
+    atoms = bulk("CdTe", "zincblende", a=6.48, cubic=True)  # 8 atoms, Γ-point
+    atoms.positions[1] += [0.1, 0.0, 0.0]
     atoms.calc = dft_calculator("gpaw", 0)
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces()
