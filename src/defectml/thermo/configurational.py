@@ -1,0 +1,35 @@
+"""Configurational (structural) entropy over the metastable minima (paper Eq. 11-13)."""
+
+from __future__ import annotations
+
+import numpy as np
+from ase.units import kB
+
+
+def populations(
+    energies: np.ndarray, temperature: float, degeneracy: np.ndarray | None = None,
+    vib_free_energy: np.ndarray | None = None,
+) -> np.ndarray:
+    """Boltzmann populations of configurations (Eq. 12-13).
+
+    Args:
+        energies: Internal energies U_i (eV).
+        temperature: T (K).
+        degeneracy: Omega_i (spin x orientational x ...; default 1).
+        vib_free_energy: Vibrational free energies F_vib,i (eV), added to U_i when given.
+    """
+    u = np.asarray(energies, float)
+    g = u + (np.asarray(vib_free_energy, float) if vib_free_energy is not None else 0.0)
+    omega = np.ones_like(u) if degeneracy is None else np.asarray(degeneracy, float)
+    if temperature <= 0:
+        p = (g == g.min()).astype(float) * omega
+        return p / p.sum()
+    w = omega * np.exp(-(g - g.min()) / (kB * temperature))
+    return w / w.sum()
+
+
+def configurational_entropy(p: np.ndarray) -> float:
+    """S_conf = -k_B sum_i p_i ln p_i (eV/K, Eq. 11)."""
+    p = np.asarray(p, float)
+    p = p[p > 0]
+    return float(-kB * np.sum(p * np.log(p)))
