@@ -268,3 +268,16 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+def test_dynamics_cli(tmp_path, copper_cif, capsys):
+    run = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["dynamics", str(run), "--defect", "v_Cu", "--T", "300", "--steps", "40", "--interval", "10",
+                 "--quench", "2", "--quiet"]) == 0
+    doc = json.loads((run / "dynamics" / "v_Cu_0" / "dynamics.json").read_text())
+    assert doc["analysis"]["n_hops"] == 0 and doc["inherent_structures"]["populations"]["0"] == 1.0
+    assert (run / "dynamics" / "v_Cu_0" / "trajectory.extxyz").exists()
+    assert main(["dynamics", str(run), "--defect", "v_Cu", "--neb-to", "3", "--steps", "2", "--quiet"]) == 2
+    assert "--neb-to 3 is not one" in capsys.readouterr().err

@@ -121,6 +121,8 @@ def _add_search_args(s: argparse.ArgumentParser) -> None:
     m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
     m.add_argument("--no-relax-host", action="store_true",
                    help="use the host cell as given instead of relaxing it with the model")
+    m.add_argument("--pre-relax", default=None, metavar="MODEL.pt",
+                   help="move every trial to a trained direct predictor's relaxed positions first")
     m.add_argument("--early-stop", action="store_true",
                    help="stop a relaxation once it reaches the basin of an already relaxed "
                         "minimum (same defect-site SOAP, energy within 0.05 eV)")
@@ -142,7 +144,7 @@ def _search_settings(a: argparse.Namespace, **over):
         min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
         relax_host=not a.no_relax_host, oxidation_states=_parse_oxi(a.oxi),
         trials=_trial_settings(a), soap=_soap(a), soap_threshold=a.soap_threshold,
-        max_drop=a.max_drop, early_stop=a.early_stop, sites=a.sites, env_shells=a.shells,
+        max_drop=a.max_drop, early_stop=a.early_stop, pre_relax=a.pre_relax, sites=a.sites, env_shells=a.shells,
     )
     kw.update(over)
     return SearchSettings(**kw)
@@ -305,6 +307,53 @@ def build_parser() -> argparse.ArgumentParser:
                     "DEFECT.dat:EF_DEFECT,BULK.dat:EF_BULK (energy, states/eV)")
     th.add_argument("--out", default=None, help="output folder (default RUN/thermo)")
     th.add_argument("--quiet", action="store_true")
+    dy = sub.add_parser("dynamics", help="MD of a defect minimum: hops, bonds, inherent structures, NEB",
+                        description="Langevin MD (NVT, or NPT with --pressure) of a defect's lowest minimum "
+                                    "with the MLIP, trajectory analysis (defect site and hops, neighbour "
+                                    "distances, bond orientation), optional inherent-structure quenching and "
+                                    "an NEB barrier + transition-state rate to another minimum.")
+    dy.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    dy.add_argument("--defect", required=True)
+    dy.add_argument("--charge", type=int, default=0)
+    dy.add_argument("--T", dest="temperature", type=float, default=300.0, help="K")
+    dy.add_argument("--steps", type=int, default=2000)
+    dy.add_argument("--timestep", type=float, default=2.0, help="fs")
+    dy.add_argument("--interval", type=int, default=20, help="steps between frames")
+    dy.add_argument("--pressure", type=float, default=None, help="bar (NPT); default NVT")
+    dy.add_argument("--quench", type=int, default=0, help="inherent structures from this many frames")
+    dy.add_argument("--neb-to", type=int, default=None, help="NEB from minimum 0 to this minimum rank")
+    dy.add_argument("--model", default=None)
+    dy.add_argument("--seed", type=int, default=0)
+    dy.add_argument("--out", default=None, help="output folder (default RUN/dynamics/<defect>)")
+    dy.add_argument("--quiet", action="store_true")
+    pr = sub.add_parser("predictor", help="direct relaxed-structure predictor: train, predict, evaluate",
+                        description="A defect-aware equivariant graph network mapping unrelaxed defect "
+                                    "structures to relaxed coordinates in one pass.")
+    psub = pr.add_subparsers(dest="predictor_command", required=True)
+    pt = psub.add_parser("train", help="train on the 2DMD pairs (checkpoints resume)")
+    pt.add_argument("--data", default="../shared/data/2dmd-high-density-pairs.tar.gz",
+                    help="the 2DMD tarball or its unpacked folder")
+    pt.add_argument("--out", default="runs/predictor", help="folder for model.pt, its log and the graph cache")
+    pt.add_argument("--materials", default="all", help="comma list of MoS2,WSe2,hBN,GaSe,InSe,BP or all")
+    pt.add_argument("--epochs", type=int, default=20)
+    pt.add_argument("--batch-size", type=int, default=8)
+    pt.add_argument("--lr", type=float, default=2e-3)
+    pt.add_argument("--features", type=int, default=32)
+    pt.add_argument("--layers", type=int, default=3)
+    pt.add_argument("--cutoff", type=float, default=5.0, help="graph cutoff (A)")
+    pt.add_argument("--limit", type=int, default=None, help="first N training pairs per material")
+    pt.add_argument("--device", default="cpu", help="cpu or cuda")
+    pt.add_argument("--threads", type=int, default=None)
+    pp = psub.add_parser("predict", help="predict the relaxed structure of an unrelaxed defect cell")
+    pp.add_argument("model", help="model.pt from `defectml predictor train`")
+    pp.add_argument("structure", help="unrelaxed defect supercell (CIF, POSCAR, extxyz, ...)")
+    pp.add_argument("--pristine", required=True, help="the pristine supercell (or unit cell) of the host")
+    pp.add_argument("-o", "--output", default=None, help="output file (default: <structure>_predicted.cif)")
+    pe = psub.add_parser("evaluate", help="coordinate MAE on the 2DMD test split vs the Dummy baseline")
+    pe.add_argument("model")
+    pe.add_argument("--data", default="../shared/data/2dmd-high-density-pairs.tar.gz")
+    pe.add_argument("--out", default="runs/predictor")
+    pe.add_argument("--materials", default="all")
     return parser
 
 
@@ -600,6 +649,109 @@ def cmd_thermo(a: argparse.Namespace) -> int:
     return 0
 
 
+
+def cmd_dynamics(a: argparse.Namespace) -> int:
+    """`defectml dynamics`: MD + analysis (+ inherent structures, NEB) of a defect minimum."""
+    from ase.io import write
+
+    from defectml.summary import charge_label
+    from defectml.thermo.from_store import dynamics_from_store
+
+    if a.steps < 1 or a.temperature <= 0 or a.timestep <= 0:
+        raise DefectMLError("--steps, --T and --timestep must be positive")
+    store = _open_store(a.run)
+    res = dynamics_from_store(store, defect=a.defect, charge=a.charge, temperature=a.temperature,
+                              steps=a.steps, timestep=a.timestep, interval=a.interval,
+                              pressure_bar=a.pressure, quench=a.quench, neb_to=a.neb_to, model=a.model,
+                              seed=a.seed, log=_say(a.quiet))
+    base = (Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path("."))
+            / "dynamics" / charge_label(a.defect, a.charge))
+    base.mkdir(parents=True, exist_ok=True)
+    write(base / "trajectory.extxyz", res.pop("frames"))
+    (base / "dynamics.json").write_text(json.dumps(res, indent=2, default=float))
+    an = res["analysis"]
+    print(f"{res['defect']}: {len(an['time_fs'])} frames, {an['n_hops']} site changes, "
+          f"bonded fraction {an['bonded_fraction']:.2f}")
+    if "inherent_structures" in res:
+        pops = res["inherent_structures"]["populations"]
+        print("inherent structures: " + ", ".join(
+            f"{'unknown' if int(k) < 0 else k}: {v:.2f}" for k, v in pops.items()))
+    if "neb" in res:
+        n = res["neb"]
+        print(f"NEB barrier {n['barrier_eV']:.3f} eV (reverse {n['reverse_barrier_eV']:.3f}), "
+              f"nu {n['attempt_frequency_Hz']:.2e} Hz, rate {n['rate_per_s']:.2e} /s at {a.temperature:g} K")
+    print(f"written to {base}/", file=sys.stderr)
+    return 0
+
+
+def _materials(text: str) -> list[str]:
+    from defectml.predictor.data import MATERIALS
+
+    chosen = list(MATERIALS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in MATERIALS]
+    if bad or not chosen:
+        raise DefectMLError(f"unknown material(s) {', '.join(bad) or text!r}; choose from {', '.join(MATERIALS)}")
+    return chosen
+
+
+def cmd_predictor(a: argparse.Namespace) -> int:
+    """`defectml predictor train|predict|evaluate`."""
+    from defectml.predictor import data as pdata
+    from defectml.predictor import train as ptrain
+
+    if a.predictor_command == "predict":
+        from ase.io import write
+
+        from defectml.predictor.predict import predict_relaxed
+        from defectml.structure_io import read_structure, to_atoms
+
+        model, _ = ptrain.load_checkpoint(a.model)
+        out = predict_relaxed(model, to_atoms(read_structure(a.structure)), to_atoms(read_structure(a.pristine)))
+        target = Path(a.output or Path(a.structure).with_suffix("").as_posix() + "_predicted.cif")
+        write(target, out)
+        print(f"wrote {target}")
+        return 0
+    out = Path(a.out)
+    root = pdata.unpack(a.data, out / "cache")
+    materials = _materials(a.materials)
+    if a.predictor_command == "train":
+        from tqdm.auto import tqdm
+
+        from defectml.predictor.model import ModelConfig
+
+        splits = [pdata.material_split(root, m, a.cutoff, out / "cache", limit=a.limit,
+                                       progress=lambda x, m=m: tqdm(x, desc=f"graphs {m}", leave=False))
+                  for m in materials]
+        config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
+        settings = ptrain.TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
+                                        threads=a.threads)
+        ptrain.train([g for s in splits for g in s.train], [g for s in splits for g in s.val],
+                     out / "model.pt", config, settings, log=lambda m: print(m, file=sys.stderr))
+        print(f"model: {out / 'model.pt'}")
+        return 0
+    model, ck = ptrain.load_checkpoint(a.model)
+    print(f"{'material':>8} {'model all':>9} {'A3':>7} {'dummy all':>9} {'A3':>7} {'A3 gain':>8}")
+    for m in materials:
+        split = pdata.material_split(root, m, model.config.cutoff, out / "cache")
+        res, _ = ptrain.evaluate(model, split.test)
+        dummy, _ = ptrain.evaluate(_Dummy(), split.test)
+        print(f"{m:>8} {res['all']:9.4f} {res['A3']:7.4f} {dummy['all']:9.4f} {dummy['A3']:7.4f} "
+              f"{1 - res['A3'] / dummy['A3']:8.1%}")
+    return 0
+
+
+class _Dummy:
+    """The "Dummy" baseline: the unrelaxed positions."""
+
+    def eval(self):
+        return self
+
+    def __call__(self, batch):
+        import torch
+
+        return torch.zeros_like(batch.pos)
+
+
 NEGATIVE_VALUE_OPTIONS = ("--charge", "--distortions", "--mu", "--T", "--vbm", "--fermi", "--correction")
 
 
@@ -629,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "generate": cmd_generate, "show": cmd_show,
                "shortlist": cmd_shortlist, "ingest": cmd_ingest, "evaluate": cmd_evaluate,
-               "alloy": cmd_alloy, "thermo": cmd_thermo}[args.command]
+               "alloy": cmd_alloy, "thermo": cmd_thermo, "predictor": cmd_predictor, "dynamics": cmd_dynamics}[args.command]
     try:
         return handler(args)
     except DefectMLError as exc:

@@ -65,6 +65,8 @@ class SearchSettings:
             ``environment`` (one site per local chemical environment of the cell as given,
             for alloys and disordered hosts).
         env_shells: Neighbour shells that define an environment.
+        pre_relax: A trained direct predictor (``defectml predictor train``) that moves every
+            trial to its predicted relaxed positions before the MLIP relaxation.
     """
 
     model: str = "chgnet"
@@ -84,6 +86,7 @@ class SearchSettings:
     early_stop: bool = False
     sites: str = "symmetry"
     env_shells: int = 1
+    pre_relax: str | None = None
 
     def validate(self) -> None:
         """Raise ``InputError`` for out-of-range numbers."""
@@ -105,7 +108,33 @@ class SearchSettings:
             self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
             *(["early_stop", self.soap_threshold] if self.early_stop else []),
             *(["environment", self.env_shells] if self.sites == "environment" else []),
+            *(["pre_relax", _file_key(self.pre_relax)] if self.pre_relax else []),
         )
+
+
+def _file_key(path: str) -> str:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise InputError(f"cannot read predictor {path}: {exc.strerror}") from None
+
+
+def pre_relax_trials(items: list[DefectCharge], checkpoint: str, log_fn=log.info) -> None:
+    """Move every trial to the direct predictor's relaxed positions (in place)."""
+    from defectml.predictor.predict import predict_relaxed
+    from defectml.predictor.train import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    n = 0
+    for it in items:
+        pristine = to_atoms(it.defect.bulk_supercell)
+        reference = to_atoms(it.defect.supercell)
+        for t in it.trials:
+            t.atoms = predict_relaxed(model, t.atoms, pristine, reference=reference)
+            n += 1
+    log_fn(f"pre-relaxed {n} trials with the direct predictor {checkpoint}")
 
 
 @dataclass
@@ -273,6 +302,8 @@ def search(
     model.check_elements({sp.symbol for sp in structure.composition.elements} | foreign)
     relaxed_host, host_key = _host(store, structure, model, s, log_fn)
     items = plan(relaxed_host, defects, charges, s)
+    if s.pre_relax:
+        pre_relax_trials(items, s.pre_relax, log_fn)
     if any(it.charge != 0 for it in items) and not model.charge_aware:
         log_fn(
             f"note: {model.name} has no charge input; charged states differ only in their trial "

@@ -58,3 +58,63 @@ def thermo_from_store(
             multiplicity=float(row.data["multiplicity"]), cell_volume=float(host.get_volume()),
             calculator=m.calculator, model=m.version, settings=st, store=store, log=log))
     return results
+
+
+def dynamics_from_store(
+    store: ResultStore, *, defect: str, charge: int, temperature: float, steps: int, timestep: float = 2.0,
+    interval: int = 20, pressure_bar: float | None = None, quench: int = 0, neb_to: int | None = None,
+    model: str | None = None, seed: int = 0, log: Callable[[str], None] = print,
+) -> dict:
+    """MD of a defect's lowest minimum with trajectory analysis; optional inherent structures and NEB.
+
+    Args:
+        store: The search's store.
+        defect, charge: Which defect.
+        temperature: K.
+        steps: MD steps.
+        timestep: fs.
+        interval: Steps between saved frames.
+        pressure_bar: NPT at this pressure (default NVT).
+        quench: Quench this many evenly spaced frames to their minima (inherent structures).
+        neb_to: Rank of a second minimum: NEB barrier and TST rate from the lowest one to it.
+        model: MLIP (default: the search's).
+        seed: MD random seed.
+        log: Progress messages.
+    """
+    from defectml.thermo import dynamics as dyn
+
+    found = [s for s in summarise(store, fidelity="mlip") if s.defect == defect and s.charge == charge]
+    if not found:
+        raise DefectMLError(f"no search results for {defect} in charge state {charge:+d} in {store.target}")
+    s = found[0]
+    row = next(r for r in store.select(kind="defect") if r.defect == s.defect)
+    host_row = store.first(kind="host", host_key=row.host_key)
+    bulk = make_supercell(host_row.toatoms(), np.asarray(row.data["sc_matrix"]))
+    m = load_model(model or s.model)
+    gs = s.minima[0]
+    kind, index = row.data["kind"], row.data["defect_index"]
+    if neb_to is not None and not 0 < neb_to < len(s.minima):
+        raise DefectMLError(f"{s.label} has minima 0..{len(s.minima) - 1}; --neb-to {neb_to} is not one")
+    log(f"MD of {s.label} {gs.trial} at {temperature:g} K, {steps} steps of {timestep:g} fs with {m.name}")
+    frames = dyn.run_md(gs.atoms, m.calculator, temperature, steps, timestep=timestep, interval=interval,
+                        pressure_bar=pressure_bar, seed=seed)
+    out: dict = {"defect": s.label, "model": m.version, "temperature_K": temperature, "steps": steps,
+                 "timestep_fs": timestep, "ensemble": "NPT" if pressure_bar is not None else "NVT",
+                 "analysis": dyn.analyse_trajectory(frames, bulk, kind, index)}
+    out["frames"] = frames
+    if quench:
+        pick = frames[:: max(1, len(frames) // quench)][:quench]
+        centres = [dyn.defect_centre(f, bulk, kind, index) for f in pick]
+        ref_centres = [dyn.defect_centre(mi.atoms, bulk, kind, index) for mi in s.minima]
+        log(f"quenching {len(pick)} frames (inherent structures)")
+        out["inherent_structures"] = dyn.inherent_structures(
+            pick, m.calculator, [mi.atoms for mi in s.minima], ref_centres, centres)
+        out["inherent_structures"]["minima"] = [mi.label for mi in s.minima]
+    if neb_to is not None:
+        log(f"NEB from minimum 0 to minimum {neb_to}")
+        res = dyn.neb(gs.atoms, s.minima[neb_to].atoms, m.calculator)
+        direction = res.images[1].positions - res.images[0].positions
+        nu = dyn.attempt_frequency(gs.atoms, direction, m.calculator)
+        out["neb"] = {**res.to_dict(), "attempt_frequency_Hz": nu,
+                      "rate_per_s": dyn.tst_rate(res.barrier, nu, temperature)}
+    return out

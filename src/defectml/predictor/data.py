@@ -1,0 +1,114 @@
+"""The 2DMD pairs (unrelaxed -> DFT-relaxed) as graphs, with the published splits, cached on disk."""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from ase import Atoms
+from ase.io import read
+
+from defectml.errors import DefectMLError
+from defectml.predictor.graph import DefectGraph, NodeType, align_pristine, build_graph
+
+MATERIALS = ("MoS2", "WSe2", "hBN", "GaSe", "InSe", "BP")
+
+
+@dataclass
+class Split:
+    """Graphs of one material: train, validation (held out of train) and test."""
+
+    material: str
+    train: list[DefectGraph]
+    val: list[DefectGraph]
+    test: list[DefectGraph]
+    test_ids: list[str]
+
+
+def unpack(source: str | Path, cache: Path) -> Path:
+    """The ``high_density_defects`` folder: ``source`` itself, or the tarball unpacked into ``cache``."""
+    source = Path(source)
+    if source.is_dir():
+        root = source / "high_density_defects" if (source / "high_density_defects").is_dir() else source
+        return root
+    if not source.exists():
+        raise DefectMLError(f"no 2DMD data at {source}")
+    root = cache / "high_density_defects"
+    if not root.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        try:
+            with tarfile.open(source) as tar:
+                tar.extractall(cache, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise DefectMLError(f"cannot unpack {source}: {exc}") from None
+    return root
+
+
+def _ids(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines()[1:] if line.strip()]
+
+
+def pristine_cell(folder: Path) -> Atoms:
+    """The pristine supercell (``*_8x8.cif``) or unit cell shipped with a material."""
+    cifs = sorted(p for p in folder.glob("*.cif"))
+    big = [p for p in cifs if "x" in p.stem.split("_")[-1]]
+    if not cifs:
+        raise DefectMLError(f"no pristine CIF in {folder}")
+    return read(big[0] if big else cifs[0])
+
+
+def material_split(root: Path, material: str, cutoff: float, cache: Path, val_fraction: float = 0.1,
+                   limit: int | None = None, progress: Callable | None = None) -> Split:
+    """Graphs of one material (cached as ``<cache>/<material>_<cutoff>.pt``).
+
+    Train ids: ``train.csv`` when shipped, else every id not in ``test.csv`` (BP); the last
+    ``val_fraction`` of them is held out for validation. ``limit`` keeps the first N train ids.
+    """
+    folder = root / material
+    if not folder.is_dir():
+        raise DefectMLError(f"unknown material {material!r}; the data has {', '.join(MATERIALS)}")
+    test_ids = _ids(folder / "test.csv")
+    all_ids = sorted(p.name[: -len("_unrelaxed.cif")] for p in (folder / "CIF").glob("*_unrelaxed.cif"))
+    train_ids = _ids(folder / "train.csv") if (folder / "train.csv").exists() else [
+        i for i in all_ids if i not in set(test_ids)]
+    if limit:
+        train_ids = train_ids[:limit]
+    tag = f"{material}_{cutoff:g}_{len(train_ids)}"
+    path = cache / f"{tag}.pt"
+    if path.exists():
+        graphs = torch.load(path, weights_only=False)
+    else:
+        pristine = pristine_cell(folder)
+        graphs = {}
+        aligned = None
+        ids = train_ids + test_ids
+        for k in progress(ids) if progress else ids:
+            u = read(folder / "CIF" / f"{k}_unrelaxed.cif")
+            r = read(folder / "CIF" / f"{k}_relaxed.cif")
+            if aligned is None:
+                g = build_graph(u, pristine, cutoff, r)
+                aligned = _aligned(u, pristine)
+            else:
+                g = build_graph(u, aligned, cutoff, r, align=False)
+                if int((g.node_type == NodeType.INTERSTITIAL).sum()) > 0:  # origin differs: realign
+                    g = build_graph(u, pristine, cutoff, r)
+            graphs[k] = g
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(graphs, path)
+    n_val = max(1, int(round(val_fraction * len(train_ids))))
+    fit, val = train_ids[:-n_val], train_ids[-n_val:]
+    return Split(material, [graphs[k] for k in fit], [graphs[k] for k in val], [graphs[k] for k in test_ids],
+                 test_ids)
+
+
+def _aligned(defect: Atoms, pristine: Atoms) -> Atoms:
+    import numpy as np
+    from ase.build import make_supercell
+
+    p = pristine
+    if not np.allclose(defect.cell.lengths(), p.cell.lengths(), atol=0.05):
+        p = make_supercell(p, np.rint(np.linalg.solve(p.cell.T, defect.cell.T).T).astype(int))
+    return align_pristine(defect, p)

@@ -1,0 +1,141 @@
+"""The network: equivariant message passing with defect-type-modulated messages and coordinate updates.
+
+Written for defectml (PyTorch only). Each node carries scalar features s (F) and vector features
+v (3 x F). A layer (1) passes PaiNN-style messages whose filters are gated by a learned function of
+the defect types of both ends (pristine / substituted / vacancy / interstitial), (2) mixes scalar
+and vector channels, and (3) moves the real atoms by a vector read out of v plus a weighted sum of
+edge directions. Edges are fixed (built on the unrelaxed structure); their vectors follow the
+updated coordinates. Vacancy placeholders carry messages but never move. The output is the
+displacement of every atom from its unrelaxed position: rotation-equivariant, translation-invariant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from defectml.predictor.graph import DefectGraph, NodeType
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters (the small CPU configuration is the default)."""
+
+    features: int = 64
+    layers: int = 3
+    rbf: int = 16
+    cutoff: float = 6.0
+    max_z: int = 100
+
+    def to_dict(self) -> dict:
+        """Plain dictionary (stored in checkpoints)."""
+        return asdict(self)
+
+
+def _scatter(src: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    out = torch.zeros((n, *src.shape[1:]), dtype=src.dtype, device=src.device)
+    return out.index_add_(0, index, src)
+
+
+class Batch:
+    """Several graphs as one disconnected graph."""
+
+    def __init__(self, graphs: list[DefectGraph], device: str = "cpu"):
+        offsets, n = [], 0
+        for g in graphs:
+            offsets.append(n)
+            n += len(g.z)
+        self.n_nodes = n
+        self.z = torch.cat([g.z for g in graphs]).to(device)
+        self.z_host = torch.cat([g.z_host for g in graphs]).to(device)
+        self.node_type = torch.cat([g.node_type for g in graphs]).to(device)
+        self.pos = torch.cat([g.pos for g in graphs]).to(device)
+        self.edge_index = torch.cat([g.edge_index + o for g, o in zip(graphs, offsets, strict=True)], 1).to(device)
+        self.shift = torch.cat([g.shift for g in graphs]).to(device)
+        self.graph = torch.cat([torch.full((len(g.z),), k) for k, g in enumerate(graphs)]).to(device)
+        self.real = self.node_type != NodeType.VACANCY
+        has_target = all(g.target is not None for g in graphs)
+        self.target = torch.cat([g.target for g in graphs]).to(device) if has_target else None
+        self.n_graphs = len(graphs)
+
+
+class _Radial(nn.Module):
+    def __init__(self, n: int, cutoff: float):
+        super().__init__()
+        self.cutoff = cutoff
+        self.register_buffer("freq", torch.arange(1, n + 1, dtype=torch.float32) * torch.pi / cutoff)
+
+    def forward(self, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = d.unsqueeze(-1)
+        fcut = 0.5 * (torch.cos(torch.pi * d.clamp(max=self.cutoff) / self.cutoff) + 1.0)
+        return torch.sin(self.freq * d) / d.clamp(min=1e-3) * fcut, fcut
+
+
+class _Layer(nn.Module):
+    def __init__(self, f: int, n_rbf: int):
+        super().__init__()
+        self.f = f
+        self.phi = nn.Sequential(nn.Linear(f, f), nn.SiLU(), nn.Linear(f, 3 * f))
+        self.filter = nn.Linear(n_rbf, 3 * f)
+        self.type_gate = nn.Embedding(len(NodeType) ** 2, 3 * f)
+        self.u = nn.Linear(f, f, bias=False)
+        self.v = nn.Linear(f, f, bias=False)
+        self.update = nn.Sequential(nn.Linear(2 * f, f), nn.SiLU(), nn.Linear(f, 3 * f))
+        self.to_dx = nn.Linear(f, 1, bias=False)
+        self.edge_weight = nn.Sequential(nn.Linear(2 * f + n_rbf, f), nn.SiLU(), nn.Linear(f, 1))
+        nn.init.normal_(self.to_dx.weight, std=1e-3)
+        nn.init.normal_(self.edge_weight[-1].weight, std=1e-3)
+        nn.init.zeros_(self.edge_weight[-1].bias)
+
+    def forward(self, s, v, x, b: Batch, radial: _Radial):
+        j, i = b.edge_index
+        r = x[j] + b.shift - x[i]
+        d = torch.linalg.norm(r, dim=-1)
+        e = r / d.clamp(min=1e-3).unsqueeze(-1)
+        rbf, fcut = radial(d)
+        gate = torch.sigmoid(self.type_gate(b.node_type[i] * len(NodeType) + b.node_type[j]))
+        m = self.phi(s)[j] * self.filter(rbf) * fcut * gate
+        ms, mv, me = torch.split(m, self.f, dim=-1)
+        n = b.n_nodes
+        s = s + _scatter(ms, i, n)
+        v = v + _scatter(mv.unsqueeze(1) * v[j] + me.unsqueeze(1) * e.unsqueeze(-1), i, n)
+        uv, vv = self.u(v), self.v(v)
+        a = self.update(torch.cat([s, torch.sqrt((vv**2).sum(1) + 1e-8)], -1))
+        avv, asv, ass = torch.split(a, self.f, dim=-1)
+        v = v + avv.unsqueeze(1) * uv
+        s = s + asv * (uv * vv).sum(1) + ass
+        w = self.edge_weight(torch.cat([s[i], s[j], rbf], -1)) * fcut
+        dx = self.to_dx(v).squeeze(-1) + _scatter(w * e, i, n)
+        x = x + dx * b.real.unsqueeze(-1)
+        return s, v, x
+
+
+class DefectRelaxNet(nn.Module):
+    """Unrelaxed defect graph -> displacement of every atom (A)."""
+
+    def __init__(self, config: ModelConfig | None = None):
+        super().__init__()
+        c = config or ModelConfig()
+        self.config = c
+        self.embed_z = nn.Embedding(c.max_z + 1, c.features)
+        self.embed_host = nn.Embedding(c.max_z + 1, c.features)
+        self.embed_type = nn.Embedding(len(NodeType), c.features)
+        self.radial = _Radial(c.rbf, c.cutoff)
+        self.layers = nn.ModuleList(_Layer(c.features, c.rbf) for _ in range(c.layers))
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        """Predicted displacements (nodes, 3); zero for vacancy placeholders."""
+        s = self.embed_z(b.z) + self.embed_host(b.z_host) + self.embed_type(b.node_type)
+        v = torch.zeros(b.n_nodes, 3, s.shape[-1], dtype=s.dtype, device=s.device)
+        x = b.pos
+        for layer in self.layers:
+            s, v, x = layer(s, v, x, b, self.radial)
+        return x - b.pos
+
+
+def distance_loss(pred: torch.Tensor, b: Batch) -> torch.Tensor:
+    """Mean distance between predicted and relaxed positions over real atoms."""
+    diff = (pred - b.target)[b.real]
+    return torch.sqrt((diff**2).sum(-1) + 1e-12).mean()

@@ -1,0 +1,30 @@
+"""Apply a trained predictor: unrelaxed defect structure (+ pristine) -> relaxed structure."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from defectml.predictor.graph import build_graph
+from defectml.predictor.model import Batch, DefectRelaxNet
+
+
+def predict_relaxed(model: DefectRelaxNet, unrelaxed: Atoms, pristine: Atoms, device: str = "cpu",
+                    reference: Atoms | None = None) -> Atoms:
+    """``unrelaxed`` with every atom moved by the predicted displacement (cell unchanged).
+
+    ``reference``: the undistorted defect cell (same atoms) from which node types are read when
+    ``unrelaxed`` is a distorted trial.
+    """
+    if reference is not None:
+        g = build_graph(reference, pristine, model.config.cutoff, positions=unrelaxed.positions)
+    else:
+        g = build_graph(unrelaxed, pristine, model.config.cutoff)
+    with torch.no_grad():
+        disp = model(Batch([g], device)).cpu().numpy()[: len(unrelaxed)]
+    out = unrelaxed.copy()
+    out.calc = None
+    out.positions = unrelaxed.positions + disp.astype(np.float64)
+    out.wrap()
+    return out

@@ -1,0 +1,138 @@
+"""Training with checkpoints that resume; evaluation of a trained model."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from defectml.errors import DefectMLError
+from defectml.predictor.graph import DefectGraph
+from defectml.predictor.metrics import coordinate_mae, mean_metrics
+from defectml.predictor.model import Batch, DefectRelaxNet, ModelConfig, distance_loss
+
+
+@dataclass
+class TrainSettings:
+    """Optimiser settings (defaults: the small CPU configuration)."""
+
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-6
+    device: str = "cpu"
+    threads: int | None = None
+    seed: int = 0
+    log: list = field(default_factory=list)
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DefectMLError(f"--device {device}: no CUDA device visible to torch here")
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DefectRelaxNet, dict]:
+    """A trained model and its checkpoint dictionary."""
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+        model = DefectRelaxNet(ModelConfig(**ck["config"]))
+        model.load_state_dict(ck["best_state"] if ck.get("best_state") else ck["state"])
+    except (OSError, KeyError, RuntimeError, TypeError) as exc:
+        raise DefectMLError(f"cannot load predictor checkpoint {path}: {exc}") from None
+    model.to(device).eval()
+    return model, ck
+
+
+def evaluate(model: DefectRelaxNet, graphs: list[DefectGraph], device: str = "cpu") -> tuple[dict, float]:
+    """Mean coordinate MAEs over ``graphs`` and the inference time per structure (s)."""
+    model.eval()
+    rows, t = [], 0.0
+    with torch.no_grad():
+        for g in graphs:
+            t0 = time.perf_counter()
+            pred = model(Batch([g], device)).cpu().numpy()
+            t += time.perf_counter() - t0
+            rows.append(coordinate_mae(pred, g))
+    return mean_metrics(rows), t / max(1, len(graphs))
+
+
+def _val_loss(model, graphs, s: TrainSettings) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [float(distance_loss(model(b := Batch(graphs[k:k + s.batch_size], s.device)), b))
+                  for k in range(0, len(graphs), s.batch_size)]
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def train(
+    train_graphs: list[DefectGraph], val_graphs: list[DefectGraph], checkpoint: str | Path,
+    config: ModelConfig | None = None, settings: TrainSettings | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Fit the network; a checkpoint is written every epoch and an existing one is resumed.
+
+    Returns the training history (loss, validation loss and time per epoch).
+    """
+    s = settings or TrainSettings()
+    _check_device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if not train_graphs:
+        raise DefectMLError("no training structures")
+    checkpoint = Path(checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+    if checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=s.device, weights_only=False)
+        config = ModelConfig(**ck["config"])
+        log(f"resuming {checkpoint} at epoch {ck['epoch']}")
+    else:
+        ck = None
+    model = DefectRelaxNet(config).to(s.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.epochs), eta_min=s.lr / 20)
+    history, start, best, best_state = [], 0, float("inf"), None
+    if ck is not None:
+        model.load_state_dict(ck["state"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        history, start, best, best_state = ck["history"], ck["epoch"], ck["best_val"], ck["best_state"]
+    rng = random.Random(s.seed)
+    for epoch in range(start, s.epochs):
+        rng_epoch = random.Random(rng.random() + epoch)
+        order = list(range(len(train_graphs)))
+        rng_epoch.shuffle(order)
+        model.train()
+        t0 = time.perf_counter()
+        losses = []
+        for k in range(0, len(order), s.batch_size):
+            b = Batch([train_graphs[i] for i in order[k:k + s.batch_size]], s.device)
+            loss = distance_loss(model(b), b)
+            if not torch.isfinite(loss):
+                raise DefectMLError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}")
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+        sched.step()
+        val = _val_loss(model, val_graphs, s)
+        dt = time.perf_counter() - t0
+        history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val, "time_s": dt})
+        if val < best:
+            best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} A, val {val:.4f} A, {dt:.0f} s")
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"config": model.config.to_dict(), "state": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history, "best_val": best,
+                    "best_state": best_state}, tmp)
+        tmp.replace(checkpoint)  # atomic: an interrupted save never corrupts the checkpoint
+    (checkpoint.with_suffix(".json")).write_text(json.dumps({"config": model.config.to_dict(),
+                                                             "history": history}, indent=2))
+    return {"history": history, "best_val": best}

@@ -1,0 +1,140 @@
+"""Direct relaxed-structure predictor: representation, symmetry, learning, checkpoints, CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import write
+from ase.optimize import FIRE
+from scipy.spatial.transform import Rotation
+
+from defectml.cli import main
+from defectml.predictor.graph import NodeType, build_graph
+from defectml.predictor.metrics import coordinate_mae
+from defectml.predictor.model import Batch, DefectRelaxNet, ModelConfig
+from defectml.predictor.train import TrainSettings, evaluate, load_checkpoint, train
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "2dmd-high-density-pairs.tar.gz"
+
+
+def test_node_types_vacancy_substitution_interstitial():
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    d = pristine.copy()
+    d[5].symbol = "Ni"  # substitution
+    d.append("Cu")
+    d.positions[-1] = [0.9, 0.9, 0.9]  # interstitial (tetrahedral site)
+    del d[0]  # vacancy
+    g = build_graph(d, pristine, cutoff=4.0)
+    counts = np.bincount(g.node_type.numpy(), minlength=4)
+    assert counts.tolist() == [30, 1, 1, 1]
+    vac = int(np.where(g.node_type.numpy() == NodeType.VACANCY)[0][0])
+    assert vac >= g.n_atoms and g.z[vac] == 29  # placeholder after the real atoms, carrying Cu
+    sub = int(np.where(g.node_type.numpy() == NodeType.SUBSTITUTED)[0][0])
+    assert g.z[sub] == 28 and g.z_host[sub] == 29
+    assert np.allclose(g.defect_sites()[0], d.positions[sub])
+
+
+def _random_pair(seed: int):
+    """An EMT-relaxed Cu vacancy cell with a random Ni substitution: unrelaxed -> relaxed."""
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    rng = np.random.default_rng(seed)
+    u = pristine.copy()
+    u[int(rng.integers(1, len(u)))].symbol = "Ni"
+    del u[int(rng.integers(0, len(u)))]
+    r = u.copy()
+    r.calc = EMT()
+    FIRE(r, logfile=None).run(fmax=0.02, steps=200)
+    return build_graph(u, pristine, cutoff=4.0, relaxed=r)
+
+
+def test_equivariance_and_translation_invariance():
+    torch.manual_seed(0)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    u = pristine.copy()
+    del u[3]
+    u.rattle(0.05, seed=1)
+    model = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0))
+    for p in model.parameters():  # make the coordinate read-outs large enough to test
+        p.data.normal_(0, 0.3)
+    disp = model(Batch([build_graph(u, pristine, 4.0)])).detach().numpy()
+    assert np.abs(disp[: len(u)]).max() > 1e-3
+    rot = Rotation.from_euler("xyz", [0.3, -0.7, 1.1]).as_matrix()
+    ur, pr = u.copy(), pristine.copy()
+    for a in (ur, pr):
+        a.set_cell(a.cell @ rot.T, scale_atoms=True)
+    disp_r = model(Batch([build_graph(ur, pr, 4.0)])).detach().numpy()
+    assert np.allclose(disp_r, disp @ rot.T, atol=1e-4)
+    ut, pt = u.copy(), pristine.copy()
+    for a in (ut, pt):
+        a.positions += [0.37, -0.2, 0.5]
+    disp_t = model(Batch([build_graph(ut, pt, 4.0)])).detach().numpy()
+    assert np.allclose(disp_t, disp, atol=1e-4)
+    assert np.allclose(disp[len(u):], 0)  # vacancy placeholders never move
+
+
+def test_training_beats_dummy_and_resumes(tmp_path):
+    graphs = [_random_pair(s) for s in range(10)]
+    train_g, test_g = graphs[:8], graphs[8:]
+    ck = tmp_path / "model.pt"
+    config = ModelConfig(features=16, layers=2, cutoff=4.0)
+    hist = train(train_g, test_g, ck, config, TrainSettings(epochs=2, batch_size=2, lr=5e-3), log=lambda m: None)
+    assert len(hist["history"]) == 2
+    hist = train(train_g, test_g, ck, config, TrainSettings(epochs=30, batch_size=2, lr=5e-3), log=lambda m: None)
+    assert len(hist["history"]) == 30 and hist["history"][0]["epoch"] == 1  # resumed, not restarted
+    model, _ = load_checkpoint(ck)
+    res, t = evaluate(model, train_g)
+    dummy = np.mean([coordinate_mae(np.zeros((len(g.z), 3)), g)["all"] for g in train_g])
+    assert res["all"] < 0.7 * dummy, (res, dummy)
+    assert t > 0
+
+
+def test_coordinate_mae_is_periodic_and_local():
+    g = _random_pair(3)
+    exact = coordinate_mae(g.target.numpy(), g)
+    assert exact["all"] == 0 and exact["A3"] == 0
+    dummy = coordinate_mae(np.zeros((len(g.z), 3)), g)
+    assert dummy["A3"] >= dummy["A6"] - 1e-9 or dummy["A3"] > 0
+    assert dummy["all"] == pytest.approx(float(np.abs(g.target.numpy()[: g.n_atoms]).mean()))
+
+
+def test_predict_cli_and_bad_input(tmp_path, capsys):
+    graphs = [_random_pair(s) for s in range(3)]
+    ck = tmp_path / "m.pt"
+    train(graphs, graphs[:1], ck, ModelConfig(features=8, layers=1, cutoff=4.0), TrainSettings(epochs=1),
+          log=lambda m: None)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    u = pristine.copy()
+    del u[0]
+    write(tmp_path / "u.cif", u)
+    write(tmp_path / "p.cif", pristine)
+    assert main(["predictor", "predict", str(ck), str(tmp_path / "u.cif"), "--pristine", str(tmp_path / "p.cif"),
+                 "-o", str(tmp_path / "pred.cif")]) == 0
+    from ase.io import read
+
+    pred = read(tmp_path / "pred.cif")
+    assert len(pred) == len(u) and pred.get_chemical_symbols() == u.get_chemical_symbols()
+    assert main(["predictor", "predict", str(tmp_path / "missing.pt"), str(tmp_path / "u.cif"),
+                 "--pristine", str(tmp_path / "p.cif")]) == 2
+    assert "cannot load predictor checkpoint" in capsys.readouterr().err
+    assert main(["predictor", "train", "--data", str(tmp_path), "--materials", "Graphite",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert main(["predictor", "train", "--data", str(tmp_path / "nothing.tar.gz"),
+                 "--out", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.skipif(not DATA.exists(), reason="2DMD data not present")
+def test_2dmd_representation_on_real_pairs(tmp_path):
+    from defectml.predictor.data import material_split, unpack
+
+    root = unpack(DATA, tmp_path)
+    split = material_split(root, "hBN", 5.0, tmp_path / "cache", limit=4)
+    assert len(split.train) == 3 and len(split.val) == 1 and len(split.test) == 50
+    for g in split.train:
+        counts = np.bincount(g.node_type.numpy(), minlength=4)
+        assert counts[NodeType.INTERSTITIAL] == 0  # the data set has vacancies and substitutions only
+        assert counts[NodeType.PRISTINE] + counts[NodeType.SUBSTITUTED] + counts[NodeType.VACANCY] == 128
