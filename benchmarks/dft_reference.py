@@ -36,6 +36,7 @@ def main() -> None:
     p.add_argument("--charges", default="0,1,2,3,4")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--run", default=None, help="keep the ML run here (default: temporary)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     a = p.parse_args()
     data = Path(a.data)
     charges = [int(q) for q in a.charges.split(",")]
@@ -48,7 +49,7 @@ def main() -> None:
         host = read_structure(data / "MgO_bulk_relaxed_CONTCAR")
         t0 = time.perf_counter()
         result = search(host, "Mg_O", charges, out=run,
-                        settings=SearchSettings(model=a.model, relax_host=False))
+                        settings=SearchSettings(model=a.model, relax_host=False, threads=a.threads))
         wall = time.perf_counter() - t0
         ml = result.summaries
         dft = summarise(dft_store, fidelity="dft")

@@ -74,8 +74,13 @@ def main() -> None:
     t_graphs = time.perf_counter() - t0
     config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
     settings = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
-    hist = train([g for s in splits.values() for g in s.train], [g for s in splits.values() for g in s.val],
-                 work / "model.pt", config, settings)
+    train(
+        [g for s in splits.values() for g in s.train],
+        [g for s in splits.values() for g in s.val],
+        work / "model.pt",
+        config,
+        settings,
+    )
     model, ck = load_checkpoint(work / "model.pt")
     epoch_times = [h["time_s"] for h in ck["history"]]
     rows = {}
@@ -85,8 +90,14 @@ def main() -> None:
     for m, s in splits.items():
         res, t_inf = evaluate(model, s.test)
         dummy = mean_metrics([coordinate_mae(np.zeros((len(g.z), 3)), g) for g in s.test])
-        row = {"model": res, "dummy": dummy, "inference_s": t_inf, "n_test": len(s.test),
-               "improvement_A3": 1 - res["A3"] / dummy["A3"], "improvement_all": 1 - res["all"] / dummy["all"]}
+        row = {
+            "model": res,
+            "dummy": dummy,
+            "inference_s": t_inf,
+            "n_test": len(s.test),
+            "improvement_A3": 1 - res["A3"] / dummy["A3"],
+            "improvement_all": 1 - res["all"] / dummy["all"],
+        }
         sub = s.test[: a.chgnet_per_material]
         if sub:
             c_rows, m_rows, d_rows, steps_u, steps_p, t_c = [], [], [], [], [], 0.0
@@ -110,45 +121,75 @@ def main() -> None:
                 steps_u.append(n_u)
                 steps_p.append(n_p)
             row["chgnet_subset"] = {
-                "n": len(sub), "chgnet": mean_metrics(c_rows), "model": mean_metrics(m_rows),
-                "dummy": mean_metrics(d_rows), "chgnet_s_per_structure": t_c / len(sub),
-                "steps_from_unrelaxed": float(np.mean(steps_u)), "steps_from_predicted": float(np.mean(steps_p)),
-                "steps_saved": 1 - float(np.sum(steps_p)) / max(1, float(np.sum(steps_u)))}
+                "n": len(sub),
+                "chgnet": mean_metrics(c_rows),
+                "model": mean_metrics(m_rows),
+                "dummy": mean_metrics(d_rows),
+                "chgnet_s_per_structure": t_c / len(sub),
+                "steps_from_unrelaxed": float(np.mean(steps_u)),
+                "steps_from_predicted": float(np.mean(steps_p)),
+                "steps_saved": 1 - float(np.sum(steps_p)) / max(1, float(np.sum(steps_u))),
+            }
         rows[m] = row
-        print(m, json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row["model"].items()}),
-              "dummy A3", round(dummy["A3"], 4), flush=True)
+        print(
+            m,
+            json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row["model"].items()}),
+            "dummy A3",
+            round(dummy["A3"], 4),
+            flush=True,
+        )
     mean_gain = float(np.mean([r["improvement_A3"] for r in rows.values()]))
-    doc = {"config": config.to_dict(), "train_settings": {"epochs": a.epochs, "batch_size": a.batch_size,
-                                                          "lr": a.lr, "threads": a.threads},
-           "n_train": sum(len(s.train) for s in splits.values()), "graph_build_s": t_graphs,
-           "epoch_time_s": epoch_times, "best_val_loss_A": ck["best_val"], "materials": rows,
-           "mean_improvement_A3": mean_gain}
+    doc = {
+        "config": config.to_dict(),
+        "train_settings": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "threads": a.threads},
+        "n_train": sum(len(s.train) for s in splits.values()),
+        "graph_build_s": t_graphs,
+        "epoch_time_s": epoch_times,
+        "best_val_loss_A": ck["best_val"],
+        "materials": rows,
+        "mean_improvement_A3": mean_gain,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "direct_predictor.json").write_text(json.dumps(doc, indent=2))
-    md = ["# Direct relaxed-structure predictor on 2DMD (test split, 50 per material)", "",
-          f"One model ({a.features} features, {a.layers} layers, cutoff {a.cutoff} A) trained jointly on "
-          f"{doc['n_train']} pairs for {len(epoch_times)} epochs on this CPU ({a.threads} threads): "
-          f"{np.mean(epoch_times):.0f} s/epoch. Rerun: `python benchmarks/direct_predictor.py`.", "",
-          "Coordinate MAE (A), mean over real atoms and x/y/z; A3..A6 = atoms within 3..6 A of a defect site.", "",
-          "| material | Dummy all | model all | Dummy A3 | model A3 | A4 | A5 | A6 | A3 gain | ms/structure |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "# Direct relaxed-structure predictor on 2DMD (test split, 50 per material)",
+        "",
+        f"One model ({a.features} features, {a.layers} layers, cutoff {a.cutoff} A) trained jointly on "
+        f"{doc['n_train']} pairs for {len(epoch_times)} epochs on this CPU ({a.threads} threads): "
+        f"{np.mean(epoch_times):.0f} s/epoch. Rerun: `python benchmarks/direct_predictor.py`.",
+        "",
+        "Coordinate MAE (A), mean over real atoms and x/y/z; A3..A6 = atoms within 3..6 A of a defect site.",
+        "",
+        "| material | Dummy all | model all | Dummy A3 | model A3 | A4 | A5 | A6 | A3 gain | ms/structure |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in rows.items():
-        md.append(f"| {m} | {r['dummy']['all']:.4f} | {r['model']['all']:.4f} | {r['dummy']['A3']:.4f} | "
-                  f"{r['model']['A3']:.4f} | {r['model']['A4']:.4f} | {r['model']['A5']:.4f} | "
-                  f"{r['model']['A6']:.4f} | {r['improvement_A3']:.1%} | {1e3 * r['inference_s']:.0f} |")
-    md += ["", f"Mean A3 improvement over Dummy: **{mean_gain:.1%}** (target 70%).", "",
-           f"CHGNet (0.3.0, FIRE fmax {a.fmax}) on the first {a.chgnet_per_material} test structures per material:", "",
-           "| material | Dummy A3 | CHGNet A3 | model A3 | Dummy all | CHGNet all | model all | "
-           "CHGNet s/structure | FIRE steps from unrelaxed | from predicted | steps saved |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+        md.append(
+            f"| {m} | {r['dummy']['all']:.4f} | {r['model']['all']:.4f} | {r['dummy']['A3']:.4f} | "
+            f"{r['model']['A3']:.4f} | {r['model']['A4']:.4f} | {r['model']['A5']:.4f} | "
+            f"{r['model']['A6']:.4f} | {r['improvement_A3']:.1%} | {1e3 * r['inference_s']:.0f} |"
+        )
+    md += [
+        "",
+        f"Mean A3 improvement over Dummy: **{mean_gain:.1%}** (target 70%).",
+        "",
+        f"CHGNet (0.3.0, FIRE fmax {a.fmax}) on the first {a.chgnet_per_material} test structures "
+        "per material:",
+        "",
+        "| material | Dummy A3 | CHGNet A3 | model A3 | Dummy all | CHGNet all | model all | "
+        "CHGNet s/structure | FIRE steps from unrelaxed | from predicted | steps saved |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for m, r in rows.items():
         c = r.get("chgnet_subset")
         if c:
-            md.append(f"| {m} | {c['dummy']['A3']:.4f} | {c['chgnet']['A3']:.4f} | {c['model']['A3']:.4f} | "
-                      f"{c['dummy']['all']:.4f} | {c['chgnet']['all']:.4f} | {c['model']['all']:.4f} | "
-                      f"{c['chgnet_s_per_structure']:.1f} | {c['steps_from_unrelaxed']:.0f} | "
-                      f"{c['steps_from_predicted']:.0f} | {c['steps_saved']:.0%} |")
+            md.append(
+                f"| {m} | {c['dummy']['A3']:.4f} | {c['chgnet']['A3']:.4f} | {c['model']['A3']:.4f} | "
+                f"{c['dummy']['all']:.4f} | {c['chgnet']['all']:.4f} | {c['model']['all']:.4f} | "
+                f"{c['chgnet_s_per_structure']:.1f} | {c['steps_from_unrelaxed']:.0f} | "
+                f"{c['steps_from_predicted']:.0f} | {c['steps_saved']:.0%} |"
+            )
     (out / "direct_predictor.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

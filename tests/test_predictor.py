@@ -74,7 +74,7 @@ def test_equivariance_and_translation_invariance():
         a.positions += [0.37, -0.2, 0.5]
     disp_t = model(Batch([build_graph(ut, pt, 4.0)])).detach().numpy()
     assert np.allclose(disp_t, disp, atol=1e-4)
-    assert np.allclose(disp[len(u):], 0)  # vacancy placeholders never move
+    assert np.allclose(disp[len(u) :], 0)  # vacancy placeholders never move
 
 
 def test_training_beats_dummy_and_resumes(tmp_path):
@@ -82,9 +82,13 @@ def test_training_beats_dummy_and_resumes(tmp_path):
     train_g, test_g = graphs[:8], graphs[8:]
     ck = tmp_path / "model.pt"
     config = ModelConfig(features=16, layers=2, cutoff=4.0)
-    hist = train(train_g, test_g, ck, config, TrainSettings(epochs=2, batch_size=2, lr=5e-3), log=lambda m: None)
+    hist = train(
+        train_g, test_g, ck, config, TrainSettings(epochs=2, batch_size=2, lr=5e-3), log=lambda m: None
+    )
     assert len(hist["history"]) == 2
-    hist = train(train_g, test_g, ck, config, TrainSettings(epochs=30, batch_size=2, lr=5e-3), log=lambda m: None)
+    hist = train(
+        train_g, test_g, ck, config, TrainSettings(epochs=30, batch_size=2, lr=5e-3), log=lambda m: None
+    )
     assert len(hist["history"]) == 30 and hist["history"][0]["epoch"] == 1  # resumed, not restarted
     model, _ = load_checkpoint(ck)
     res, t = evaluate(model, train_g)
@@ -105,26 +109,71 @@ def test_coordinate_mae_is_periodic_and_local():
 def test_predict_cli_and_bad_input(tmp_path, capsys):
     graphs = [_random_pair(s) for s in range(3)]
     ck = tmp_path / "m.pt"
-    train(graphs, graphs[:1], ck, ModelConfig(features=8, layers=1, cutoff=4.0), TrainSettings(epochs=1),
-          log=lambda m: None)
+    train(
+        graphs,
+        graphs[:1],
+        ck,
+        ModelConfig(features=8, layers=1, cutoff=4.0),
+        TrainSettings(epochs=1),
+        log=lambda m: None,
+    )
     pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
     u = pristine.copy()
     del u[0]
     write(tmp_path / "u.cif", u)
     write(tmp_path / "p.cif", pristine)
-    assert main(["predictor", "predict", str(ck), str(tmp_path / "u.cif"), "--pristine", str(tmp_path / "p.cif"),
-                 "-o", str(tmp_path / "pred.cif")]) == 0
+    assert (
+        main(
+            [
+                "predictor",
+                "predict",
+                str(ck),
+                str(tmp_path / "u.cif"),
+                "--pristine",
+                str(tmp_path / "p.cif"),
+                "-o",
+                str(tmp_path / "pred.cif"),
+            ]
+        )
+        == 0
+    )
     from ase.io import read
 
     pred = read(tmp_path / "pred.cif")
     assert len(pred) == len(u) and pred.get_chemical_symbols() == u.get_chemical_symbols()
-    assert main(["predictor", "predict", str(tmp_path / "missing.pt"), str(tmp_path / "u.cif"),
-                 "--pristine", str(tmp_path / "p.cif")]) == 2
+    assert (
+        main(
+            [
+                "predictor",
+                "predict",
+                str(tmp_path / "missing.pt"),
+                str(tmp_path / "u.cif"),
+                "--pristine",
+                str(tmp_path / "p.cif"),
+            ]
+        )
+        == 2
+    )
     assert "cannot load predictor checkpoint" in capsys.readouterr().err
-    assert main(["predictor", "train", "--data", str(tmp_path), "--materials", "Graphite",
-                 "--out", str(tmp_path / "o")]) == 2
-    assert main(["predictor", "train", "--data", str(tmp_path / "nothing.tar.gz"),
-                 "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "predictor",
+                "train",
+                "--data",
+                str(tmp_path),
+                "--materials",
+                "Graphite",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(["predictor", "train", "--data", str(tmp_path / "nothing.tar.gz"), "--out", str(tmp_path / "o")])
+        == 2
+    )
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="2DMD data not present")
@@ -138,3 +187,38 @@ def test_2dmd_representation_on_real_pairs(tmp_path):
         counts = np.bincount(g.node_type.numpy(), minlength=4)
         assert counts[NodeType.INTERSTITIAL] == 0  # the data set has vacancies and substitutions only
         assert counts[NodeType.PRISTINE] + counts[NodeType.SUBSTITUTED] + counts[NodeType.VACANCY] == 128
+
+
+def test_search_pre_relax_option(tmp_path, copper_cif):
+    from defectml.store import ResultStore
+
+    graphs = [_random_pair(s) for s in range(3)]
+    ck = tmp_path / "m.pt"
+    train(
+        graphs,
+        graphs[:1],
+        ck,
+        ModelConfig(features=8, layers=1, cutoff=4.0),
+        TrainSettings(epochs=1),
+        log=lambda m: None,
+    )
+    run = tmp_path / "run"
+    args = [
+        "search",
+        str(copper_cif),
+        "--defect",
+        "v_Cu",
+        "--charge",
+        "0",
+        "--model",
+        "emt",
+        "--out",
+        str(run),
+        "--quiet",
+    ]
+    assert main(args) == 0
+    assert main([*args, "--pre-relax", str(ck)]) == 0
+    rows = ResultStore(run / "results.db").select(kind="relaxation")
+    keys = {r.settings_key for r in rows}
+    assert len(keys) == 2  # pre-relaxed trials are a different search, not mixed with the plain one
+    assert main([*args, "--pre-relax", str(tmp_path / "none.pt")]) == 2

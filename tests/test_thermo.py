@@ -44,8 +44,8 @@ def spring_hessian(atoms: Atoms, kappa: float = 1.5, cutoff: float = 3.0) -> np.
     for a, b, v in zip(i, j, d, strict=True):
         e = v / np.linalg.norm(v)
         blk = kappa * np.outer(e, e)
-        h[3 * a:3 * a + 3, 3 * b:3 * b + 3] -= blk
-        h[3 * a:3 * a + 3, 3 * a:3 * a + 3] += blk
+        h[3 * a : 3 * a + 3, 3 * b : 3 * b + 3] -= blk
+        h[3 * a : 3 * a + 3, 3 * a : 3 * a + 3] += blk
     return h
 
 
@@ -65,8 +65,9 @@ def harmonic_crystal():
 
 def test_ti_reproduces_harmonic_free_energy(harmonic_crystal):
     atoms, h, e0, evaluate = harmonic_crystal
-    res = frenkel_ladd(atoms, evaluate, 300, t_final=600, repeats=4, equilibration=300,
-                       switch_steps=1500, seed=3)
+    res = frenkel_ladd(
+        atoms, evaluate, 300, t_final=600, repeats=4, equilibration=300, switch_steps=1500, seed=3
+    )
     for t in (300, 600):
         exact = e0 + harmonic_reference(h, atoms.get_masses(), t)
         f, err = res.at(t)
@@ -134,8 +135,9 @@ def test_concentration_and_effective_formation_energy():
 
 def test_formation_energy_needs_chemical_potentials():
     assert formation_energy(-100.0, -103.0, {"Cd": -1}, {"Cd": -1.0}) == pytest.approx(2.0)
-    assert formation_energy(-100.0, -103.0, {"Cd": -1}, {"Cd": -1.0}, charge=-2, fermi_level=0.5,
-                            vbm=1.0, correction=0.1) == pytest.approx(2.0 - 3.0 + 0.1)
+    assert formation_energy(
+        -100.0, -103.0, {"Cd": -1}, {"Cd": -1.0}, charge=-2, fermi_level=0.5, vbm=1.0, correction=0.1
+    ) == pytest.approx(2.0 - 3.0 + 0.1)
     with pytest.raises(DefectMLError, match="--mu Cd"):
         formation_energy(-100.0, -103.0, {"Cd": -1}, {})
 
@@ -144,7 +146,7 @@ def test_formation_energy_needs_chemical_potentials():
 def test_electronic_entropy_two_level_system():
     # one state exactly at the Fermi level: f = 1/2, S = k ln 2 per (spin-resolved) state
     e = np.linspace(-1, 1, 20001)
-    dos = np.exp(-(e / 0.002) ** 2) / (0.002 * np.sqrt(np.pi))  # one state, narrow
+    dos = np.exp(-((e / 0.002) ** 2)) / (0.002 * np.sqrt(np.pi))  # one state, narrow
     assert electronic_entropy(e, dos, 0.0, 1000) == pytest.approx(kB * np.log(2), rel=0.02)
     # gap of 2 eV around E_F: no entropy at 300 K
     gap = np.where(np.abs(e) > 0.99, 1.0, 0.0)
@@ -226,8 +228,24 @@ def test_md_analysis_and_inherent_structures(cu_vacancy):
 # --- the command ---------------------------------------------------------------------------------------
 def test_thermo_cli_on_emt_search(tmp_path, copper_cif, capsys):
     run = tmp_path / "run"
-    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
-                 "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(copper_cif),
+                "--defect",
+                "v_Cu",
+                "--charge",
+                "0",
+                "--model",
+                "emt",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["thermo", str(run), "--T", "300,600,900", "--mesh", "2", "--quiet"]) == 0
     doc = json.loads((run / "thermo" / "v_Cu_0" / "thermo.json").read_text())
@@ -235,8 +253,12 @@ def test_thermo_cli_on_emt_search(tmp_path, copper_cif, capsys):
     cfg = doc["configurations"][0]
     assert cfg["vibrations"]["n_imaginary"] == 0 and "EMT" in cfg["vibrations"]["model"]
     assert np.all(np.diff(c) > 0)  # more vacancies when hotter
-    assert g[0] == pytest.approx(cfg["u_f_eV"] + cfg["f_vib_eV"][0] - 300 * kB * np.log(
-        cfg["spin_degeneracy"] * cfg["orientational_degeneracy"]), abs=1e-6)
+    assert g[0] == pytest.approx(
+        cfg["u_f_eV"]
+        + cfg["f_vib_eV"][0]
+        - 300 * kB * np.log(cfg["spin_degeneracy"] * cfg["orientational_degeneracy"]),
+        abs=1e-6,
+    )
     assert (run / "thermo" / "v_Cu_0" / "thermo.png").exists()
     # a rerun takes the phonons from the store
     rows = len(list(__import__("ase.db").db.connect(run / "results.db").select(kind="thermo")))
@@ -244,17 +266,36 @@ def test_thermo_cli_on_emt_search(tmp_path, copper_cif, capsys):
     assert len(list(__import__("ase.db").db.connect(run / "results.db").select(kind="thermo"))) == rows
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--vib", "bogus"], "invalid choice"),
-    (["--T", "hot"], "--T must be"),
-    (["--T", "-5,300"], "temperatures must be positive"),
-    (["--mu", "Cd"], "--mu must look like"),
-    (["--defect", "v_Zn"], "no search results for v_Zn"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--vib", "bogus"], "invalid choice"),
+        (["--T", "hot"], "--T must be"),
+        (["--T", "-5,300"], "temperatures must be positive"),
+        (["--mu", "Cd"], "--mu must look like"),
+        (["--defect", "v_Zn"], "no search results for v_Zn"),
+    ],
+)
 def test_thermo_bad_input(tmp_path, copper_cif, capsys, args, message):
     run = tmp_path / "run"
-    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
-                 "--out", str(run), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(copper_cif),
+                "--defect",
+                "v_Cu",
+                "--charge",
+                "0",
+                "--model",
+                "emt",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     with pytest.raises(SystemExit) if message == "invalid choice" else _nothing():
         code = main(["thermo", str(run), "--vib", "none", *args, "--quiet"])
@@ -272,10 +313,44 @@ class _nothing:
 
 def test_dynamics_cli(tmp_path, copper_cif, capsys):
     run = tmp_path / "run"
-    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
-                 "--out", str(run), "--quiet"]) == 0
-    assert main(["dynamics", str(run), "--defect", "v_Cu", "--T", "300", "--steps", "40", "--interval", "10",
-                 "--quench", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                str(copper_cif),
+                "--defect",
+                "v_Cu",
+                "--charge",
+                "0",
+                "--model",
+                "emt",
+                "--out",
+                str(run),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "dynamics",
+                str(run),
+                "--defect",
+                "v_Cu",
+                "--T",
+                "300",
+                "--steps",
+                "40",
+                "--interval",
+                "10",
+                "--quench",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((run / "dynamics" / "v_Cu_0" / "dynamics.json").read_text())
     assert doc["analysis"]["n_hops"] == 0 and doc["inherent_structures"]["populations"]["0"] == 1.0
     assert (run / "dynamics" / "v_Cu_0" / "trajectory.extxyz").exists()

@@ -144,7 +144,8 @@ def _search_settings(a: argparse.Namespace, **over):
         min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
         relax_host=not a.no_relax_host, oxidation_states=_parse_oxi(a.oxi),
         trials=_trial_settings(a), soap=_soap(a), soap_threshold=a.soap_threshold,
-        max_drop=a.max_drop, early_stop=a.early_stop, pre_relax=a.pre_relax, sites=a.sites, env_shells=a.shells,
+        max_drop=a.max_drop, early_stop=a.early_stop, pre_relax=a.pre_relax, sites=a.sites,
+        env_shells=a.shells,
     )
     kw.update(over)
     return SearchSettings(**kw)
@@ -333,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt = psub.add_parser("train", help="train on the 2DMD pairs (checkpoints resume)")
     pt.add_argument("--data", default="../shared/data/2dmd-high-density-pairs.tar.gz",
                     help="the 2DMD tarball or its unpacked folder")
-    pt.add_argument("--out", default="runs/predictor", help="folder for model.pt, its log and the graph cache")
+    pt.add_argument("--out", default="runs/predictor",
+                    help="folder for model.pt, its log and the graph cache")
     pt.add_argument("--materials", default="all", help="comma list of MoS2,WSe2,hBN,GaSe,InSe,BP or all")
     pt.add_argument("--epochs", type=int, default=20)
     pt.add_argument("--batch-size", type=int, default=8)
@@ -690,7 +692,8 @@ def _materials(text: str) -> list[str]:
     chosen = list(MATERIALS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in chosen if m not in MATERIALS]
     if bad or not chosen:
-        raise DefectMLError(f"unknown material(s) {', '.join(bad) or text!r}; choose from {', '.join(MATERIALS)}")
+        raise DefectMLError(f"unknown material(s) {', '.join(bad) or text!r}; "
+                            f"choose from {', '.join(MATERIALS)}")
     return chosen
 
 
@@ -706,7 +709,8 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         from defectml.structure_io import read_structure, to_atoms
 
         model, _ = ptrain.load_checkpoint(a.model)
-        out = predict_relaxed(model, to_atoms(read_structure(a.structure)), to_atoms(read_structure(a.pristine)))
+        unrelaxed, pristine = (to_atoms(read_structure(x)) for x in (a.structure, a.pristine))
+        out = predict_relaxed(model, unrelaxed, pristine)
         target = Path(a.output or Path(a.structure).with_suffix("").as_posix() + "_predicted.cif")
         write(target, out)
         print(f"wrote {target}")
@@ -781,7 +785,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"search": cmd_search, "generate": cmd_generate, "show": cmd_show,
                "shortlist": cmd_shortlist, "ingest": cmd_ingest, "evaluate": cmd_evaluate,
-               "alloy": cmd_alloy, "thermo": cmd_thermo, "predictor": cmd_predictor, "dynamics": cmd_dynamics}[args.command]
+               "alloy": cmd_alloy, "thermo": cmd_thermo, "predictor": cmd_predictor,
+               "dynamics": cmd_dynamics}[args.command]
     try:
         return handler(args)
     except DefectMLError as exc:

@@ -60,8 +60,15 @@ def pristine_cell(folder: Path) -> Atoms:
     return read(big[0] if big else cifs[0])
 
 
-def material_split(root: Path, material: str, cutoff: float, cache: Path, val_fraction: float = 0.1,
-                   limit: int | None = None, progress: Callable | None = None) -> Split:
+def material_split(
+    root: Path,
+    material: str,
+    cutoff: float,
+    cache: Path,
+    val_fraction: float = 0.1,
+    limit: int | None = None,
+    progress: Callable | None = None,
+) -> Split:
     """Graphs of one material (cached as ``<cache>/<material>_<cutoff>.pt``).
 
     Train ids: ``train.csv`` when shipped, else every id not in ``test.csv`` (BP); the last
@@ -72,8 +79,11 @@ def material_split(root: Path, material: str, cutoff: float, cache: Path, val_fr
         raise DefectMLError(f"unknown material {material!r}; the data has {', '.join(MATERIALS)}")
     test_ids = _ids(folder / "test.csv")
     all_ids = sorted(p.name[: -len("_unrelaxed.cif")] for p in (folder / "CIF").glob("*_unrelaxed.cif"))
-    train_ids = _ids(folder / "train.csv") if (folder / "train.csv").exists() else [
-        i for i in all_ids if i not in set(test_ids)]
+    train_ids = (
+        _ids(folder / "train.csv")
+        if (folder / "train.csv").exists()
+        else [i for i in all_ids if i not in set(test_ids)]
+    )
     if limit:
         train_ids = train_ids[:limit]
     tag = f"{material}_{cutoff:g}_{len(train_ids)}"
@@ -100,8 +110,9 @@ def material_split(root: Path, material: str, cutoff: float, cache: Path, val_fr
         torch.save(graphs, path)
     n_val = max(1, int(round(val_fraction * len(train_ids))))
     fit, val = train_ids[:-n_val], train_ids[-n_val:]
-    return Split(material, [graphs[k] for k in fit], [graphs[k] for k in val], [graphs[k] for k in test_ids],
-                 test_ids)
+    return Split(
+        material, [graphs[k] for k in fit], [graphs[k] for k in val], [graphs[k] for k in test_ids], test_ids
+    )
 
 
 def _aligned(defect: Atoms, pristine: Atoms) -> Atoms:

@@ -111,8 +111,14 @@ def classify(defect: Atoms, pristine: Atoms, tol: float = 0.6) -> tuple[np.ndarr
     return types, host, vacancies
 
 
-def build_graph(defect: Atoms, pristine: Atoms, cutoff: float = 6.0, relaxed: Atoms | None = None,
-                align: bool = True, positions: np.ndarray | None = None) -> DefectGraph:
+def build_graph(
+    defect: Atoms,
+    pristine: Atoms,
+    cutoff: float = 6.0,
+    relaxed: Atoms | None = None,
+    align: bool = True,
+    positions: np.ndarray | None = None,
+) -> DefectGraph:
     """The graph of ``defect`` (unrelaxed) against ``pristine`` (same cell), optionally with its target.
 
     ``positions`` (same atoms, e.g. a distorted search trial) replaces the atoms' coordinates after
@@ -152,9 +158,15 @@ def build_graph(defect: Atoms, pristine: Atoms, cutoff: float = 6.0, relaxed: At
         target = torch.zeros(len(nodes), 3)
         target[:n_atoms] = torch.tensor(disp, dtype=torch.float32)
     return DefectGraph(
-        torch.tensor(z, dtype=torch.long), torch.tensor(z_host), torch.tensor(node_type, dtype=torch.long),
-        torch.tensor(nodes.positions, dtype=torch.float32), torch.tensor(np.asarray(nodes.cell), dtype=torch.float32),
-        torch.tensor(np.stack([j, i]), dtype=torch.long), torch.tensor(shift, dtype=torch.float32), n_atoms, target,
+        torch.tensor(z, dtype=torch.long),
+        torch.tensor(z_host),
+        torch.tensor(node_type, dtype=torch.long),
+        torch.tensor(nodes.positions, dtype=torch.float32),
+        torch.tensor(np.asarray(nodes.cell), dtype=torch.float32),
+        torch.tensor(np.stack([j, i]), dtype=torch.long),
+        torch.tensor(shift, dtype=torch.float32),
+        n_atoms,
+        target,
     )
 
 

@@ -52,7 +52,9 @@ class Batch:
         self.z_host = torch.cat([g.z_host for g in graphs]).to(device)
         self.node_type = torch.cat([g.node_type for g in graphs]).to(device)
         self.pos = torch.cat([g.pos for g in graphs]).to(device)
-        self.edge_index = torch.cat([g.edge_index + o for g, o in zip(graphs, offsets, strict=True)], 1).to(device)
+        self.edge_index = torch.cat([g.edge_index + o for g, o in zip(graphs, offsets, strict=True)], 1).to(
+            device
+        )
         self.shift = torch.cat([g.shift for g in graphs]).to(device)
         self.graph = torch.cat([torch.full((len(g.z),), k) for k, g in enumerate(graphs)]).to(device)
         self.real = self.node_type != NodeType.VACANCY

@@ -10,8 +10,13 @@ from defectml.predictor.graph import build_graph
 from defectml.predictor.model import Batch, DefectRelaxNet
 
 
-def predict_relaxed(model: DefectRelaxNet, unrelaxed: Atoms, pristine: Atoms, device: str = "cpu",
-                    reference: Atoms | None = None) -> Atoms:
+def predict_relaxed(
+    model: DefectRelaxNet,
+    unrelaxed: Atoms,
+    pristine: Atoms,
+    device: str = "cpu",
+    reference: Atoms | None = None,
+) -> Atoms:
     """``unrelaxed`` with every atom moved by the predicted displacement (cell unchanged).
 
     ``reference``: the undistorted defect cell (same atoms) from which node types are read when

@@ -65,14 +65,19 @@ def evaluate(model: DefectRelaxNet, graphs: list[DefectGraph], device: str = "cp
 def _val_loss(model, graphs, s: TrainSettings) -> float:
     model.eval()
     with torch.no_grad():
-        losses = [float(distance_loss(model(b := Batch(graphs[k:k + s.batch_size], s.device)), b))
-                  for k in range(0, len(graphs), s.batch_size)]
+        losses = [
+            float(distance_loss(model(b := Batch(graphs[k : k + s.batch_size], s.device)), b))
+            for k in range(0, len(graphs), s.batch_size)
+        ]
     return float(np.mean(losses)) if losses else float("nan")
 
 
 def train(
-    train_graphs: list[DefectGraph], val_graphs: list[DefectGraph], checkpoint: str | Path,
-    config: ModelConfig | None = None, settings: TrainSettings | None = None,
+    train_graphs: list[DefectGraph],
+    val_graphs: list[DefectGraph],
+    checkpoint: str | Path,
+    config: ModelConfig | None = None,
+    settings: TrainSettings | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Fit the network; a checkpoint is written every epoch and an existing one is resumed.
@@ -102,6 +107,7 @@ def train(
         model.load_state_dict(ck["state"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        sched.T_max = max(1, s.epochs)  # extending a finished run continues its schedule smoothly
         history, start, best, best_state = ck["history"], ck["epoch"], ck["best_val"], ck["best_state"]
     rng = random.Random(s.seed)
     for epoch in range(start, s.epochs):
@@ -112,7 +118,7 @@ def train(
         t0 = time.perf_counter()
         losses = []
         for k in range(0, len(order), s.batch_size):
-            b = Batch([train_graphs[i] for i in order[k:k + s.batch_size]], s.device)
+            b = Batch([train_graphs[i] for i in order[k : k + s.batch_size]], s.device)
             loss = distance_loss(model(b), b)
             if not torch.isfinite(loss):
                 raise DefectMLError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}")
@@ -129,10 +135,21 @@ def train(
             best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
         log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} A, val {val:.4f} A, {dt:.0f} s")
         tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"config": model.config.to_dict(), "state": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history, "best_val": best,
-                    "best_state": best_state}, tmp)
+        torch.save(
+            {
+                "config": model.config.to_dict(),
+                "state": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "best_val": best,
+                "best_state": best_state,
+            },
+            tmp,
+        )
         tmp.replace(checkpoint)  # atomic: an interrupted save never corrupts the checkpoint
-    (checkpoint.with_suffix(".json")).write_text(json.dumps({"config": model.config.to_dict(),
-                                                             "history": history}, indent=2))
+    (checkpoint.with_suffix(".json")).write_text(
+        json.dumps({"config": model.config.to_dict(), "history": history}, indent=2)
+    )
     return {"history": history, "best_val": best}

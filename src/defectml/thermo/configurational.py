@@ -7,7 +7,9 @@ from ase.units import kB
 
 
 def populations(
-    energies: np.ndarray, temperature: float, degeneracy: np.ndarray | None = None,
+    energies: np.ndarray,
+    temperature: float,
+    degeneracy: np.ndarray | None = None,
     vib_free_energy: np.ndarray | None = None,
 ) -> np.ndarray:
     """Boltzmann populations of configurations (Eq. 12-13).

@@ -8,11 +8,39 @@ from defectml.errors import DefectMLError
 
 #: Order of each crystallographic point group (Schoenflies).
 POINT_GROUP_ORDER: dict[str, int] = {
-    "C1": 1, "Ci": 2, "Cs": 2, "C2": 2, "C2h": 4, "C2v": 4, "D2": 4, "D2h": 8,
-    "C4": 4, "S4": 4, "C4h": 8, "D4": 8, "C4v": 8, "D2d": 8, "D4h": 16,
-    "C3": 3, "S6": 6, "C3i": 6, "D3": 6, "C3v": 6, "D3d": 12,
-    "C6": 6, "C3h": 6, "C6h": 12, "D6": 12, "C6v": 12, "D3h": 12, "D6h": 24,
-    "T": 12, "Th": 24, "O": 24, "Td": 24, "Oh": 48,
+    "C1": 1,
+    "Ci": 2,
+    "Cs": 2,
+    "C2": 2,
+    "C2h": 4,
+    "C2v": 4,
+    "D2": 4,
+    "D2h": 8,
+    "C4": 4,
+    "S4": 4,
+    "C4h": 8,
+    "D4": 8,
+    "C4v": 8,
+    "D2d": 8,
+    "D4h": 16,
+    "C3": 3,
+    "S6": 6,
+    "C3i": 6,
+    "D3": 6,
+    "C3v": 6,
+    "D3d": 12,
+    "C6": 6,
+    "C3h": 6,
+    "C6h": 12,
+    "D6": 12,
+    "C6v": 12,
+    "D3h": 12,
+    "D6h": 24,
+    "T": 12,
+    "Th": 24,
+    "O": 24,
+    "Td": 24,
+    "Oh": 48,
 }
 
 
@@ -25,8 +53,10 @@ def point_group_order(symbol: str) -> int:
     try:
         return POINT_GROUP_ORDER[symbol]
     except KeyError:
-        raise DefectMLError(f"unknown point group {symbol!r}; expected a Schoenflies symbol "
-                            f"such as {', '.join(list(POINT_GROUP_ORDER)[:6])}") from None
+        raise DefectMLError(
+            f"unknown point group {symbol!r}; expected a Schoenflies symbol "
+            f"such as {', '.join(list(POINT_GROUP_ORDER)[:6])}"
+        ) from None
 
 
 def orientational_degeneracy(bulk_site_symmetry: str, defect_symmetry: str) -> float:
@@ -60,7 +90,9 @@ def spin_degeneracy(atoms: Atoms, charge: int, magnetic_moment: float | None = N
     if magnetic_moment is not None:
         two_s = int(round(abs(magnetic_moment)))
         if two_s % 2 != electron_count(atoms, charge) % 2:
-            raise DefectMLError(f"magnetic moment {magnetic_moment} is inconsistent with "
-                                f"{electron_count(atoms, charge)} electrons")
+            raise DefectMLError(
+                f"magnetic moment {magnetic_moment} is inconsistent with "
+                f"{electron_count(atoms, charge)} electrons"
+            )
         return two_s + 1
     return 2 if electron_count(atoms, charge) % 2 else 1

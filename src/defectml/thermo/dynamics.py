@@ -15,8 +15,15 @@ from defectml.errors import DefectMLError
 
 
 def run_md(
-    atoms: Atoms, calculator: Calculator, temperature: float, steps: int, *, timestep: float = 2.0,
-    pressure_bar: float | None = None, interval: int = 10, seed: int = 0,
+    atoms: Atoms,
+    calculator: Calculator,
+    temperature: float,
+    steps: int,
+    *,
+    timestep: float = 2.0,
+    pressure_bar: float | None = None,
+    interval: int = 10,
+    seed: int = 0,
     progress: Callable | None = None,
 ) -> list[Atoms]:
     """NVT (or NPT when ``pressure_bar`` is given) Langevin-BAOAB MD; every ``interval`` steps a frame.
@@ -33,8 +40,7 @@ def run_md(
     Stationary(work)
     kwargs = {"temperature_K": temperature, "T_tau": 100 * units.fs, "rng": rng}
     if pressure_bar is not None:
-        kwargs.update(externalstress=-pressure_bar * units.bar, hydrostatic=True,
-                      P_tau=1000 * units.fs)
+        kwargs.update(externalstress=-pressure_bar * units.bar, hydrostatic=True, P_tau=1000 * units.fs)
     dyn = LangevinBAOAB(work, timestep * units.fs, **kwargs)
     frames: list[Atoms] = []
 
@@ -44,8 +50,7 @@ def run_md(
             raise DefectMLError(f"MD exploded (NaN energy) after {dyn.nsteps} steps")
         frame = work.copy()
         frame.calc = None
-        frame.info.update(time_fs=dyn.nsteps * timestep, energy=e,
-                          temperature=float(work.get_temperature()))
+        frame.info.update(time_fs=dyn.nsteps * timestep, energy=e, temperature=float(work.get_temperature()))
         frames.append(frame)
         if progress:
             progress(len(frames))
@@ -72,8 +77,12 @@ def defect_centre(atoms: Atoms, bulk: Atoms, kind: str, defect_index: int | None
 
 
 def analyse_trajectory(
-    frames: Sequence[Atoms], bulk: Atoms, kind: str, defect_index: int | None = None,
-    shell: float | None = None, bond_cutoff: float | None = None,
+    frames: Sequence[Atoms],
+    bulk: Atoms,
+    kind: str,
+    defect_index: int | None = None,
+    shell: float | None = None,
+    bond_cutoff: float | None = None,
 ) -> dict:
     """Defect position, hops, neighbour distances and bond orientation along a trajectory.
 
@@ -99,8 +108,14 @@ def analyse_trajectory(
     nn = float(np.min(d_bulk[d_bulk > 0.1]))
     shell = shell or 1.2 * nn
     bond_cutoff = bond_cutoff or 0.9 * _like_distance(bulk)
-    out = {"time_fs": [], "site": [], "hops": [], "neighbour_distances": [], "shortest_bond": [],
-           "bond_angles": []}
+    out = {
+        "time_fs": [],
+        "site": [],
+        "hops": [],
+        "neighbour_distances": [],
+        "shortest_bond": [],
+        "bond_angles": [],
+    }
     hops, last = 0, None
     for f in frames:
         c = defect_centre(f, bulk, kind, defect_index)
@@ -152,8 +167,12 @@ class NEBResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary."""
-        return {"energies_eV": self.energies.round(5).tolist(), "barrier_eV": self.barrier,
-                "reverse_barrier_eV": self.reverse_barrier, "converged": self.converged}
+        return {
+            "energies_eV": self.energies.round(5).tolist(),
+            "barrier_eV": self.barrier,
+            "reverse_barrier_eV": self.reverse_barrier,
+            "converged": self.converged,
+        }
 
 
 def align_final(initial: Atoms, final: Atoms) -> Atoms:
@@ -166,8 +185,15 @@ def align_final(initial: Atoms, final: Atoms) -> Atoms:
     return out
 
 
-def neb(initial: Atoms, final: Atoms, calculator: Calculator, n_images: int = 5, fmax: float = 0.05,
-        steps: int = 300, climb: bool = True) -> NEBResult:
+def neb(
+    initial: Atoms,
+    final: Atoms,
+    calculator: Calculator,
+    n_images: int = 5,
+    fmax: float = 0.05,
+    steps: int = 300,
+    climb: bool = True,
+) -> NEBResult:
     """Climbing-image NEB (ASE, IDPP interpolation) between two relaxed minima."""
     from ase.mep import NEB
     from ase.optimize import FIRE
@@ -212,8 +238,14 @@ def tst_rate(barrier: float, attempt_hz: float, temperature: float) -> float:
 
 
 def inherent_structures(
-    frames: Sequence[Atoms], calculator: Calculator, minima: Sequence[Atoms], centres: Sequence[np.ndarray],
-    frame_centres: Sequence[np.ndarray], threshold: float = 0.005, fmax: float = 0.05, steps: int = 300,
+    frames: Sequence[Atoms],
+    calculator: Calculator,
+    minima: Sequence[Atoms],
+    centres: Sequence[np.ndarray],
+    frame_centres: Sequence[np.ndarray],
+    threshold: float = 0.005,
+    fmax: float = 0.05,
+    steps: int = 300,
     species: Sequence[str] | None = None,
 ) -> dict:
     """Quench MD frames to their local minima and assign each to a known minimum (SOAP at the defect).
@@ -239,5 +271,9 @@ def inherent_structures(
     dist = 1 - np.clip(fp @ ref.T, -1, 1)
     match = np.where(dist.min(axis=1) <= threshold, dist.argmin(axis=1), -1)
     counts = {int(i): int(np.sum(match == i)) for i in range(-1, len(minima))}
-    return {"energies_eV": energies, "match": match.tolist(), "distance": dist.min(axis=1).tolist(),
-            "populations": {k: v / len(frames) for k, v in counts.items()}}
+    return {
+        "energies_eV": energies,
+        "match": match.tolist(),
+        "distance": dist.min(axis=1).tolist(),
+        "populations": {k: v / len(frames) for k, v in counts.items()},
+    }

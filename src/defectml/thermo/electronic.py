@@ -17,7 +17,10 @@ def fermi_dirac(energies: np.ndarray, fermi_level: float, temperature: float) ->
 
 
 def electronic_entropy(
-    energies: np.ndarray, dos: np.ndarray, fermi_level: float, temperature: float,
+    energies: np.ndarray,
+    dos: np.ndarray,
+    fermi_level: float,
+    temperature: float,
     spin_polarised: bool = True,
 ) -> float:
     """S_el = -gamma k_B int D(E) [f ln f + (1-f) ln(1-f)] dE (eV/K, Eq. 7).
@@ -43,8 +46,9 @@ def effective_dos(temperature: float, effective_mass: float = 1.0) -> float:
     return float(2 * (2 * np.pi * effective_mass * _me * _k * temperature / h**2) ** 1.5 * 1e-6)
 
 
-def band_fermi_level(cbm: float, temperature: float, carriers_cm3: float = 1e15,
-                     effective_mass: float = 1.0) -> float:
+def band_fermi_level(
+    cbm: float, temperature: float, carriers_cm3: float = 1e15, effective_mass: float = 1.0
+) -> float:
     """Fermi level of n extra carriers in a parabolic band: E_F = E_CBM + kT ln(n/N_c) (Eq. 9)."""
     return float(cbm + kB * temperature * np.log(carriers_cm3 / effective_dos(temperature, effective_mass)))
 

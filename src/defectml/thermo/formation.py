@@ -13,8 +13,14 @@ CM3_PER_A3 = 1e24
 
 
 def formation_energy(
-    e_defect: float, e_bulk: float, exchanged: dict[str, int], mu: dict[str, float],
-    charge: int = 0, vbm: float = 0.0, fermi_level: float = 0.0, correction: float = 0.0,
+    e_defect: float,
+    e_bulk: float,
+    exchanged: dict[str, int],
+    mu: dict[str, float],
+    charge: int = 0,
+    vbm: float = 0.0,
+    fermi_level: float = 0.0,
+    correction: float = 0.0,
 ) -> float:
     """u_f = E_defect - E_bulk - sum_i n_i mu_i + q (E_VBM + E_F) + E_corr (eV).
 
@@ -30,10 +36,16 @@ def formation_energy(
     """
     missing = [el for el, n in exchanged.items() if n and el not in mu]
     if missing:
-        raise DefectMLError(f"no chemical potential for {', '.join(missing)}; give --mu "
-                            f"{missing[0]}=<eV/atom>")
-    return float(e_defect - e_bulk - sum(n * mu[el] for el, n in exchanged.items())
-                 + charge * (vbm + fermi_level) + correction)
+        raise DefectMLError(
+            f"no chemical potential for {', '.join(missing)}; give --mu {missing[0]}=<eV/atom>"
+        )
+    return float(
+        e_defect
+        - e_bulk
+        - sum(n * mu[el] for el, n in exchanged.items())
+        + charge * (vbm + fermi_level)
+        + correction
+    )
 
 
 @dataclass

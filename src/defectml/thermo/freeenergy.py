@@ -118,22 +118,41 @@ class ThermoResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary."""
+
         def arr(x):
             return None if x is None else np.asarray(x, float).round(8).tolist()
+
         return {
-            "defect": self.label, "model": self.model, "temperatures_K": arr(self.temperatures),
-            "g_f_eV": arr(self.g_f), "concentration_cm3": arr(self.concentration),
+            "defect": self.label,
+            "model": self.model,
+            "temperatures_K": arr(self.temperatures),
+            "g_f_eV": arr(self.g_f),
+            "concentration_cm3": arr(self.concentration),
             "g_f_anharmonic_eV": arr(self.g_f_anh),
             "concentration_anharmonic_cm3": arr(self.concentration_anh),
             "minus_T_s_conf_eV": arr(-self.temperatures * self.s_conf),
             "minus_T_s_el_eV": arr(-self.temperatures * self.s_el),
-            "configurations": [{
-                "name": c.name, "label": c.label, "symmetry": c.symmetry, "energy_eV": c.energy,
-                "u_f_eV": c.u_f, "spin_degeneracy": c.spin, "orientational_degeneracy": c.orientational,
-                "f_vib_eV": arr(c.f_vib), "g_f_eV": arr(c.g_f), "f_vib_anharmonic_eV": arr(c.f_vib_anh),
-                "g_f_anharmonic_eV": arr(c.g_f_anh), "population": arr(p), "vibrations": c.vib_info,
-            } for c, p in zip(self.configs, self.populations, strict=True)],
-            "bulk": self.bulk, "thermodynamic_integration": self.ti, "timings_s": self.timings,
+            "configurations": [
+                {
+                    "name": c.name,
+                    "label": c.label,
+                    "symmetry": c.symmetry,
+                    "energy_eV": c.energy,
+                    "u_f_eV": c.u_f,
+                    "spin_degeneracy": c.spin,
+                    "orientational_degeneracy": c.orientational,
+                    "f_vib_eV": arr(c.f_vib),
+                    "g_f_eV": arr(c.g_f),
+                    "f_vib_anharmonic_eV": arr(c.f_vib_anh),
+                    "g_f_anharmonic_eV": arr(c.g_f_anh),
+                    "population": arr(p),
+                    "vibrations": c.vib_info,
+                }
+                for c, p in zip(self.configs, self.populations, strict=True)
+            ],
+            "bulk": self.bulk,
+            "thermodynamic_integration": self.ti,
+            "timings_s": self.timings,
             "notes": self.notes,
         }
 
@@ -161,12 +180,23 @@ class _Cache:
             self.store._write(atoms, None, None, {"kind": "thermo", "thermo_key": key}, data)
 
 
-def _vibrations(atoms: Atoms, calc: Calculator, model: str, s: ThermoSettings, cache: _Cache,
-                log: Callable[[str], None]) -> dict:
+def _vibrations(
+    atoms: Atoms, calc: Calculator, model: str, s: ThermoSettings, cache: _Cache, log: Callable[[str], None]
+) -> dict:
     """Harmonic (+QHA) free energies of one supercell, cached: relaxed with symmetry kept first."""
     t = np.asarray(s.temperatures, float)
-    key = content_key("vib", s.vibrations, atoms.positions.round(5), atoms.cell[:].round(5),
-                      atoms.get_chemical_symbols(), model, s.displacement, s.symprec, s.mesh, t)
+    key = content_key(
+        "vib",
+        s.vibrations,
+        atoms.positions.round(5),
+        atoms.cell[:].round(5),
+        atoms.get_chemical_symbols(),
+        model,
+        s.displacement,
+        s.symprec,
+        s.mesh,
+        t,
+    )
     hit = cache.get(key)
     if hit is not None:
         return hit
@@ -192,16 +222,35 @@ def _vibrations(atoms: Atoms, calc: Calculator, model: str, s: ThermoSettings, c
 
 
 def _ti(atoms: Atoms, calc: Calculator, model: str, s: ThermoSettings, cache: _Cache, seed: int) -> dict:
-    key = content_key("ti", atoms.positions.round(5), atoms.cell[:].round(5), atoms.get_chemical_symbols(),
-                      model, s.ti_t0, s.ti_t1, s.ti_repeats, s.ti_switch_steps, s.ti_equilibration,
-                      s.ti_timestep, seed)
+    key = content_key(
+        "ti",
+        atoms.positions.round(5),
+        atoms.cell[:].round(5),
+        atoms.get_chemical_symbols(),
+        model,
+        s.ti_t0,
+        s.ti_t1,
+        s.ti_repeats,
+        s.ti_switch_steps,
+        s.ti_equilibration,
+        s.ti_timestep,
+        seed,
+    )
     hit = cache.get(key)
     if hit is not None:
         return hit
     t0 = time.perf_counter()
-    res = frenkel_ladd(atoms, model_evaluator(atoms, calc), s.ti_t0, t_final=s.ti_t1, repeats=s.ti_repeats,
-                       equilibration=s.ti_equilibration, switch_steps=s.ti_switch_steps,
-                       timestep=s.ti_timestep, seed=seed)
+    res = frenkel_ladd(
+        atoms,
+        model_evaluator(atoms, calc),
+        s.ti_t0,
+        t_final=s.ti_t1,
+        repeats=s.ti_repeats,
+        equilibration=s.ti_equilibration,
+        switch_steps=s.ti_switch_steps,
+        timestep=s.ti_timestep,
+        seed=seed,
+    )
     out = res.to_dict()
     out["wall_s"] = time.perf_counter() - t0
     cache.put(key, atoms, out)
@@ -222,9 +271,18 @@ def _ti_free_energy(ti: dict, temperatures: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def formation_free_energy(
-    summary: DefectSummary, defect_atoms: Atoms, bulk: Atoms, e_bulk: float, *, site_symmetry: str,
-    multiplicity: float, cell_volume: float, calculator: Calculator, model: str,
-    settings: ThermoSettings | None = None, store: ResultStore | None = None,
+    summary: DefectSummary,
+    defect_atoms: Atoms,
+    bulk: Atoms,
+    e_bulk: float,
+    *,
+    site_symmetry: str,
+    multiplicity: float,
+    cell_volume: float,
+    calculator: Calculator,
+    model: str,
+    settings: ThermoSettings | None = None,
+    store: ResultStore | None = None,
     log: Callable[[str], None] = print,
 ) -> ThermoResult:
     """Every term of g_f(T) for one defect/charge from its search minima.
@@ -265,8 +323,16 @@ def formation_free_energy(
     s_el = np.array([s.electronic(x) for x in t]) if s.electronic else np.zeros_like(t)
     configs = []
     for m in chosen:
-        u_f = u_formation(m.energy, e_bulk, exchanged, s.mu, q, s.charge_terms.get("vbm", 0.0),
-                          s.charge_terms.get("fermi_level", 0.0), s.charge_terms.get("correction", 0.0))
+        u_f = u_formation(
+            m.energy,
+            e_bulk,
+            exchanged,
+            s.mu,
+            q,
+            s.charge_terms.get("vbm", 0.0),
+            s.charge_terms.get("fermi_level", 0.0),
+            s.charge_terms.get("correction", 0.0),
+        )
         spin = spin_degeneracy(m.atoms, q)
         orient = orientational_degeneracy(site_symmetry, m.symmetry)
         f_vib, info = np.zeros_like(t), {}
@@ -275,14 +341,18 @@ def formation_free_energy(
             log(f"phonons of {summary.label} {m.trial} ({n_d} atoms) with {model}")
             dv = _vibrations(m.atoms, calculator, model, s, cache, log)
             timings[f"vibrations_{m.trial}"] = time.perf_counter() - t1
-            f_vib = vib.vibrational_formation_free_energy(np.array(dv["free_energy_eV"]),
-                                                          np.array(bulk_vib["free_energy_eV"]), n_d, n_b)
-            info = {k: dv[k] for k in ("n_displacements", "n_imaginary", "min_frequency_THz", "warnings",
-                                       "wall_s")}
+            f_vib = vib.vibrational_formation_free_energy(
+                np.array(dv["free_energy_eV"]), np.array(bulk_vib["free_energy_eV"]), n_d, n_b
+            )
+            info = {
+                k: dv[k]
+                for k in ("n_displacements", "n_imaginary", "min_frequency_THz", "warnings", "wall_s")
+            }
             info["model"] = model
         g = u_f + f_vib - kB * t * np.log(spin * orient) - t * s_el
-        configs.append(ConfigTerms(m.trial, m.label, m.energy, u_f, spin, orient, m.symmetry, f_vib, g,
-                                   vib_info=info))
+        configs.append(
+            ConfigTerms(m.trial, m.label, m.energy, u_f, spin, orient, m.symmetry, f_vib, g, vib_info=info)
+        )
     pops = np.array([populations(np.array([c.g_f[i] for c in configs]), ti) for i, ti in enumerate(t)]).T
     s_conf = np.array([configurational_entropy(pops[:, i]) for i in range(len(t))])
     cfgs = [Configuration(c.name, multiplicity, c.g_f) for c in configs]
@@ -291,18 +361,57 @@ def formation_free_energy(
     ti_info: dict = {}
     g_anh = conc_anh = None
     if s.ti:
-        ti_info, g_anh, conc_anh = _anharmonic(configs[0], summary, bulk, calculator, model, s, cache,
-                                               bulk_vib, configs, multiplicity, cell_volume, timings, log)
-        notes.append("anharmonic route: TI correction computed for the ground state and applied to it; "
-                     "other configurations keep their harmonic terms")
+        ti_info, g_anh, conc_anh = _anharmonic(
+            configs[0],
+            summary,
+            bulk,
+            calculator,
+            model,
+            s,
+            cache,
+            bulk_vib,
+            configs,
+            multiplicity,
+            cell_volume,
+            timings,
+            log,
+        )
+        notes.append(
+            "anharmonic route: TI correction computed for the ground state and applied to it; "
+            "other configurations keep their harmonic terms"
+        )
+        for who in ("bulk", "defect"):
+            d = ti_info[who]
+            if d["dissipation_eV"] > max(0.1, 3 * d["error_eV"]):
+                notes.append(
+                    f"TI NOT CONVERGED ({who}): switching dissipates {d['dissipation_eV']:.2f} eV "
+                    f"(error {d['error_eV']:.2f} eV); the anharmonic route is not reliable - "
+                    "use longer switches (--ti-steps) or a smoother model"
+                )
     if s.vibrations != "none":
-        notes.append("f_vib = F_vib(defect) - (N_defect/N_bulk) F_vib(bulk): exchanged atoms' reservoirs "
-                     "carry the host's mean vibrational free energy per atom")
+        notes.append(
+            "f_vib = F_vib(defect) - (N_defect/N_bulk) F_vib(bulk): exchanged atoms' reservoirs "
+            "carry the host's mean vibrational free energy per atom"
+        )
     if q != 0 and not s.charge_terms:
         notes.append("charged state without --vbm/--fermi/--correction: the q(E_VBM+E_F)+E_corr term is 0")
-    return ThermoResult(summary.label, model, t, configs, pops, s_conf, s_el, g_eff, conc, g_anh, conc_anh,
-                        {"energy_eV": e_bulk, "n_atoms": n_b, "vibrations": _brief(bulk_vib)}, ti_info,
-                        timings, notes)
+    return ThermoResult(
+        summary.label,
+        model,
+        t,
+        configs,
+        pops,
+        s_conf,
+        s_el,
+        g_eff,
+        conc,
+        g_anh,
+        conc_anh,
+        {"energy_eV": e_bulk, "n_atoms": n_b, "vibrations": _brief(bulk_vib)},
+        ti_info,
+        timings,
+        notes,
+    )
 
 
 def _brief(v: dict | None) -> dict | None:
@@ -311,8 +420,21 @@ def _brief(v: dict | None) -> dict | None:
     return {k: v[k] for k in ("n_displacements", "n_imaginary", "min_frequency_THz", "warnings", "wall_s")}
 
 
-def _anharmonic(gs: ConfigTerms, summary, bulk, calc, model, s, cache, bulk_vib, configs, multiplicity,
-                cell_volume, timings, log):
+def _anharmonic(
+    gs: ConfigTerms,
+    summary,
+    bulk,
+    calc,
+    model,
+    s,
+    cache,
+    bulk_vib,
+    configs,
+    multiplicity,
+    cell_volume,
+    timings,
+    log,
+):
     """TI for the ground state and the bulk: the anharmonic correction to f_vib."""
     t = np.asarray(s.temperatures, float)
     gs_min = next(m for m in summary.minima if m.trial == gs.name)
@@ -328,10 +450,12 @@ def _anharmonic(gs: ConfigTerms, summary, bulk, calc, model, s, cache, bulk_vib,
     fb, eb = _ti_free_energy(ti_b, t)
     n_d, n_b = len(gs_min.atoms), len(bulk)
     gs_vib = _vibrations(gs_min.atoms, calc, model, s, cache, log)
+
     # like-with-like: classical harmonic on the same supercell (Gamma), static energies removed
     def classical(v: dict) -> np.ndarray:
-        return np.array([v["energy_symmetric_eV"] + vib.classical_free_energy(v["gamma_frequencies_THz"], x)
-                         for x in t])
+        return np.array(
+            [v["energy_symmetric_eV"] + vib.classical_free_energy(v["gamma_frequencies_THz"], x) for x in t]
+        )
 
     h_d, h_b = classical(gs_vib), classical(bulk_vib)
     correction = (fd - h_d) - n_d / n_b * (fb - h_b)
@@ -344,8 +468,15 @@ def _anharmonic(gs: ConfigTerms, summary, bulk, calc, model, s, cache, bulk_vib,
     with np.errstate(divide="ignore", invalid="ignore"):
         conc = concentration(cfgs, t, cell_volume)
         conc = np.where(np.isfinite(correction), conc, np.nan)
-        g = np.where(np.isfinite(correction), effective_formation_energy(conc, t, cell_volume, multiplicity),
-                     np.nan)
-    info = {"defect": ti_d, "bulk": ti_b, "anharmonic_correction_eV": correction.tolist(),
-            "correction_error_eV": error.tolist()}
+        g = np.where(
+            np.isfinite(correction), effective_formation_energy(conc, t, cell_volume, multiplicity), np.nan
+        )
+    info = {
+        "defect": ti_d,
+        "bulk": ti_b,
+        "anharmonic_correction_eV": correction.tolist(),
+        "correction_error_eV": error.tolist(),
+        "harmonic_classical_defect_eV": h_d.tolist(),
+        "harmonic_classical_bulk_eV": h_b.tolist(),
+    }
     return info, g, conc

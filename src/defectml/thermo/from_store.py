@@ -17,19 +17,29 @@ from defectml.thermo.reference import elemental_mu
 
 
 def thermo_from_store(
-    store: ResultStore, settings: ThermoSettings, *, defect: str | None = None, charge: int | None = None,
-    model: str | None = None, log: Callable[[str], None] = print,
+    store: ResultStore,
+    settings: ThermoSettings,
+    *,
+    defect: str | None = None,
+    charge: int | None = None,
+    model: str | None = None,
+    log: Callable[[str], None] = print,
 ) -> list[ThermoResult]:
     """g_f(T) of every (or the selected) defect/charge of the search in ``store``.
 
     Missing chemical potentials are taken as the element-rich limit of the model's own relaxed
     elemental phase (ASE reference state), and said so.
     """
-    summaries = [s for s in summarise(store, fidelity="mlip")
-                 if (defect is None or s.defect == defect) and (charge is None or s.charge == charge)]
+    summaries = [
+        s
+        for s in summarise(store, fidelity="mlip")
+        if (defect is None or s.defect == defect) and (charge is None or s.charge == charge)
+    ]
     if not summaries:
-        raise DefectMLError(f"no search results for {defect or 'any defect'}"
-                            f"{'' if charge is None else f' in charge state {charge:+d}'} in {store.target}")
+        raise DefectMLError(
+            f"no search results for {defect or 'any defect'}"
+            f"{'' if charge is None else f' in charge state {charge:+d}'} in {store.target}"
+        )
     name = model or summaries[0].model
     m = load_model(name)
     results = []
@@ -44,32 +54,60 @@ def thermo_from_store(
         for el in exchanged_atoms(defect_atoms, bulk):
             if el not in mu:
                 mu[el] = elemental_mu(el, m.calculator)
-                log(f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from {name}'s relaxed elemental "
-                    "phase (give --mu for other conditions)")
+                log(
+                    f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from {name}'s relaxed elemental "
+                    "phase (give --mu for other conditions)"
+                )
         # Orientational degeneracy compares like with like: the site's symmetry in the unrelaxed
         # defect supercell (a supercell lattice can itself lower the primitive-cell site symmetry).
         site_sym = local_symmetry(defect_atoms, np.asarray(row.data["site"]), row.data["defect_index"])
         if site_sym != row.data["site_symmetry"]:
-            log(f"note: the {s.defect} supercell lowers the site symmetry {row.data['site_symmetry']} to "
-                f"{site_sym}; orientational degeneracies are counted within the supercell")
+            log(
+                f"note: the {s.defect} supercell lowers the site symmetry {row.data['site_symmetry']} to "
+                f"{site_sym}; orientational degeneracies are counted within the supercell"
+            )
         st = ThermoSettings(**{**settings.__dict__, "mu": mu})
-        results.append(formation_free_energy(
-            s, defect_atoms, bulk, e_bulk, site_symmetry=site_sym,
-            multiplicity=float(row.data["multiplicity"]), cell_volume=float(host.get_volume()),
-            calculator=m.calculator, model=m.version, settings=st, store=store, log=log))
+        results.append(
+            formation_free_energy(
+                s,
+                defect_atoms,
+                bulk,
+                e_bulk,
+                site_symmetry=site_sym,
+                multiplicity=float(row.data["multiplicity"]),
+                cell_volume=float(host.get_volume()),
+                calculator=m.calculator,
+                model=m.version,
+                settings=st,
+                store=store,
+                log=log,
+            )
+        )
     return results
 
 
 def dynamics_from_store(
-    store: ResultStore, *, defect: str, charge: int, temperature: float, steps: int, timestep: float = 2.0,
-    interval: int = 20, pressure_bar: float | None = None, quench: int = 0, neb_to: int | None = None,
-    model: str | None = None, seed: int = 0, log: Callable[[str], None] = print,
+    store: ResultStore,
+    *,
+    defect: str,
+    charge: int,
+    temperature: float,
+    steps: int,
+    timestep: float = 2.0,
+    interval: int = 20,
+    pressure_bar: float | None = None,
+    quench: int = 0,
+    neb_to: int | None = None,
+    model: str | None = None,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
 ) -> dict:
     """MD of a defect's lowest minimum with trajectory analysis; optional inherent structures and NEB.
 
     Args:
         store: The search's store.
-        defect, charge: Which defect.
+        defect: Which defect (e.g. ``v_Cd``).
+        charge: Its charge state.
         temperature: K.
         steps: MD steps.
         timestep: fs.
@@ -96,11 +134,25 @@ def dynamics_from_store(
     if neb_to is not None and not 0 < neb_to < len(s.minima):
         raise DefectMLError(f"{s.label} has minima 0..{len(s.minima) - 1}; --neb-to {neb_to} is not one")
     log(f"MD of {s.label} {gs.trial} at {temperature:g} K, {steps} steps of {timestep:g} fs with {m.name}")
-    frames = dyn.run_md(gs.atoms, m.calculator, temperature, steps, timestep=timestep, interval=interval,
-                        pressure_bar=pressure_bar, seed=seed)
-    out: dict = {"defect": s.label, "model": m.version, "temperature_K": temperature, "steps": steps,
-                 "timestep_fs": timestep, "ensemble": "NPT" if pressure_bar is not None else "NVT",
-                 "analysis": dyn.analyse_trajectory(frames, bulk, kind, index)}
+    frames = dyn.run_md(
+        gs.atoms,
+        m.calculator,
+        temperature,
+        steps,
+        timestep=timestep,
+        interval=interval,
+        pressure_bar=pressure_bar,
+        seed=seed,
+    )
+    out: dict = {
+        "defect": s.label,
+        "model": m.version,
+        "temperature_K": temperature,
+        "steps": steps,
+        "timestep_fs": timestep,
+        "ensemble": "NPT" if pressure_bar is not None else "NVT",
+        "analysis": dyn.analyse_trajectory(frames, bulk, kind, index),
+    }
     out["frames"] = frames
     if quench:
         pick = frames[:: max(1, len(frames) // quench)][:quench]
@@ -108,13 +160,17 @@ def dynamics_from_store(
         ref_centres = [dyn.defect_centre(mi.atoms, bulk, kind, index) for mi in s.minima]
         log(f"quenching {len(pick)} frames (inherent structures)")
         out["inherent_structures"] = dyn.inherent_structures(
-            pick, m.calculator, [mi.atoms for mi in s.minima], ref_centres, centres)
+            pick, m.calculator, [mi.atoms for mi in s.minima], ref_centres, centres
+        )
         out["inherent_structures"]["minima"] = [mi.label for mi in s.minima]
     if neb_to is not None:
         log(f"NEB from minimum 0 to minimum {neb_to}")
         res = dyn.neb(gs.atoms, s.minima[neb_to].atoms, m.calculator)
         direction = res.images[1].positions - res.images[0].positions
         nu = dyn.attempt_frequency(gs.atoms, direction, m.calculator)
-        out["neb"] = {**res.to_dict(), "attempt_frequency_Hz": nu,
-                      "rate_per_s": dyn.tst_rate(res.barrier, nu, temperature)}
+        out["neb"] = {
+            **res.to_dict(),
+            "attempt_frequency_Hz": nu,
+            "rate_per_s": dyn.tst_rate(res.barrier, nu, temperature),
+        }
     return out

@@ -68,8 +68,16 @@ class Integrator:
         seed: Random seed.
     """
 
-    def __init__(self, atoms: Atoms, evaluate: Evaluate, temperature: float, timestep: float = 2.0,
-                 friction: float = 0.01, springs: np.ndarray | None = None, seed: int = 0):
+    def __init__(
+        self,
+        atoms: Atoms,
+        evaluate: Evaluate,
+        temperature: float,
+        timestep: float = 2.0,
+        friction: float = 0.01,
+        springs: np.ndarray | None = None,
+        seed: int = 0,
+    ):
         self.m = atoms.get_masses()[:, None]
         self.M = float(self.m.sum())
         self.r0 = atoms.positions.copy()
@@ -118,8 +126,9 @@ class Integrator:
         for _ in range(steps):
             self.step()
 
-    def switch(self, schedule: np.ndarray, weights: Callable[[float], tuple[float, float]],
-               du: Callable[[], float]) -> tuple[np.ndarray, np.ndarray]:
+    def switch(
+        self, schedule: np.ndarray, weights: Callable[[float], tuple[float, float]], du: Callable[[], float]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Drive lambda along ``schedule``; return lambda and the cumulative work at each step.
 
         The work increment is dH/dlambda at fixed positions times the change of lambda.
@@ -143,9 +152,11 @@ def einstein_free_energy(masses: np.ndarray, springs: np.ndarray, temperature: f
     kT = kB * temperature
     w2 = k / m  # (eV/A^2)/amu = 1/t^2 in ASE units
     n = len(m)
-    log_q = (1.5 * np.sum(np.log(2 * np.pi * kT / w2))
-             - 1.5 * np.log(2 * np.pi * kT * np.sum(m / m.sum() / w2))
-             - 1.5 * (n - 1) * np.log(2 * np.pi * HBAR**2 / kT))
+    log_q = (
+        1.5 * np.sum(np.log(2 * np.pi * kT / w2))
+        - 1.5 * np.log(2 * np.pi * kT * np.sum(m / m.sum() / w2))
+        - 1.5 * (n - 1) * np.log(2 * np.pi * HBAR**2 / kT)
+    )
     return float(-kT * log_q)
 
 
@@ -196,20 +207,35 @@ class TIResult:
         lo, hi = self.temperatures.min(), self.temperatures.max()
         if not lo - 1e-6 <= temperature <= hi + 1e-6:
             raise DefectMLError(f"{temperature} K is outside the TI range {lo:.0f}-{hi:.0f} K")
-        return (float(np.interp(temperature, self.temperatures, self.free_energy_t)),
-                float(np.interp(temperature, self.temperatures, self.error_t)))
+        return (
+            float(np.interp(temperature, self.temperatures, self.free_energy_t)),
+            float(np.interp(temperature, self.temperatures, self.error_t)),
+        )
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary."""
-        return {"T0_K": self.temperature, "free_energy_eV": self.free_energy, "error_eV": self.error,
-                "repeats_eV": self.repeats, "dissipation_eV": self.dissipation,
-                "springs_eV_A2": self.springs.tolist(), "temperatures_K": self.temperatures.tolist(),
-                "free_energy_T_eV": self.free_energy_t.tolist(), "error_T_eV": self.error_t.tolist(),
-                "settings": self.settings}
+        return {
+            "T0_K": self.temperature,
+            "free_energy_eV": self.free_energy,
+            "error_eV": self.error,
+            "repeats_eV": self.repeats,
+            "dissipation_eV": self.dissipation,
+            "springs_eV_A2": self.springs.tolist(),
+            "temperatures_K": self.temperatures.tolist(),
+            "free_energy_T_eV": self.free_energy_t.tolist(),
+            "error_T_eV": self.error_t.tolist(),
+            "settings": self.settings,
+        }
 
 
-def spring_constants(atoms: Atoms, evaluate: Evaluate, temperature: float, steps: int = 400,
-                     timestep: float = 2.0, seed: int = 0) -> np.ndarray:
+def spring_constants(
+    atoms: Atoms,
+    evaluate: Evaluate,
+    temperature: float,
+    steps: int = 400,
+    timestep: float = 2.0,
+    seed: int = 0,
+) -> np.ndarray:
     """Einstein spring constants k = 3 kT / <|dr|^2> per species, from MD with the model."""
     md = Integrator(atoms, evaluate, temperature, timestep, seed=seed)
     md.run(steps // 4)
@@ -227,9 +253,18 @@ def spring_constants(atoms: Atoms, evaluate: Evaluate, temperature: float, steps
 
 
 def frenkel_ladd(
-    atoms: Atoms, evaluate: Evaluate, temperature: float, *, t_final: float | None = None,
-    repeats: int = 4, equilibration: int = 200, switch_steps: int = 1000, timestep: float = 2.0,
-    friction: float = 0.01, springs: np.ndarray | None = None, seed: int = 0,
+    atoms: Atoms,
+    evaluate: Evaluate,
+    temperature: float,
+    *,
+    t_final: float | None = None,
+    repeats: int = 4,
+    equilibration: int = 200,
+    switch_steps: int = 1000,
+    timestep: float = 2.0,
+    friction: float = 0.01,
+    springs: np.ndarray | None = None,
+    seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> TIResult:
     """Absolute free energy F(T0) by Frenkel-Ladd switching, optionally F(T) up to ``t_final``.
@@ -265,16 +300,39 @@ def frenkel_ladd(
         values.append(f0)
         dissipation.append(0.5 * (w_f[-1] + w_b[-1]))
         if t_final is not None:
-            curves.append(_reversible_scaling(atoms, evaluate, temperature, t_final, f0, equilibration,
-                                              switch_steps, timestep, friction, seed + 7919 + r))
+            curves.append(
+                _reversible_scaling(
+                    atoms,
+                    evaluate,
+                    temperature,
+                    t_final,
+                    f0,
+                    equilibration,
+                    switch_steps,
+                    timestep,
+                    friction,
+                    seed + 7919 + r,
+                )
+            )
         if progress:
             progress(r)
     v = np.array(values)
-    result = TIResult(temperature, float(v.mean()), float(v.std(ddof=1) / np.sqrt(len(v))),
-                      v.tolist(), float(np.mean(dissipation)), np.asarray(k),
-                      settings={"repeats": repeats, "equilibration_steps": equilibration,
-                                "switch_steps": switch_steps, "timestep_fs": timestep,
-                                "friction_per_fs": friction, "t_final": t_final})
+    result = TIResult(
+        temperature,
+        float(v.mean()),
+        float(v.std(ddof=1) / np.sqrt(len(v))),
+        v.tolist(),
+        float(np.mean(dissipation)),
+        np.asarray(k),
+        settings={
+            "repeats": repeats,
+            "equilibration_steps": equilibration,
+            "switch_steps": switch_steps,
+            "timestep_fs": timestep,
+            "friction_per_fs": friction,
+            "t_final": t_final,
+        },
+    )
     if curves:
         temps = curves[0][0]
         f = np.array([c[1] for c in curves])
@@ -284,8 +342,9 @@ def frenkel_ladd(
     return result
 
 
-def _reversible_scaling(atoms, evaluate, t0, t1, f0, equilibration, switch_steps, timestep, friction,
-                        seed, points: int = 41):
+def _reversible_scaling(
+    atoms, evaluate, t0, t1, f0, equilibration, switch_steps, timestep, friction, seed, points: int = 41
+):
     """One forward/backward reversible-scaling run: F(T) on a grid from t0 to t1."""
     lam_end = t0 / t1
     lam = 1 + (lam_end - 1) * switching(np.linspace(0, 1, switch_steps + 1))

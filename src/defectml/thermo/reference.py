@@ -24,8 +24,9 @@ def elemental_reference(element: str) -> Atoms:
         m = Atoms(f"{element}2", positions=[[0, 0, 0], [0, 0, state["d"]]], cell=[15, 15.5, 16], pbc=True)
         m.center()
         return m
-    raise DefectMLError(f"{element}'s reference state ({state['symmetry']}) is not built here: "
-                        f"give --mu {element}=<eV/atom>")
+    raise DefectMLError(
+        f"{element}'s reference state ({state['symmetry']}) is not built here: give --mu {element}=<eV/atom>"
+    )
 
 
 def elemental_mu(element: str, calculator: Calculator, fmax: float = 0.01, steps: int = 300) -> float:

@@ -15,14 +15,18 @@ def table(r: ThermoResult, every: int = 1) -> str:
     """Text table: the terms of the ground state, the configurational sum and c(T)."""
     gs = r.configs[0]
     anh = r.g_f_anh is not None
-    head = (f"{'T/K':>6} {'u_f':>8} {'f_vib':>8} {'-Ts_spin':>8} {'-Ts_or':>8} {'-Ts_conf':>8} {'-Ts_el':>8} "
-            f"{'g_f':>8} {'c/cm-3':>10}" + (f" {'g_f(TI)':>8} {'c(TI)':>10}" if anh else ""))
+    head = (
+        f"{'T/K':>6} {'u_f':>8} {'f_vib':>8} {'-Ts_spin':>8} {'-Ts_or':>8} {'-Ts_conf':>8} {'-Ts_el':>8} "
+        f"{'g_f':>8} {'c/cm-3':>10}" + (f" {'g_f(TI)':>8} {'c(TI)':>10}" if anh else "")
+    )
     lines = [head]
     for i in range(0, len(r.temperatures), every):
         t = r.temperatures[i]
-        row = (f"{t:6.0f} {gs.u_f:8.3f} {gs.f_vib[i]:8.3f} {-kB * t * np.log(gs.spin):8.3f} "
-               f"{-kB * t * np.log(gs.orientational):8.3f} {-t * r.s_conf[i]:8.3f} {-t * r.s_el[i]:8.3f} "
-               f"{r.g_f[i]:8.3f} {r.concentration[i]:10.3e}")
+        row = (
+            f"{t:6.0f} {gs.u_f:8.3f} {gs.f_vib[i]:8.3f} {-kB * t * np.log(gs.spin):8.3f} "
+            f"{-kB * t * np.log(gs.orientational):8.3f} {-t * r.s_conf[i]:8.3f} {-t * r.s_el[i]:8.3f} "
+            f"{r.g_f[i]:8.3f} {r.concentration[i]:10.3e}"
+        )
         if anh:
             row += f" {r.g_f_anh[i]:8.3f} {r.concentration_anh[i]:10.3e}"
         lines.append(row)
@@ -74,8 +78,11 @@ def write(r: ThermoResult, out: Path) -> dict:
     doc = r.to_dict()
     (out / "thermo.json").write_text(json.dumps(doc, indent=2))
     md = [f"# {r.label}: formation free energy ({r.model})", "", "```", table(r).rstrip(), "```", ""]
-    md += [f"- {c.name}: {c.label}, U - U_gs = {c.energy - r.configs[0].energy:+.3f} eV, "
-           f"Omega_spin {c.spin}, Omega_orient {c.orientational:g}" for c in r.configs]
+    md += [
+        f"- {c.name}: {c.label}, U - U_gs = {c.energy - r.configs[0].energy:+.3f} eV, "
+        f"Omega_spin {c.spin}, Omega_orient {c.orientational:g}"
+        for c in r.configs
+    ]
     md += [f"- note: {n}" for n in r.notes]
     (out / "thermo.md").write_text("\n".join(md) + "\n")
     plot(r, out / "thermo.png")

@@ -54,16 +54,23 @@ class HarmonicResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary."""
-        return {"n_atoms": self.n_atoms, "n_displacements": self.n_displacements,
-                "n_imaginary": self.n_imaginary, "min_frequency_THz": round(self.min_frequency, 4),
-                "mesh": list(self.mesh), "displacement_A": self.displacement,
-                "temperatures_K": self.temperatures.tolist(),
-                "free_energy_eV": self.free_energy.tolist(), "entropy_eV_K": self.entropy.tolist(),
-                "warnings": self.warnings}
+        return {
+            "n_atoms": self.n_atoms,
+            "n_displacements": self.n_displacements,
+            "n_imaginary": self.n_imaginary,
+            "min_frequency_THz": round(self.min_frequency, 4),
+            "mesh": list(self.mesh),
+            "displacement_A": self.displacement,
+            "temperatures_K": self.temperatures.tolist(),
+            "free_energy_eV": self.free_energy.tolist(),
+            "entropy_eV_K": self.entropy.tolist(),
+            "warnings": self.warnings,
+        }
 
 
-def relax_symmetric(atoms: Atoms, calculator: Calculator, fmax: float = 0.005, max_steps: int = 400,
-                    symprec: float = 0.05) -> Atoms:
+def relax_symmetric(
+    atoms: Atoms, calculator: Calculator, fmax: float = 0.005, max_steps: int = 400, symprec: float = 0.05
+) -> Atoms:
     """Symmetrise within ``symprec`` and relax positions keeping that symmetry (fixed cell)."""
     from ase.constraints import FixSymmetry
     from ase.optimize import BFGS
@@ -85,16 +92,23 @@ def _phonopy(atoms: Atoms, displacement: float, symprec: float):
     from phonopy import Phonopy
     from phonopy.structure.atoms import PhonopyAtoms
 
-    unit = PhonopyAtoms(symbols=atoms.get_chemical_symbols(), cell=np.asarray(atoms.cell),
-                        scaled_positions=atoms.get_scaled_positions())
-    ph = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int), primitive_matrix="P",
-                 symprec=symprec)
+    unit = PhonopyAtoms(
+        symbols=atoms.get_chemical_symbols(),
+        cell=np.asarray(atoms.cell),
+        scaled_positions=atoms.get_scaled_positions(),
+    )
+    ph = Phonopy(unit, supercell_matrix=np.eye(3, dtype=int), primitive_matrix="P", symprec=symprec)
     ph.generate_displacements(distance=displacement)
     return ph
 
 
-def force_sets(atoms: Atoms, calculator: Calculator, displacement: float = 0.01, symprec: float = 1e-4,
-               progress: Callable | None = None):
+def force_sets(
+    atoms: Atoms,
+    calculator: Calculator,
+    displacement: float = 0.01,
+    symprec: float = 1e-4,
+    progress: Callable | None = None,
+):
     """A phonopy object with its force constants computed by ``calculator``."""
     ph = _phonopy(atoms, displacement, symprec)
     cells = ph.supercells_with_displacements
@@ -114,8 +128,14 @@ def force_sets(atoms: Atoms, calculator: Calculator, displacement: float = 0.01,
 
 
 def harmonic(
-    atoms: Atoms, calculator: Calculator, temperatures: np.ndarray, *, displacement: float = 0.01,
-    symprec: float = 1e-4, mesh: tuple[int, int, int] = (4, 4, 4), progress: Callable | None = None,
+    atoms: Atoms,
+    calculator: Calculator,
+    temperatures: np.ndarray,
+    *,
+    displacement: float = 0.01,
+    symprec: float = 1e-4,
+    mesh: tuple[int, int, int] = (4, 4, 4),
+    progress: Callable | None = None,
 ) -> HarmonicResult:
     """Harmonic free energy of a (relaxed) supercell, force constants from ``calculator``.
 
@@ -137,14 +157,23 @@ def _result(ph, atoms: Atoms, temperatures, mesh, displacement) -> HarmonicResul
     tp = ph.thermal_properties
     warnings = []
     if n_imag:
-        warnings.append(f"{n_imag} imaginary Gamma mode(s), lowest {freqs.min():.3f} THz: the "
-                        "structure is not a minimum of the model or the displacement is too large; "
-                        "these modes are left out of the free energy")
+        warnings.append(
+            f"{n_imag} imaginary Gamma mode(s), lowest {freqs.min():.3f} THz: the "
+            "structure is not a minimum of the model or the displacement is too large; "
+            "these modes are left out of the free energy"
+        )
     return HarmonicResult(
-        len(atoms), len(ph.supercells_with_displacements), freqs, t,
+        len(atoms),
+        len(ph.supercells_with_displacements),
+        freqs,
+        t,
         np.asarray(tp.free_energy) / 96.485332,  # kJ/mol per cell -> eV
         np.asarray(tp.entropy) / 96485.332,  # J/K/mol -> eV/K
-        n_imag, float(freqs.min()), tuple(mesh), displacement, warnings,
+        n_imag,
+        float(freqs.min()),
+        tuple(mesh),
+        displacement,
+        warnings,
     )
 
 
@@ -166,21 +195,36 @@ def quantum_free_energy(frequencies_thz: np.ndarray, temperature: float) -> floa
     return float(np.sum(e / 2 + kB * temperature * np.log1p(-np.exp(-e / (kB * temperature)))))
 
 
-def smoothness(atoms: Atoms, calculator: Calculator, temperature: float,
-               displacements: tuple[float, ...] = (0.01, 0.02, 0.04), symprec: float = 1e-4,
-               mesh: tuple[int, int, int] = (2, 2, 2)) -> dict:
+def smoothness(
+    atoms: Atoms,
+    calculator: Calculator,
+    temperature: float,
+    displacements: tuple[float, ...] = (0.01, 0.02, 0.04),
+    symprec: float = 1e-4,
+    mesh: tuple[int, int, int] = (2, 2, 2),
+) -> dict:
     """Vibrational free energy at several displacement sizes: a smooth model gives the same answer.
 
     Returns the free energies (eV per supercell) and their spread; a spread above ~1 meV/atom
     flags a model whose phonons should not be trusted (CHGNet 0.3.0 on CdTe is one).
     """
-    values = [float(harmonic(atoms, calculator, np.array([temperature]), displacement=d,
-                             symprec=symprec, mesh=mesh).free_energy[0]) for d in displacements]
+    values = [
+        float(
+            harmonic(
+                atoms, calculator, np.array([temperature]), displacement=d, symprec=symprec, mesh=mesh
+            ).free_energy[0]
+        )
+        for d in displacements
+    ]
     spread = max(values) - min(values)
-    return {"temperature_K": temperature, "displacements_A": list(displacements),
-            "free_energy_eV": values, "spread_eV": spread,
-            "spread_meV_per_atom": 1e3 * spread / len(atoms),
-            "smooth": bool(1e3 * spread / len(atoms) < 1.0)}
+    return {
+        "temperature_K": temperature,
+        "displacements_A": list(displacements),
+        "free_energy_eV": values,
+        "spread_eV": spread,
+        "spread_meV_per_atom": 1e3 * spread / len(atoms),
+        "smooth": bool(1e3 * spread / len(atoms) < 1.0),
+    }
 
 
 @dataclass
@@ -198,16 +242,28 @@ class QuasiHarmonicResult:
 
     def to_dict(self) -> dict:
         """JSON-ready dictionary."""
-        return {"volumes_A3": self.volumes.tolist(), "energies_eV": self.energies.tolist(),
-                "temperatures_K": self.temperatures.tolist(),
-                "free_energy_eV": self.free_energy.tolist(), "volume_A3": self.volume_t.tolist(),
-                "n_imaginary": self.n_imaginary, "roughness": self.roughness}
+        return {
+            "volumes_A3": self.volumes.tolist(),
+            "energies_eV": self.energies.tolist(),
+            "temperatures_K": self.temperatures.tolist(),
+            "free_energy_eV": self.free_energy.tolist(),
+            "volume_A3": self.volume_t.tolist(),
+            "n_imaginary": self.n_imaginary,
+            "roughness": self.roughness,
+        }
 
 
 def quasi_harmonic(
-    atoms: Atoms, calculator: Calculator, temperatures: np.ndarray, *,
-    scales: np.ndarray | None = None, displacement: float = 0.01, symprec: float = 1e-4,
-    mesh: tuple[int, int, int] = (4, 4, 4), relax: bool = True, progress: Callable | None = None,
+    atoms: Atoms,
+    calculator: Calculator,
+    temperatures: np.ndarray,
+    *,
+    scales: np.ndarray | None = None,
+    displacement: float = 0.01,
+    symprec: float = 1e-4,
+    mesh: tuple[int, int, int] = (4, 4, 4),
+    relax: bool = True,
+    progress: Callable | None = None,
 ) -> QuasiHarmonicResult:
     """Quasi-harmonic free energy: harmonic phonons on a volume scan, minimised over V at each T.
 
@@ -254,8 +310,9 @@ def quasi_harmonic(
     return QuasiHarmonicResult(v, e, t, fv, np.array(g), np.array(vt), nimag, float(second.max() / slope))
 
 
-def vibrational_formation_free_energy(f_defect: np.ndarray, f_bulk: np.ndarray, n_defect: int,
-                                      n_bulk: int) -> np.ndarray:
+def vibrational_formation_free_energy(
+    f_defect: np.ndarray, f_bulk: np.ndarray, n_defect: int, n_bulk: int
+) -> np.ndarray:
     """f_vib = F_vib(defect) - (N_defect / N_bulk) F_vib(bulk).
 
     The exchanged atoms' reservoirs are given the host's mean vibrational free energy per atom
@@ -264,6 +321,15 @@ def vibrational_formation_free_energy(f_defect: np.ndarray, f_bulk: np.ndarray, 
     return np.asarray(f_defect) - n_defect / n_bulk * np.asarray(f_bulk)
 
 
-__all__ = ["HarmonicResult", "QuasiHarmonicResult", "classical_free_energy", "force_sets", "harmonic",
-           "quantum_free_energy", "quasi_harmonic", "relax_symmetric", "smoothness",
-           "vibrational_formation_free_energy"]
+__all__ = [
+    "HarmonicResult",
+    "QuasiHarmonicResult",
+    "classical_free_energy",
+    "force_sets",
+    "harmonic",
+    "quantum_free_energy",
+    "quasi_harmonic",
+    "relax_symmetric",
+    "smoothness",
+    "vibrational_formation_free_energy",
+]
