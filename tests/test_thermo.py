@@ -356,3 +356,26 @@ def test_dynamics_cli(tmp_path, copper_cif, capsys):
     assert (run / "dynamics" / "v_Cu_0" / "trajectory.extxyz").exists()
     assert main(["dynamics", str(run), "--defect", "v_Cu", "--neb-to", "3", "--steps", "2", "--quiet"]) == 2
     assert "--neb-to 3 is not one" in capsys.readouterr().err
+
+
+def test_inherent_structure_entropy_two_level_system():
+    from defectml.thermo.configurational import inherent_structure_entropy
+
+    # two minima 0.1 eV apart: <e_IS>(T) = 0.1 p_1(T); Eq. 14 must give S(T) - S(T0) of the
+    # two-level system, -k sum p ln p
+    t = np.linspace(200, 1200, 401)
+    p = np.array([populations(np.array([0.0, 0.1]), x) for x in t])
+    e = p[:, 1] * 0.1
+    s = np.array([configurational_entropy(x) for x in p])
+    got = inherent_structure_entropy(t, e, s0=s[0])
+    assert got[-1] == pytest.approx(s[-1], rel=1e-3)
+
+
+def test_thermo_qha_route(tmp_path, copper_cif):
+    run = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
+                 "--out", str(run), "--quiet"]) == 0
+    assert main(["thermo", str(run), "--T", "300,900", "--vib", "qha", "--mesh", "2", "--quiet"]) == 0
+    doc = json.loads((run / "thermo" / "v_Cu_0" / "thermo.json").read_text())
+    f = np.array(doc["configurations"][0]["f_vib_eV"])
+    assert np.all(np.isfinite(f)) and f[1] < f[0]  # the vacancy's vibrational entropy raises it with T

@@ -31,12 +31,17 @@ def run_md(
     Frames carry ``info['time_fs']``, ``info['energy']`` and ``info['temperature']``.
     """
     from ase.md.langevinbaoab import LangevinBAOAB
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.velocitydistribution import Stationary
+
+    try:  # ASE >= 3.28
+        from ase.md.velocitydistribution import thermalize_momenta
+    except ImportError:  # pragma: no cover
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution as thermalize_momenta
 
     work = atoms.copy()
     work.calc = calculator
     rng = np.random.default_rng(seed)
-    MaxwellBoltzmannDistribution(work, temperature_K=temperature, rng=rng)
+    thermalize_momenta(work, temperature_K=temperature, rng=rng)
     Stationary(work)
     kwargs = {"temperature_K": temperature, "T_tau": 100 * units.fs, "rng": rng}
     if pressure_bar is not None:

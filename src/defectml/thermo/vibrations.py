@@ -149,7 +149,7 @@ def harmonic(
 def _result(ph, atoms: Atoms, temperatures, mesh, displacement) -> HarmonicResult:
     t = np.asarray(temperatures, float)
     ph.run_qpoints([[0, 0, 0]])
-    freqs = np.sort(ph.get_qpoints_dict()["frequencies"][0])
+    freqs = np.sort(np.asarray(ph.qpoints.frequencies)[0])
     non_acoustic = freqs[3:] if len(freqs) > 3 else freqs[:0]
     n_imag = int(np.sum(non_acoustic < IMAGINARY_THZ))
     ph.run_mesh(list(mesh), is_gamma_center=True)
