@@ -12,7 +12,7 @@ from ase import Atoms
 from ase.io import read
 
 from defectml.errors import DefectMLError
-from defectml.predictor.graph import DefectGraph, NodeType, align_pristine, build_graph
+from defectml.predictor.graph import DefectGraph, NodeType, align_pristine, build_graph, tile_pristine
 
 MATERIALS = ("MoS2", "WSe2", "hBN", "GaSe", "InSe", "BP")
 
@@ -116,10 +116,4 @@ def material_split(
 
 
 def _aligned(defect: Atoms, pristine: Atoms) -> Atoms:
-    import numpy as np
-    from ase.build import make_supercell
-
-    p = pristine
-    if not np.allclose(defect.cell.lengths(), p.cell.lengths(), atol=0.05):
-        p = make_supercell(p, np.rint(np.linalg.solve(p.cell.T, defect.cell.T).T).astype(int))
-    return align_pristine(defect, p)
+    return align_pristine(defect, tile_pristine(defect, pristine))

@@ -111,6 +111,18 @@ def classify(defect: Atoms, pristine: Atoms, tol: float = 0.6) -> tuple[np.ndarr
     return types, host, vacancies
 
 
+def tile_pristine(defect: Atoms, pristine: Atoms) -> Atoms:
+    """``pristine`` repeated to the defect cell when it is a unit cell (unchanged otherwise)."""
+    if np.allclose(defect.cell.lengths(), pristine.cell.lengths(), atol=0.05):
+        return pristine
+    from ase.build import make_supercell
+
+    scale = np.rint(np.linalg.solve(pristine.cell.T, defect.cell.T).T).astype(int)
+    if np.abs(np.linalg.det(scale)) < 1:
+        raise DefectMLError("the pristine cell does not tile the defect cell")
+    return make_supercell(pristine, scale)
+
+
 def build_graph(
     defect: Atoms,
     pristine: Atoms,
@@ -127,14 +139,7 @@ def build_graph(
     Raises:
         DefectMLError: when cells differ, or ``relaxed`` is not the same atoms in the same order.
     """
-    if not np.allclose(defect.cell.lengths(), pristine.cell.lengths(), atol=0.05):
-        pristine = pristine.copy()
-        scale = np.rint(np.linalg.solve(pristine.cell.T, defect.cell.T).T).astype(int)
-        if np.abs(np.linalg.det(scale)) < 1:
-            raise DefectMLError("the pristine cell does not tile the defect cell")
-        from ase.build import make_supercell
-
-        pristine = make_supercell(pristine, scale)
+    pristine = tile_pristine(defect, pristine)
     if align:
         pristine = align_pristine(defect, pristine)
     types, host, vac = classify(defect, pristine)

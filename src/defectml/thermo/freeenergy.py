@@ -322,6 +322,7 @@ def formation_free_energy(
         timings["vibrations_bulk"] = time.perf_counter() - t1
     s_el = np.array([s.electronic(x) for x in t]) if s.electronic else np.zeros_like(t)
     configs = []
+    vib_full: dict[str, dict] = {}  # full phonon results per configuration, for the TI route
     for m in chosen:
         u_f = u_formation(
             m.energy,
@@ -339,7 +340,7 @@ def formation_free_energy(
         if bulk_vib is not None:
             t1 = time.perf_counter()
             log(f"phonons of {summary.label} {m.trial} ({n_d} atoms) with {model}")
-            dv = _vibrations(m.atoms, calculator, model, s, cache, log)
+            dv = vib_full[m.trial] = _vibrations(m.atoms, calculator, model, s, cache, log)
             timings[f"vibrations_{m.trial}"] = time.perf_counter() - t1
             f_vib = vib.vibrational_formation_free_energy(
                 np.array(dv["free_energy_eV"]), np.array(bulk_vib["free_energy_eV"]), n_d, n_b
@@ -370,6 +371,7 @@ def formation_free_energy(
             s,
             cache,
             bulk_vib,
+            vib_full[configs[0].name],
             configs,
             multiplicity,
             cell_volume,
@@ -429,6 +431,7 @@ def _anharmonic(
     s,
     cache,
     bulk_vib,
+    gs_vib,
     configs,
     multiplicity,
     cell_volume,
@@ -449,7 +452,6 @@ def _anharmonic(
     fd, ed = _ti_free_energy(ti_d, t)
     fb, eb = _ti_free_energy(ti_b, t)
     n_d, n_b = len(gs_min.atoms), len(bulk)
-    gs_vib = _vibrations(gs_min.atoms, calc, model, s, cache, log)
 
     # like-with-like: classical harmonic on the same supercell (Gamma), static energies removed
     def classical(v: dict) -> np.ndarray:
