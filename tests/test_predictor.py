@@ -77,6 +77,32 @@ def test_equivariance_and_translation_invariance():
     assert np.allclose(disp[len(u) :], 0)  # vacancy placeholders never move
 
 
+def test_zero_net_displacement_per_structure():
+    """Each structure's real atoms move with zero mean (as a DFT relaxation that drops the net force)."""
+    torch.manual_seed(1)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    cells = []
+    for k, seed in enumerate((2, 3)):
+        u = pristine.copy()
+        del u[k]
+        u.rattle(0.05, seed=seed)
+        cells.append(build_graph(u, pristine, 4.0))
+    free = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0, zero_net_displacement=False))
+    for p in free.parameters():
+        p.data.normal_(0, 0.3)
+    held = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0))
+    held.load_state_dict(free.state_dict())
+    b = Batch(cells)
+    d_free, d_held = free(b).detach(), held(b).detach()
+    means = [d_free[(b.graph == k) & b.real].mean(0) for k in range(2)]
+    assert max(float(m.abs().max()) for m in means) > 1e-4  # the unconstrained model does drift
+    for k in range(2):
+        sel = (b.graph == k) & b.real
+        assert torch.allclose(d_held[sel].mean(0), torch.zeros(3), atol=1e-6)
+        assert torch.allclose(d_held[sel], d_free[sel] - means[k], atol=1e-6)
+    assert torch.all(d_held[~b.real] == 0)
+
+
 def test_training_beats_dummy_and_resumes(tmp_path):
     graphs = [_random_pair(s) for s in range(10)]
     train_g, test_g = graphs[:8], graphs[8:]
@@ -187,6 +213,13 @@ def test_2dmd_representation_on_real_pairs(tmp_path):
         counts = np.bincount(g.node_type.numpy(), minlength=4)
         assert counts[NodeType.INTERSTITIAL] == 0  # the data set has vacancies and substitutions only
         assert counts[NodeType.PRISTINE] + counts[NodeType.SUBSTITUTED] + counts[NodeType.VACANCY] == 128
+    out = tmp_path  # the graph cache built above is reused
+    common = ["--data", str(root), "--out", str(out), "--materials", "hBN"]
+    tiny = ["--limit", "4", "--epochs", "1", "--features", "8", "--layers", "1", "--threads", "1"]
+    assert main(["predictor", "train", "--per-material", *common, *tiny]) == 0
+    _, ck = load_checkpoint(out / "hBN" / "model.pt")
+    assert ck["epoch"] == 1 and ck["config"]["zero_net_displacement"]
+    assert main(["predictor", "evaluate", str(out), *common]) == 0
 
 
 def test_search_pre_relax_option(tmp_path, copper_cif):

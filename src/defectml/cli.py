@@ -337,6 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--out", default="runs/predictor",
                     help="folder for model.pt, its log and the graph cache")
     pt.add_argument("--materials", default="all", help="comma list of MoS2,WSe2,hBN,GaSe,InSe,BP or all")
+    pt.add_argument("--per-material", action="store_true",
+                    help="one model per material (OUT/<material>/model.pt) instead of one joint model")
     pt.add_argument("--epochs", type=int, default=20)
     pt.add_argument("--batch-size", type=int, default=8)
     pt.add_argument("--lr", type=float, default=2e-3)
@@ -352,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--pristine", required=True, help="the pristine supercell (or unit cell) of the host")
     pp.add_argument("-o", "--output", default=None, help="output file (default: <structure>_predicted.cif)")
     pe = psub.add_parser("evaluate", help="coordinate MAE on the 2DMD test split vs the Dummy baseline")
-    pe.add_argument("model")
+    pe.add_argument("model", help="model.pt, or the folder of a --per-material run (<material>/model.pt)")
     pe.add_argument("--data", default="../shared/data/2dmd-high-density-pairs.tar.gz")
     pe.add_argument("--out", default="runs/predictor")
     pe.add_argument("--materials", default="all")
@@ -729,13 +731,18 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
         settings = ptrain.TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
                                         threads=a.threads)
-        ptrain.train([g for s in splits for g in s.train], [g for s in splits for g in s.val],
-                     out / "model.pt", config, settings, log=lambda m: print(m, file=sys.stderr))
-        print(f"model: {out / 'model.pt'}")
+        groups = ([(out / s.material / "model.pt", [s]) for s in splits] if a.per_material
+                  else [(out / "model.pt", splits)])
+        for target, group in groups:
+            ptrain.train([g for s in group for g in s.train], [g for s in group for g in s.val],
+                         target, config, settings,
+                         log=lambda m, t=target: print(f"{t.parent.name}: {m}", file=sys.stderr))
+            print(f"model: {target}")
         return 0
-    model, ck = ptrain.load_checkpoint(a.model)
     print(f"{'material':>8} {'model all':>9} {'A3':>7} {'dummy all':>9} {'A3':>7} {'A3 gain':>8}")
     for m in materials:
+        path = Path(a.model) / m / "model.pt" if Path(a.model).is_dir() else Path(a.model)
+        model, _ = ptrain.load_checkpoint(path)
         split = pdata.material_split(root, m, model.config.cutoff, out / "cache")
         res, _ = ptrain.evaluate(model, split.test)
         dummy, _ = ptrain.evaluate(_Dummy(), split.test)

@@ -7,6 +7,8 @@ and vector channels, and (3) moves the real atoms by a vector read out of v plus
 edge directions. Edges are fixed (built on the unrelaxed structure); their vectors follow the
 updated coordinates. Vacancy placeholders carry messages but never move. The output is the
 displacement of every atom from its unrelaxed position: rotation-equivariant, translation-invariant.
+With ``zero_net_displacement`` the mean displacement of each structure's real atoms is removed, as a
+plane-wave DFT relaxation (which drops the net force) leaves it: the 2DMD targets sum to zero exactly.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ModelConfig:
     rbf: int = 16
     cutoff: float = 6.0
     max_z: int = 100
+    zero_net_displacement: bool = True
 
     def to_dict(self) -> dict:
         """Plain dictionary (stored in checkpoints)."""
@@ -134,7 +137,13 @@ class DefectRelaxNet(nn.Module):
         x = b.pos
         for layer in self.layers:
             s, v, x = layer(s, v, x, b, self.radial)
-        return x - b.pos
+        disp = x - b.pos
+        if self.config.zero_net_displacement:
+            w = b.real.to(disp.dtype).unsqueeze(-1)
+            count = _scatter(w, b.graph, b.n_graphs).clamp(min=1.0)
+            mean = _scatter(disp * w, b.graph, b.n_graphs) / count
+            disp = (disp - mean[b.graph]) * w
+        return disp
 
 
 def distance_loss(pred: torch.Tensor, b: Batch) -> torch.Tensor:

@@ -41,7 +41,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DefectRelaxN
     """A trained model and its checkpoint dictionary."""
     try:
         ck = torch.load(path, map_location=device, weights_only=False)
-        model = DefectRelaxNet(ModelConfig(**ck["config"]))
+        config = {"zero_net_displacement": False, **ck["config"]}  # checkpoints written before the option
+        model = DefectRelaxNet(ModelConfig(**config))
         model.load_state_dict(ck["best_state"] if ck.get("best_state") else ck["state"])
     except (OSError, KeyError, RuntimeError, TypeError) as exc:
         raise DefectMLError(f"cannot load predictor checkpoint {path}: {exc}") from None
@@ -62,7 +63,11 @@ def evaluate(model: DefectRelaxNet, graphs: list[DefectGraph], device: str = "cp
     return mean_metrics(rows), t / max(1, len(graphs))
 
 
-def _val_loss(model, graphs, s: TrainSettings) -> float:
+def validation_loss(
+    model: DefectRelaxNet, graphs: list[DefectGraph], s: TrainSettings | None = None
+) -> float:
+    """Mean training loss (distance to the relaxed positions, A) over ``graphs``, batched as in training."""
+    s = s or TrainSettings()
     model.eval()
     with torch.no_grad():
         losses = [
@@ -95,7 +100,7 @@ def train(
     torch.manual_seed(s.seed)
     if checkpoint.exists():
         ck = torch.load(checkpoint, map_location=s.device, weights_only=False)
-        config = ModelConfig(**ck["config"])
+        config = ModelConfig(**{"zero_net_displacement": False, **ck["config"]})
         log(f"resuming {checkpoint} at epoch {ck['epoch']}")
     else:
         ck = None
@@ -128,7 +133,7 @@ def train(
             opt.step()
             losses.append(float(loss.detach()))
         sched.step()
-        val = _val_loss(model, val_graphs, s)
+        val = validation_loss(model, val_graphs, s)
         dt = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val, "time_s": dt})
         if val < best:
