@@ -255,3 +255,28 @@ def test_search_pre_relax_option(tmp_path, copper_cif):
     keys = {r.settings_key for r in rows}
     assert len(keys) == 2  # pre-relaxed trials are a different search, not mixed with the plain one
     assert main([*args, "--pre-relax", str(tmp_path / "none.pt")]) == 2
+
+
+def test_derived_train_ids_are_shuffled_before_validation_hold_out(tmp_path):
+    """Without train.csv (BP) the sorted ids group by composition: validation must not be their tail."""
+    from defectml.predictor.data import material_split
+
+    folder = tmp_path / "high_density_defects" / "BP"
+    (folder / "CIF").mkdir(parents=True)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True)
+    write(folder / "Cu.cif", pristine)
+    ids = [f"P_id{k:02d}" for k in range(22)]
+    for k, i in enumerate(ids):
+        u = pristine.copy()
+        del u[k % len(u)]
+        r = u.copy()
+        r.rattle(0.02, seed=k)
+        write(folder / "CIF" / f"{i}_unrelaxed.cif", u)
+        write(folder / "CIF" / f"{i}_relaxed.cif", r)
+    (folder / "test.csv").write_text("atoms_id\n" + "\n".join(ids[:2]) + "\n")
+    split = material_split(folder.parent, "BP", 3.0, tmp_path / "cache", val_fraction=0.1)
+    assert len(split.train) == 18 and len(split.val) == 2 and len(split.test) == 2
+    assert sorted(split.train_ids + split.val_ids) == ids[2:]
+    assert sorted(split.val_ids) != ids[-2:]  # not the sorted tail
+    again = material_split(folder.parent, "BP", 3.0, tmp_path / "cache2", val_fraction=0.1)
+    assert again.val_ids == split.val_ids  # a fixed order: reruns hold out the same ids

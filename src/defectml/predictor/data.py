@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import random
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,8 @@ class Split:
     val: list[DefectGraph]
     test: list[DefectGraph]
     test_ids: list[str]
+    train_ids: list[str] = field(default_factory=list)
+    val_ids: list[str] = field(default_factory=list)
 
 
 def unpack(source: str | Path, cache: Path) -> Path:
@@ -71,19 +74,21 @@ def material_split(
 ) -> Split:
     """Graphs of one material (cached as ``<cache>/<material>_<cutoff>.pt``).
 
-    Train ids: ``train.csv`` when shipped, else every id not in ``test.csv`` (BP); the last
-    ``val_fraction`` of them is held out for validation. ``limit`` keeps the first N train ids.
+    Train ids: ``train.csv`` when shipped (already in random order), else every id not in
+    ``test.csv`` (BP), put in a fixed random order (sorted ids group by composition, so a tail would be
+    a biased validation set); the last ``val_fraction`` of them is held out for validation. ``limit``
+    keeps the first N train ids.
     """
     folder = root / material
     if not folder.is_dir():
         raise DefectMLError(f"unknown material {material!r}; the data has {', '.join(MATERIALS)}")
     test_ids = _ids(folder / "test.csv")
     all_ids = sorted(p.name[: -len("_unrelaxed.cif")] for p in (folder / "CIF").glob("*_unrelaxed.cif"))
-    train_ids = (
-        _ids(folder / "train.csv")
-        if (folder / "train.csv").exists()
-        else [i for i in all_ids if i not in set(test_ids)]
-    )
+    if (folder / "train.csv").exists():
+        train_ids = _ids(folder / "train.csv")
+    else:
+        train_ids = [i for i in all_ids if i not in set(test_ids)]
+        random.Random(0).shuffle(train_ids)
     if limit:
         train_ids = train_ids[:limit]
     tag = f"{material}_{cutoff:g}_{len(train_ids)}"
@@ -111,7 +116,13 @@ def material_split(
     n_val = max(1, int(round(val_fraction * len(train_ids))))
     fit, val = train_ids[:-n_val], train_ids[-n_val:]
     return Split(
-        material, [graphs[k] for k in fit], [graphs[k] for k in val], [graphs[k] for k in test_ids], test_ids
+        material,
+        [graphs[k] for k in fit],
+        [graphs[k] for k in val],
+        [graphs[k] for k in test_ids],
+        test_ids,
+        fit,
+        val,
     )
 
 
