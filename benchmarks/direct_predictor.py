@@ -124,17 +124,22 @@ def _chgnet_subset(model, split, calc, fmax: float, n: int, cache: dict, cache_p
     }
 
 
+def _train_joint(work: Path, splits: dict, config: ModelConfig, settings: TrainSettings) -> Path:
+    """Train (or resume) one model on every material; returns its checkpoint."""
+    train(
+        [g for s in splits.values() for g in s.train],
+        [g for s in splits.values() for g in s.val],
+        work / "model.pt",
+        config,
+        settings,
+    )
+    return work / "model.pt"
+
+
 def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, settings: TrainSettings) -> dict:
     """Train (or resume) the model(s); returns {material: checkpoint path}."""
     if a.joint:
-        train(
-            [g for s in splits.values() for g in s.train],
-            [g for s in splits.values() for g in s.val],
-            work / "model.pt",
-            config,
-            settings,
-        )
-        return dict.fromkeys(splits, work / "model.pt")
+        return dict.fromkeys(splits, _train_joint(work, splits, config, settings))
     paths = {m: work / "per_material" / f"{m}.pt" for m in splits}
     jobs = [
         {
@@ -194,14 +199,7 @@ def main() -> None:
         joint_settings = TrainSettings(
             epochs=a.joint_epochs, batch_size=a.batch_size, lr=a.lr, threads=a.threads
         )
-        train(
-            [g for s in splits.values() for g in s.train],
-            [g for s in splits.values() for g in s.val],
-            work / "model.pt",
-            config,
-            joint_settings,
-        )
-        joint, joint_ck = load_checkpoint(work / "model.pt")
+        joint, joint_ck = load_checkpoint(_train_joint(work, splits, config, joint_settings))
     t_train = time.perf_counter() - t0
     torch.set_num_threads(a.threads)
     from defectml.models import load_model

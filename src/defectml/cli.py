@@ -740,9 +740,10 @@ def cmd_predictor(a: argparse.Namespace) -> int:
             print(f"model: {target}")
         return 0
     print(f"{'material':>8} {'model all':>9} {'A3':>7} {'dummy all':>9} {'A3':>7} {'A3 gain':>8}")
+    per_material = Path(a.model).is_dir()
+    shared = None if per_material else ptrain.load_checkpoint(a.model)[0]
     for m in materials:
-        path = Path(a.model) / m / "model.pt" if Path(a.model).is_dir() else Path(a.model)
-        model, _ = ptrain.load_checkpoint(path)
+        model = ptrain.load_checkpoint(Path(a.model) / m / "model.pt")[0] if per_material else shared
         split = pdata.material_split(root, m, model.config.cutoff, out / "cache")
         res, _ = ptrain.evaluate(model, split.test)
         dummy, _ = ptrain.evaluate(_Dummy(), split.test)

@@ -87,7 +87,8 @@ def material_split(
     if (folder / "train.csv").exists():
         train_ids = _ids(folder / "train.csv")
     else:
-        train_ids = [i for i in all_ids if i not in set(test_ids)]
+        held = set(test_ids)
+        train_ids = [i for i in all_ids if i not in held]
         random.Random(0).shuffle(train_ids)
     if limit:
         train_ids = train_ids[:limit]
