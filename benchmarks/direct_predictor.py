@@ -10,7 +10,7 @@ unrelaxed and from the predicted positions: its coordinate MAE and the FIRE step
 relaxations from the unrelaxed cells are cached in the work folder, so a rerun only redoes those
 that depend on the model).
 
-    python benchmarks/direct_predictor.py [--epochs 100] [--features 32] [--layers 3] [--jobs 2]
+    python benchmarks/direct_predictor.py [--epochs 80] [--features 64] [--noise 0.03] [--layers 3] [--jobs 2]
 
 Writes benchmarks/results/direct_predictor.{json,md}; models land in runs/definet/per_material/<m>.pt
 (runs/definet/model.pt with ``--joint``); rerunning resumes (or extends) their training.
@@ -140,7 +140,7 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
     """Train (or resume) the model(s); returns {material: checkpoint path}."""
     if a.joint:
         return dict.fromkeys(splits, _train_joint(work, splits, config, settings))
-    paths = {m: work / "per_material" / f"{m}.pt" for m in splits}
+    paths = {m: work / a.models / f"{m}.pt" for m in splits}
     jobs = [
         {
             "root": str(root),
@@ -149,7 +149,14 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
             "cache": str(work / "cache"),
             "checkpoint": str(paths[m]),
             "config": config.to_dict(),
-            "settings": {"epochs": a.epochs, "batch_size": a.batch_size, "lr": a.lr, "threads": 1},
+            "settings": {
+                "epochs": a.epochs,
+                "batch_size": a.batch_size,
+                "lr": a.lr,
+                "threads": 1,
+                "noise": a.noise,
+                "compile": a.compile,
+            },
         }
         for m in splits
     ]
@@ -173,12 +180,17 @@ def main() -> None:
         help="also train (or resume) the joint model and pick, per material, the lower validation loss",
     )
     p.add_argument("--joint-epochs", type=int, default=45, help="epochs of the joint model (--compare-joint)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--features", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=80)
+    p.add_argument("--features", type=int, default=64)
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--noise", type=float, default=0.03, help="input-noise regulariser width (A)")
+    p.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile training"
+    )
+    p.add_argument("--models", default="per_material", help="folder under --work for the per-material models")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chgnet-per-material", type=int, default=5)
     p.add_argument("--fmax", type=float, default=0.05)
@@ -191,13 +203,20 @@ def main() -> None:
     splits = {m: material_split(root, m, a.cutoff, work / "cache") for m in MATERIALS}
     t_graphs = time.perf_counter() - t0
     config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
-    settings = TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, threads=a.threads)
+    settings = TrainSettings(
+        epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, threads=a.threads, noise=a.noise, compile=a.compile
+    )
     t0 = time.perf_counter()
     paths = _train_all(a, root, work, splits, config, settings)
     joint = None
     if a.compare_joint and not a.joint:
         joint_settings = TrainSettings(
-            epochs=a.joint_epochs, batch_size=a.batch_size, lr=a.lr, threads=a.threads
+            epochs=a.joint_epochs,
+            batch_size=a.batch_size,
+            lr=a.lr,
+            threads=a.threads,
+            noise=a.noise,
+            compile=a.compile,
         )
         joint, joint_ck = load_checkpoint(_train_joint(work, splits, config, joint_settings))
     t_train = time.perf_counter() - t0
@@ -264,6 +283,8 @@ def main() -> None:
             "epochs": a.epochs,
             "batch_size": a.batch_size,
             "lr": a.lr,
+            "noise_A": a.noise,
+            "compiled": a.compile,
             "threads_per_model": a.threads if a.joint else 1,
             "parallel_jobs": 1 if a.joint else a.jobs,
         },
@@ -290,8 +311,9 @@ def main() -> None:
     md = [
         "# Direct relaxed-structure predictor on 2DMD (test split, 50 per material)",
         "",
-        f"{what}: {a.features} features, {a.layers} layers, cutoff {a.cutoff} A, "
-        f"{max(len(t) for t in epoch_times.values())} epochs on this CPU, {np.mean(all_epochs):.0f} s/epoch "
+        f"{what}: {a.features} features, {a.layers} layers, cutoff {a.cutoff} A, input noise {a.noise} A, "
+        f"{max(len(t) for t in epoch_times.values())} epochs on this CPU"
+        f"{' (torch.compile)' if a.compile else ''}, {np.mean(all_epochs):.0f} s/epoch "
         f"per model on average. Rerun: `python benchmarks/direct_predictor.py"
         f"{' --joint' if a.joint else ''}`.",
         "",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -280,3 +281,69 @@ def test_derived_train_ids_are_shuffled_before_validation_hold_out(tmp_path):
     assert sorted(split.val_ids) != ids[-2:]  # not the sorted tail
     again = material_split(folder.parent, "BP", 3.0, tmp_path / "cache2", val_fraction=0.1)
     assert again.val_ids == split.val_ids  # a fixed order: reruns hold out the same ids
+
+
+def test_input_noise_keeps_the_relaxed_positions():
+    """The noise regulariser moves inputs and targets oppositely, with zero mean shift per structure."""
+    from defectml.predictor.train import perturb
+
+    torch.manual_seed(3)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    cells = []
+    for k in range(2):
+        u = pristine.copy()
+        del u[k]
+        r = u.copy()
+        r.rattle(0.05, seed=k)
+        r.positions -= (r.positions - u.positions).mean(0)
+        cells.append(build_graph(u, pristine, 4.0, relaxed=r))
+    b = Batch(cells)
+    pos0, target0 = b.pos.clone(), b.target.clone()
+    perturb(b, 0.05)
+    shift = b.pos - pos0
+    assert float(shift[b.real].abs().mean()) > 0.01
+    assert torch.all(shift[~b.real] == 0)  # vacancy placeholders stay on their sites
+    assert torch.allclose(b.pos + b.target, pos0 + target0, atol=1e-6)  # same relaxed positions
+    for k in range(2):
+        assert torch.allclose(shift[(b.graph == k) & b.real].mean(0), torch.zeros(3), atol=1e-6)
+
+
+def test_init_from_starts_at_the_given_weights_with_a_fresh_schedule(tmp_path):
+    graphs = [_random_pair(s) for s in range(4)]
+    config = ModelConfig(features=8, layers=1, cutoff=4.0)
+    first = tmp_path / "first.pt"
+    train(graphs[:3], graphs[3:], first, config, TrainSettings(epochs=3, batch_size=2), log=lambda m: None)
+    start, _ = load_checkpoint(first)
+    second = tmp_path / "second.pt"
+    logs: list[str] = []
+    hist = train(
+        graphs[:3],
+        graphs[3:],
+        second,
+        ModelConfig(features=16, layers=2, cutoff=4.0),  # ignored: the architecture comes from `first`
+        TrainSettings(epochs=1, batch_size=2, lr=0.0, noise=0.02, init_from=str(first)),
+        log=logs.append,
+    )
+    assert len(hist["history"]) == 1 and any("starting from the weights" in m for m in logs)
+    model, _ = load_checkpoint(second)
+    assert model.config.features == 8
+    for key, value in start.state_dict().items():  # lr 0: the weights are the ones it started from
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")
+def test_compiled_training_step_matches_eager():
+    """``torch.compile`` (TrainSettings.compile) gives the same predictions and gradients as eager mode."""
+    torch.manual_seed(4)
+    graphs = [_random_pair(s) for s in range(2)]
+    model = DefectRelaxNet(ModelConfig(features=8, layers=2, cutoff=4.0))
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    compiled = torch.compile(model, dynamic=True)
+    for group in (graphs, graphs[:1]):  # a second batch size must not break the compiled graph
+        b = Batch(group)
+        out_e, out_c = model(b), compiled(b)
+        assert torch.allclose(out_e, out_c, atol=1e-5)
+        g_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
+        g_c = torch.autograd.grad(out_c.square().sum(), list(model.parameters()))
+        assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(g_e, g_c, strict=True))

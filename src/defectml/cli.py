@@ -348,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--limit", type=int, default=None, help="first N training pairs per material")
     pt.add_argument("--device", default="cpu", help="cpu or cuda")
     pt.add_argument("--threads", type=int, default=None)
+    pt.add_argument("--noise", type=float, default=0.0,
+                    help="input-noise regulariser: Gaussian width (A) of a random shift of the input atoms")
+    pt.add_argument("--compile", action="store_true",
+                    help="torch.compile the training step (about 2x faster on CPU after ~1 min of compiling)")
+    pt.add_argument("--init-from", default=None,
+                    help="start from this checkpoint's weights with a fresh schedule (fine-tuning)")
     pp = psub.add_parser("predict", help="predict the relaxed structure of an unrelaxed defect cell")
     pp.add_argument("model", help="model.pt from `defectml predictor train`")
     pp.add_argument("structure", help="unrelaxed defect supercell (CIF, POSCAR, extxyz, ...)")
@@ -730,7 +736,8 @@ def cmd_predictor(a: argparse.Namespace) -> int:
                   for m in materials]
         config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
         settings = ptrain.TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
-                                        threads=a.threads)
+                                        threads=a.threads, noise=a.noise, compile=a.compile,
+                                        init_from=a.init_from)
         groups = ([(out / s.material / "model.pt", [s]) for s in splits] if a.per_material
                   else [(out / "model.pt", splits)])
         for target, group in groups:

@@ -20,7 +20,16 @@ from defectml.predictor.model import Batch, DefectRelaxNet, ModelConfig, distanc
 
 @dataclass
 class TrainSettings:
-    """Optimiser settings (defaults: the small CPU configuration)."""
+    """Optimiser settings (defaults: the small CPU configuration).
+
+    ``compile`` runs the training forward pass through ``torch.compile`` (about 2x faster per step on
+    CPU after a one-off compilation of about a minute). ``init_from`` starts a new run from another
+    checkpoint's best weights (fine-tuning, or a warm restart with a fresh learning-rate cycle); it
+    is ignored when the run's own checkpoint exists and is resumed. ``noise`` (A) perturbs the input
+    positions of the real atoms of every training batch by Gaussian noise of that width (zero mean
+    per structure) and moves the targets by the opposite amount, so the network learns to map a
+    slightly perturbed structure to the same relaxed one (a regulariser for small data sets).
+    """
 
     epochs: int = 20
     batch_size: int = 8
@@ -29,7 +38,22 @@ class TrainSettings:
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
+    compile: bool = False
+    noise: float = 0.0
+    init_from: str | None = None
     log: list = field(default_factory=list)
+
+
+def perturb(b: Batch, width: float) -> None:
+    """Shift the real atoms of ``b`` by Gaussian noise (zero mean per structure) and its targets back."""
+    w = b.real.to(b.pos.dtype).unsqueeze(-1)
+    eps = torch.randn_like(b.pos) * width * w
+    count = torch.zeros(b.n_graphs, 1, dtype=w.dtype, device=w.device).index_add_(0, b.graph, w).clamp(min=1)
+    mean = torch.zeros(b.n_graphs, 3, dtype=w.dtype, device=w.device).index_add_(0, b.graph, eps) / count
+    eps = (eps - mean[b.graph]) * w
+    b.pos = b.pos + eps
+    if b.target is not None:
+        b.target = b.target - eps
 
 
 def _check_device(device: str) -> None:
@@ -104,7 +128,15 @@ def train(
         log(f"resuming {checkpoint} at epoch {ck['epoch']}")
     else:
         ck = None
+    init = None
+    if ck is None and s.init_from:
+        init_model, init_ck = load_checkpoint(s.init_from, s.device)
+        config, init = init_model.config, init_model.state_dict()
+        log(f"starting from the weights of {s.init_from} (epoch {init_ck['epoch']})")
     model = DefectRelaxNet(config).to(s.device)
+    if init is not None:
+        model.load_state_dict(init)
+    forward = torch.compile(model, dynamic=True) if s.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.epochs), eta_min=s.lr / 20)
     history, start, best, best_state = [], 0, float("inf"), None
@@ -124,7 +156,9 @@ def train(
         losses = []
         for k in range(0, len(order), s.batch_size):
             b = Batch([train_graphs[i] for i in order[k : k + s.batch_size]], s.device)
-            loss = distance_loss(model(b), b)
+            if s.noise > 0:
+                perturb(b, s.noise)
+            loss = distance_loss(forward(b), b)
             if not torch.isfinite(loss):
                 raise DefectMLError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}")
             opt.zero_grad()
