@@ -2,7 +2,8 @@
 
 The experiments behind the benchmark's setup (width, input noise, warm restarts) run one at a time
 through this script, each under its own name; a finished run is only re-evaluated. Each result is
-merged into benchmarks/results/predictor_variants.{json,md} under its name.
+merged into benchmarks/results/predictor_variants.{json,md} under its name. The best validation loss
+is comparable between runs only at the same A3 loss weight (the weight enters the validation loss).
 
     python benchmarks/predictor_variants.py MoS2 f64_e60 --features 64 --epochs 60
     python benchmarks/predictor_variants.py MoS2 noise03_e30 --noise 0.03 --epochs 30
@@ -29,6 +30,32 @@ from defectml.predictor.train import TrainSettings, evaluate, load_checkpoint, t
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def write_tables(doc: dict, out: Path) -> None:
+    """predictor_variants.md from all recorded runs."""
+    md = [
+        "# Direct predictor variants (one material per run, test split, 50 structures)",
+        "",
+        "Rerun a row: `python benchmarks/predictor_variants.py MATERIAL NAME [options]` (see the script).",
+        "",
+        "| run | material | train structures | features x layers | cutoff (A) | epochs | lr | weight decay "
+        "| noise (A) "
+        "| A3 loss weight | init from | best val loss (A) | model A3 | Dummy A3 | A3 gain |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in doc.items():
+        c = r["config"]
+        md.append(
+            f"| {name} | {r['material']} | {r.get('train_structures', '-')} "
+            f"| {c['features']} x {c['layers']} | {c['cutoff']:g} | {r['epochs']} "
+            f"| {r['lr']:g} | {r.get('weight_decay', 1e-6):g} | {r['noise_A']:g} "
+            f"| {r.get('local_weight', 0):g} "
+            f"| {Path(r['init_from']).name if r['init_from'] else '-'} "
+            f"| {r['best_val_loss_A']:.4f} | {r['model']['A3']:.4f} | {r['dummy']['A3']:.4f} "
+            f"| {r['improvement_A3']:.1%} |"
+        )
+    (out / "predictor_variants.md").write_text("\n".join(md) + "\n")
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -43,15 +70,28 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--noise", type=float, default=0.0)
     p.add_argument("--init-from", default=None)
+    p.add_argument(
+        "--local-weight", type=float, default=0.0, help="extra loss weight of atoms <=3 A of a defect"
+    )
+    p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--limit", type=int, default=None, help="train on the first N training ids only")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     torch.set_num_threads(1)
     work = Path(a.work)
-    split = material_split(unpack(a.data, work / "cache"), a.material, a.cutoff, work / "cache")
+    root = unpack(a.data, work / "cache")
+    split = material_split(root, a.material, a.cutoff, work / "cache", limit=a.limit)
     checkpoint = work / "variants" / f"{a.name}.pt"
     settings = TrainSettings(
-        epochs=a.epochs, lr=a.lr, threads=1, noise=a.noise, compile=not a.no_compile, init_from=a.init_from
+        epochs=a.epochs,
+        lr=a.lr,
+        threads=1,
+        noise=a.noise,
+        compile=not a.no_compile,
+        init_from=a.init_from,
+        local_weight=a.local_weight,
+        weight_decay=a.weight_decay,
     )
     t0 = time.perf_counter()
     train(
@@ -69,9 +109,12 @@ def main() -> None:
         "material": a.material,
         "config": model.config.to_dict(),
         "epochs": len(ck["history"]),
+        "train_structures": len(split.train),
         "lr": a.lr,
         "noise_A": a.noise,
         "init_from": a.init_from,
+        "local_weight": a.local_weight,
+        "weight_decay": a.weight_decay,
         "best_val_loss_A": ck["best_val"],
         "train_s": sum(h["time_s"] for h in ck["history"]),
         "wall_s_this_run": time.perf_counter() - t0,
@@ -85,24 +128,7 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc[a.name] = row
     path.write_text(json.dumps(doc, indent=2))
-    md = [
-        "# Direct predictor variants (one material per run, test split, 50 structures)",
-        "",
-        "Rerun a row: `python benchmarks/predictor_variants.py MATERIAL NAME [options]` (see the script).",
-        "",
-        "| run | material | features x layers | epochs | lr | noise (A) | init from | best val loss (A) "
-        "| model A3 | Dummy A3 | A3 gain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, r in doc.items():
-        md.append(
-            f"| {name} | {r['material']} | {r['config']['features']} x {r['config']['layers']} "
-            f"| {r['epochs']} "
-            f"| {r['lr']:g} | {r['noise_A']:g} | {Path(r['init_from']).name if r['init_from'] else '-'} "
-            f"| {r['best_val_loss_A']:.4f} | {r['model']['A3']:.4f} | {r['dummy']['A3']:.4f} "
-            f"| {r['improvement_A3']:.1%} |"
-        )
-    (out / "predictor_variants.md").write_text("\n".join(md) + "\n")
+    write_tables(doc, out)
     print(json.dumps(row["model"]), f"A3 gain {row['improvement_A3']:.1%}")
 
 

@@ -15,10 +15,11 @@ from ase.optimize import FIRE
 from scipy.spatial.transform import Rotation
 
 from defectml.cli import main
+from defectml.errors import DefectMLError
 from defectml.predictor.graph import NodeType, build_graph
 from defectml.predictor.metrics import coordinate_mae
-from defectml.predictor.model import Batch, DefectRelaxNet, ModelConfig
-from defectml.predictor.train import TrainSettings, evaluate, load_checkpoint, train
+from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfig, distance_loss
+from defectml.predictor.train import TrainSettings, evaluate, load_checkpoint, load_predictor, train
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "2dmd-high-density-pairs.tar.gz"
 
@@ -204,7 +205,7 @@ def test_predict_cli_and_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not DATA.exists(), reason="2DMD data not present")
-def test_2dmd_representation_on_real_pairs(tmp_path):
+def test_2dmd_representation_on_real_pairs(tmp_path, capsys):
     from defectml.predictor.data import material_split, unpack
 
     root = unpack(DATA, tmp_path)
@@ -217,10 +218,18 @@ def test_2dmd_representation_on_real_pairs(tmp_path):
     out = tmp_path  # the graph cache built above is reused
     common = ["--data", str(root), "--out", str(out), "--materials", "hBN"]
     tiny = ["--limit", "4", "--epochs", "1", "--features", "8", "--layers", "1", "--threads", "1"]
-    assert main(["predictor", "train", "--per-material", *common, *tiny]) == 0
+    assert main(["predictor", "train", "--per-material", *common, *tiny, "--seeds", "2"]) == 0
     _, ck = load_checkpoint(out / "hBN" / "model.pt")
     assert ck["epoch"] == 1 and ck["config"]["zero_net_displacement"]
+    a, b = (load_checkpoint(out / "hBN" / name)[0] for name in ("model.pt", "model_s1.pt"))
+    assert not torch.allclose(a.embed_z.weight, b.embed_z.weight)  # two seeds, two models
+    capsys.readouterr()
     assert main(["predictor", "evaluate", str(out), *common]) == 0
+    ensemble_line = capsys.readouterr().out.splitlines()[-1]
+    with torch.no_grad():
+        mean = evaluate(Ensemble([a, b]), split.test)[0]
+    assert f"{mean['A3']:7.4f}" in ensemble_line  # evaluate averages every seed of the folder
+    assert main(["predictor", "train", *common, *tiny, "--seeds", "0"]) == 2
 
 
 def test_search_pre_relax_option(tmp_path, copper_cif):
@@ -347,3 +356,106 @@ def test_compiled_training_step_matches_eager():
         g_e = torch.autograd.grad(out_e.square().sum(), list(model.parameters()))
         g_c = torch.autograd.grad(out_c.square().sum(), list(model.parameters()))
         assert all(torch.allclose(x, y, atol=1e-4) for x, y in zip(g_e, g_c, strict=True))
+
+
+def test_defect_distance_matches_the_local_masks():
+    g = _random_pair(4)
+    d = g.defect_distance().numpy()
+    assert np.all(d[g.node_type.numpy() != NodeType.PRISTINE] < 1e-5)  # defect sites are at distance 0
+    sites = g.defect_sites()
+    from ase.geometry import get_distances
+
+    brute = get_distances(g.pos.numpy(), sites, cell=g.cell.numpy(), pbc=True)[1].min(axis=1)
+    assert np.allclose(d, brute, atol=1e-5)
+    assert np.abs(d).max() > 1.0  # the cell has atoms away from the defects
+    assert g.defect_distance() is g.defect_distance()  # cached
+
+
+def test_local_weight_shifts_the_loss_toward_defect_neighbourhoods():
+    g = _random_pair(5)
+    b = Batch([g])
+    near = (b.near <= 3.0) & b.real
+    far = (b.near > 3.0) & b.real
+    assert near.any() and far.any()
+    pred = b.target.clone()
+    pred[far] += torch.tensor([0.3, 0.0, 0.0])  # errors only away from the defects
+    plain = float(distance_loss(pred, b))
+    assert plain == pytest.approx(0.3 * int(far.sum()) / int(b.real.sum()), abs=1e-5)
+    weighted = float(distance_loss(pred, b, local_weight=4.0))
+    n_near, n_far = int(near.sum()), int(far.sum())
+    assert weighted == pytest.approx(0.3 * n_far / (5 * n_near + n_far), abs=1e-5)
+    assert weighted < plain
+
+
+def test_ensemble_averages_its_members_and_loads_from_a_list(tmp_path, capsys):
+    graphs = [_random_pair(s) for s in range(3)]
+    paths = []
+    for seed in (0, 1):
+        ck = tmp_path / f"m{seed}.pt"
+        train(
+            graphs,
+            graphs[:1],
+            ck,
+            ModelConfig(features=8, layers=1, cutoff=4.0),
+            TrainSettings(epochs=2, lr=5e-2, seed=seed),
+            log=lambda m: None,
+        )
+        paths.append(ck)
+    a, b = (load_checkpoint(p)[0] for p in paths)
+    both = load_predictor(",".join(str(p) for p in paths))
+    assert isinstance(both, Ensemble) and len(both.members) == 2
+    batch = Batch(graphs)
+    with torch.no_grad():
+        pa, pb, pe = a(batch), b(batch), both(batch)
+    assert not torch.allclose(pa, pb)  # different seeds, different models
+    assert torch.allclose(pe, (pa + pb) / 2, atol=1e-6)
+    assert isinstance(load_predictor(paths[0]), DefectRelaxNet)
+    other = tmp_path / "c5.pt"
+    train(
+        graphs,
+        graphs[:1],
+        other,
+        ModelConfig(features=8, layers=1, cutoff=5.0),
+        TrainSettings(epochs=1),
+        log=lambda m: None,
+    )
+    with pytest.raises(DefectMLError, match="different cutoffs"):
+        load_predictor([paths[0], other])
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    u = pristine.copy()
+    del u[0]
+    write(tmp_path / "u.cif", u)
+    write(tmp_path / "p.cif", pristine)
+    spec = f"{paths[0]},{paths[1]}"
+    args = ["predictor", "predict", spec, str(tmp_path / "u.cif"), "--pristine", str(tmp_path / "p.cif")]
+    assert main([*args, "-o", str(tmp_path / "pred.cif")]) == 0
+    from ase.io import read
+
+    from defectml.predictor.predict import predict_relaxed
+
+    expected = predict_relaxed(both, u, pristine)
+    got = read(tmp_path / "pred.cif")
+    assert np.allclose(got.get_scaled_positions(), expected.get_scaled_positions(), atol=1e-5)
+
+
+def test_a_failing_torch_compile_falls_back_to_eager_training(tmp_path, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def call(batch):
+            raise RuntimeError("inductor generated bad code")
+
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    graphs = [_random_pair(s) for s in range(3)]
+    messages = []
+    out = train(
+        graphs,
+        graphs[:1],
+        tmp_path / "m.pt",
+        ModelConfig(features=8, layers=1, cutoff=4.0),
+        TrainSettings(epochs=2, lr=5e-3, compile=True),
+        log=messages.append,
+    )
+    assert any("torch.compile failed (RuntimeError: inductor generated bad code)" in m for m in messages)
+    assert len(out["history"]) == 2 and np.isfinite(out["best_val"])
+    assert out["history"][1]["loss"] < out["history"][0]["loss"] * 1.5  # it really trained

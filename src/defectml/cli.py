@@ -122,7 +122,8 @@ def _add_search_args(s: argparse.ArgumentParser) -> None:
     m.add_argument("--no-relax-host", action="store_true",
                    help="use the host cell as given instead of relaxing it with the model")
     m.add_argument("--pre-relax", default=None, metavar="MODEL.pt",
-                   help="move every trial to a trained direct predictor's relaxed positions first")
+                   help="move every trial to a trained direct predictor's relaxed positions first "
+                        "(a,b.pt: the average of an ensemble)")
     m.add_argument("--early-stop", action="store_true",
                    help="stop a relaxation once it reaches the basin of an already relaxed "
                         "minimum (same defect-site SOAP, energy within 0.05 eV)")
@@ -354,13 +355,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch.compile the training step (about 2x faster on CPU after ~1 min of compiling)")
     pt.add_argument("--init-from", default=None,
                     help="start from this checkpoint's weights with a fresh schedule (fine-tuning)")
+    pt.add_argument("--seed", type=int, default=0,
+                    help="random seed (initial weights, batch order); seeds make an ensemble")
+    pt.add_argument("--seeds", type=int, default=1,
+                    help="train N models (seeds --seed..--seed+N-1: model.pt, model_s1.pt, ...), an ensemble")
+    pt.add_argument("--local-weight", type=float, default=0.0,
+                    help="extra loss weight of atoms within 3 A of a defect site (the A3 metric's atoms)")
     pp = psub.add_parser("predict", help="predict the relaxed structure of an unrelaxed defect cell")
-    pp.add_argument("model", help="model.pt from `defectml predictor train`")
+    pp.add_argument("model", help="model.pt from `defectml predictor train`; a,b,c.pt averages an ensemble")
     pp.add_argument("structure", help="unrelaxed defect supercell (CIF, POSCAR, extxyz, ...)")
     pp.add_argument("--pristine", required=True, help="the pristine supercell (or unit cell) of the host")
     pp.add_argument("-o", "--output", default=None, help="output file (default: <structure>_predicted.cif)")
     pe = psub.add_parser("evaluate", help="coordinate MAE on the 2DMD test split vs the Dummy baseline")
-    pe.add_argument("model", help="model.pt, or the folder of a --per-material run (<material>/model.pt)")
+    pe.add_argument("model", help="model.pt, or the folder of a --per-material run (all of "
+                    "<material>/model*.pt, the seeds, averaged); a comma-separated list averages an ensemble")
     pe.add_argument("--data", default="../shared/data/2dmd-high-density-pairs.tar.gz")
     pe.add_argument("--out", default="runs/predictor")
     pe.add_argument("--materials", default="all")
@@ -716,7 +724,7 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         from defectml.predictor.predict import predict_relaxed
         from defectml.structure_io import read_structure, to_atoms
 
-        model, _ = ptrain.load_checkpoint(a.model)
+        model = ptrain.load_predictor(a.model)
         unrelaxed, pristine = (to_atoms(read_structure(x)) for x in (a.structure, a.pristine))
         out = predict_relaxed(model, unrelaxed, pristine)
         target = Path(a.output or Path(a.structure).with_suffix("").as_posix() + "_predicted.cif")
@@ -737,20 +745,26 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
         settings = ptrain.TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
                                         threads=a.threads, noise=a.noise, compile=a.compile,
-                                        init_from=a.init_from)
-        groups = ([(out / s.material / "model.pt", [s]) for s in splits] if a.per_material
-                  else [(out / "model.pt", splits)])
-        for target, group in groups:
-            ptrain.train([g for s in group for g in s.train], [g for s in group for g in s.val],
-                         target, config, settings,
-                         log=lambda m, t=target: print(f"{t.parent.name}: {m}", file=sys.stderr))
-            print(f"model: {target}")
+                                        init_from=a.init_from, seed=a.seed, local_weight=a.local_weight)
+        if a.seeds < 1:
+            raise DefectMLError(f"--seeds {a.seeds}: train at least one model")
+        groups = ([(out / s.material, [s]) for s in splits] if a.per_material else [(out, splits)])
+        for folder, group in groups:
+            for k in range(a.seeds):  # seed a.seed + k -> model.pt, model_s1.pt, ...: an ensemble
+                target = folder / ("model.pt" if k == 0 else f"model_s{k}.pt")
+                settings.seed = a.seed + k
+                ptrain.train([g for s in group for g in s.train], [g for s in group for g in s.val],
+                             target, config, settings,
+                             log=lambda m, t=target: print(f"{t.parent.name}/{t.stem}: {m}", file=sys.stderr))
+                print(f"model: {target}")
         return 0
     print(f"{'material':>8} {'model all':>9} {'A3':>7} {'dummy all':>9} {'A3':>7} {'A3 gain':>8}")
-    per_material = Path(a.model).is_dir()
-    shared = None if per_material else ptrain.load_checkpoint(a.model)[0]
+    specs = ptrain.predictor_paths(a.model)
+    per_material = all(p.is_dir() for p in specs)
+    shared = None if per_material else ptrain.load_predictor(specs)
     for m in materials:
-        model = ptrain.load_checkpoint(Path(a.model) / m / "model.pt")[0] if per_material else shared
+        members = [q for p in specs for q in sorted((p / m).glob("model*.pt"))]  # every seed trained
+        model = ptrain.load_predictor(members or [specs[0] / m / "model.pt"]) if per_material else shared
         split = pdata.material_split(root, m, model.config.cutoff, out / "cache")
         res, _ = ptrain.evaluate(model, split.test)
         dummy, _ = ptrain.evaluate(_Dummy(), split.test)

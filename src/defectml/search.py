@@ -112,21 +112,25 @@ class SearchSettings:
         )
 
 
-def _file_key(path: str) -> str:
+def _file_key(spec: str) -> str:
+    """Content hash of a predictor checkpoint, or of each of a comma-separated ensemble's."""
     import hashlib
 
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError as exc:
-        raise InputError(f"cannot read predictor {path}: {exc.strerror}") from None
+    h = hashlib.sha256()
+    for path in [p.strip() for p in spec.split(",") if p.strip()]:
+        try:
+            h.update(Path(path).read_bytes())
+        except OSError as exc:
+            raise InputError(f"cannot read predictor {path}: {exc.strerror}") from None
+    return h.hexdigest()[:16]
 
 
 def pre_relax_trials(items: list[DefectCharge], checkpoint: str, log_fn=log.info) -> None:
     """Move every trial to the direct predictor's relaxed positions (in place)."""
     from defectml.predictor.predict import predict_relaxed
-    from defectml.predictor.train import load_checkpoint
+    from defectml.predictor.train import load_predictor
 
-    model, _ = load_checkpoint(checkpoint)
+    model = load_predictor(checkpoint)
     n = 0
     for it in items:
         pristine = to_atoms(it.defect.bulk_supercell)

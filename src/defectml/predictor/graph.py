@@ -60,6 +60,24 @@ class DefectGraph:
         sel = (self.node_type != NodeType.PRISTINE).numpy()
         return self.pos.numpy()[sel]
 
+    def defect_distance(self) -> torch.Tensor:
+        """Distance (A) of every node to the nearest defect site, periodic images included (cached).
+
+        ``inf`` everywhere for a structure without defects.
+        """
+        cached = self.__dict__.get("_defect_distance")
+        if cached is not None:
+            return cached
+        sites = self.defect_sites()
+        if len(sites):
+            pbc = [True, True, True]
+            d = get_distances(self.pos.numpy(), sites, cell=self.cell.numpy(), pbc=pbc)[1].min(axis=1)
+        else:
+            d = np.full(len(self.z), np.inf)
+        out = torch.tensor(d, dtype=torch.float32)
+        self.__dict__["_defect_distance"] = out
+        return out
+
 
 def align_pristine(defect: Atoms, pristine: Atoms, tol: float = 0.3) -> Atoms:
     """``pristine`` shifted rigidly so its sites coincide with the defect cell's atoms.

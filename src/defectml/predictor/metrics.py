@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from ase.geometry import get_distances
 
 from defectml.predictor.graph import DefectGraph
 
@@ -14,12 +13,8 @@ def local_masks(g: DefectGraph, radii=RADII) -> dict[str, np.ndarray]:
     """Real atoms within each radius of any defect site (periodic images included), plus ``all``."""
     real = g.real.numpy()
     n = g.n_atoms
-    sites = g.defect_sites()
     masks = {"all": real[:n]}
-    if len(sites):
-        d = get_distances(g.pos.numpy()[:n], sites, cell=g.cell.numpy(), pbc=True)[1].min(axis=1)
-    else:
-        d = np.full(n, np.inf)
+    d = g.defect_distance().numpy()[:n]
     for r in radii:
         masks[f"A{r:g}"] = real[:n] & (d <= r)
     return masks

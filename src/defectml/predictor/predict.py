@@ -7,11 +7,11 @@ import torch
 from ase import Atoms
 
 from defectml.predictor.graph import build_graph
-from defectml.predictor.model import Batch, DefectRelaxNet
+from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble
 
 
 def predict_relaxed(
-    model: DefectRelaxNet,
+    model: DefectRelaxNet | Ensemble,
     unrelaxed: Atoms,
     pristine: Atoms,
     device: str = "cpu",

@@ -15,7 +15,7 @@ import torch
 from defectml.errors import DefectMLError
 from defectml.predictor.graph import DefectGraph
 from defectml.predictor.metrics import coordinate_mae, mean_metrics
-from defectml.predictor.model import Batch, DefectRelaxNet, ModelConfig, distance_loss
+from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfig, distance_loss
 
 
 @dataclass
@@ -29,6 +29,8 @@ class TrainSettings:
     positions of the real atoms of every training batch by Gaussian noise of that width (zero mean
     per structure) and moves the targets by the opposite amount, so the network learns to map a
     slightly perturbed structure to the same relaxed one (a regulariser for small data sets).
+    ``local_weight`` counts atoms within ``local_radius`` (A) of a defect site ``1 + local_weight``
+    times in the loss (training and validation), so the fit favours the defect neighbourhoods.
     """
 
     epochs: int = 20
@@ -41,6 +43,8 @@ class TrainSettings:
     compile: bool = False
     noise: float = 0.0
     init_from: str | None = None
+    local_weight: float = 0.0
+    local_radius: float = 3.0
     log: list = field(default_factory=list)
 
 
@@ -74,7 +78,29 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[DefectRelaxN
     return model, ck
 
 
-def evaluate(model: DefectRelaxNet, graphs: list[DefectGraph], device: str = "cpu") -> tuple[dict, float]:
+def predictor_paths(spec: str | Path | list) -> list[Path]:
+    """Checkpoint paths from one path, a comma-separated list of paths, or a list."""
+    items = spec if isinstance(spec, list | tuple) else str(spec).split(",")
+    paths = [Path(str(p).strip()) for p in items if str(p).strip()]
+    if not paths:
+        raise DefectMLError("no predictor checkpoint given")
+    return paths
+
+
+def load_predictor(spec: str | Path | list, device: str = "cpu") -> DefectRelaxNet | Ensemble:
+    """One trained model, or the averaging ensemble of several (``a.pt,b.pt`` or a list of paths)."""
+    models = [load_checkpoint(p, device)[0] for p in predictor_paths(spec)]
+    if len(models) == 1:
+        return models[0]
+    try:
+        return Ensemble(models).to(device).eval()
+    except ValueError as exc:
+        raise DefectMLError(f"cannot combine predictors {spec}: {exc}") from None
+
+
+def evaluate(
+    model: DefectRelaxNet | Ensemble, graphs: list[DefectGraph], device: str = "cpu"
+) -> tuple[dict, float]:
     """Mean coordinate MAEs over ``graphs`` and the inference time per structure (s)."""
     model.eval()
     rows, t = [], 0.0
@@ -93,12 +119,20 @@ def validation_loss(
     """Mean training loss (distance to the relaxed positions, A) over ``graphs``, batched as in training."""
     s = s or TrainSettings()
     model.eval()
+    losses = []
     with torch.no_grad():
-        losses = [
-            float(distance_loss(model(b := Batch(graphs[k : k + s.batch_size], s.device)), b))
-            for k in range(0, len(graphs), s.batch_size)
-        ]
+        for k in range(0, len(graphs), s.batch_size):
+            b = Batch(graphs[k : k + s.batch_size], s.device)
+            losses.append(float(distance_loss(model(b), b, s.local_weight, s.local_radius)))
     return float(np.mean(losses)) if losses else float("nan")
+
+
+def _gradient_step(forward, b: Batch, s: TrainSettings) -> torch.Tensor:
+    """Loss of one batch, back-propagated (gradients of a non-finite loss are never applied)."""
+    loss = distance_loss(forward(b), b, s.local_weight, s.local_radius)
+    if torch.isfinite(loss):
+        loss.backward()
+    return loss
 
 
 def train(
@@ -158,11 +192,20 @@ def train(
             b = Batch([train_graphs[i] for i in order[k : k + s.batch_size]], s.device)
             if s.noise > 0:
                 perturb(b, s.noise)
-            loss = distance_loss(forward(b), b)
+            opt.zero_grad()
+            try:
+                loss = _gradient_step(forward, b, s)
+            except DefectMLError:
+                raise
+            except Exception as exc:  # a torch.compile (inductor) failure: the eager model still works
+                if forward is model:
+                    raise
+                log(f"torch.compile failed ({type(exc).__name__}: {exc}); training without it")
+                forward = model
+                opt.zero_grad()
+                loss = _gradient_step(forward, b, s)
             if not torch.isfinite(loss):
                 raise DefectMLError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}")
-            opt.zero_grad()
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
             losses.append(float(loss.detach()))
