@@ -27,6 +27,7 @@ import multiprocessing
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -238,14 +239,7 @@ def main() -> None:
     paths = _train_all(a, root, work, splits, config, settings)
     joint = None
     if a.compare_joint and not a.joint:
-        joint_settings = TrainSettings(
-            epochs=a.joint_epochs,
-            batch_size=a.batch_size,
-            lr=a.lr,
-            threads=a.threads,
-            noise=a.noise,
-            compile=a.compile,
-        )
+        joint_settings = replace(settings, epochs=a.joint_epochs)
         joint, joint_ck = load_checkpoint(_train_joint(work, splits, config, joint_settings))
     t_train = time.perf_counter() - t0
     torch.set_num_threads(a.threads)
