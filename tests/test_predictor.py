@@ -438,24 +438,32 @@ def test_ensemble_averages_its_members_and_loads_from_a_list(tmp_path, capsys):
     assert np.allclose(got.get_scaled_positions(), expected.get_scaled_positions(), atol=1e-5)
 
 
-def test_a_failing_torch_compile_falls_back_to_eager_training(tmp_path, monkeypatch):
-    def broken_compile(model, **kwargs):
-        def call(batch):
+@pytest.mark.parametrize("broken", ["whole", "all"])
+def test_a_failing_torch_compile_falls_back_to_layers_then_eager(tmp_path, monkeypatch, broken):
+    def fake_compile(module, **kwargs):
+        if broken == "whole" and not isinstance(module, DefectRelaxNet):
+            return module  # the per-layer graphs "compile" (run as they are)
+
+        def call(*args):
             raise RuntimeError("inductor generated bad code")
 
         return call
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", fake_compile)
     graphs = [_random_pair(s) for s in range(3)]
     messages = []
     out = train(
         graphs,
         graphs[:1],
         tmp_path / "m.pt",
-        ModelConfig(features=8, layers=1, cutoff=4.0),
+        ModelConfig(features=8, layers=2, cutoff=4.0),
         TrainSettings(epochs=2, lr=5e-3, compile=True),
         log=messages.append,
     )
-    assert any("torch.compile failed (RuntimeError: inductor generated bad code)" in m for m in messages)
+    failed = [m for m in messages if "torch.compile failed (RuntimeError: inductor generated bad code)" in m]
+    assert "compiling each layer on its own" in failed[0]
+    assert len(failed) == (1 if broken == "whole" else 2)
+    if broken == "all":
+        assert "training without it" in failed[1]
     assert len(out["history"]) == 2 and np.isfinite(out["best_val"])
     assert out["history"][1]["loss"] < out["history"][0]["loss"] * 1.5  # it really trained

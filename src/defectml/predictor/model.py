@@ -143,12 +143,15 @@ class DefectRelaxNet(nn.Module):
         self.radial = _Radial(c.rbf, c.cutoff)
         self.layers = nn.ModuleList(_Layer(c.features, c.rbf) for _ in range(c.layers))
 
-    def forward(self, b: Batch) -> torch.Tensor:
-        """Predicted displacements (nodes, 3); zero for vacancy placeholders."""
+    def forward(self, b: Batch, layers: list | None = None) -> torch.Tensor:
+        """Predicted displacements (nodes, 3); zero for vacancy placeholders.
+
+        ``layers``: callables standing in for ``self.layers`` (e.g. each one compiled separately).
+        """
         s = self.embed_z(b.z) + self.embed_host(b.z_host) + self.embed_type(b.node_type)
         v = torch.zeros(b.n_nodes, 3, s.shape[-1], dtype=s.dtype, device=s.device)
         x = b.pos
-        for layer in self.layers:
+        for layer in layers or self.layers:
             s, v, x = layer(s, v, x, b, self.radial)
         disp = x - b.pos
         if self.config.zero_net_displacement:
