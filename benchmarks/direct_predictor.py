@@ -37,12 +37,11 @@ from ase.geometry import find_mic
 
 from defectml.predictor.data import MATERIALS, material_split, unpack
 from defectml.predictor.metrics import coordinate_mae, mean_metrics
-from defectml.predictor.model import Batch, ModelConfig
+from defectml.predictor.model import Batch, Ensemble, ModelConfig
 from defectml.predictor.train import (
     TrainSettings,
     evaluate,
     load_checkpoint,
-    load_predictor,
     train,
     validation_loss,
 )
@@ -250,13 +249,14 @@ def main() -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     rows, epoch_times, best_val = {}, {}, {}
     for m, s in splits.items():
-        cks = [load_checkpoint(path)[1] for path in paths[m]]
-        model = load_predictor(paths[m])
+        loaded = [load_checkpoint(path) for path in paths[m]]
+        cks = [ck for _, ck in loaded]
+        model = Ensemble([net for net, _ in loaded]) if len(loaded) > 1 else loaded[0][0]
         epoch_times[m] = [h["time_s"] for ck in cks for h in ck["history"]]
         best_val[m] = [ck["best_val"] for ck in cks]
         res, t_inf = evaluate(model, s.test)
         dummy = mean_metrics([coordinate_mae(np.zeros((len(g.z), 3)), g) for g in s.test])
-        members = [evaluate(load_checkpoint(path)[0], s.test)[0] for path in paths[m]] if len(cks) > 1 else []
+        members = [evaluate(net, s.test)[0] for net, _ in loaded] if len(loaded) > 1 else []
         row = {
             "checkpoints": [str(path) for path in paths[m]],
             "epochs": len(cks[0]["history"]),
