@@ -11,11 +11,12 @@ relaxations from the unrelaxed cells are cached in the work folder, so a rerun o
 that depend on the model).
 
     python benchmarks/direct_predictor.py [--epochs 30] [--seeds 3] [--features 64] [--noise 0.03]
-        [--layers 3] [--jobs 2] [--local-weight 0] [--models ensemble]
+        [--layers 5] [--jobs 2] [--local-weight 0] [--models ensemble_l5]
 
 ``--seeds K`` trains K models per material (seeds 0..K-1) and scores their averaging ensemble, with
 each member's own score alongside. Writes benchmarks/results/direct_predictor.{json,md}; models land
-in runs/definet/<models>/<m>.pt (seed k > 0: <m>_s<k>.pt; runs/definet/model.pt with ``--joint``);
+in runs/definet/<models>/<m>.pt (``--models`` defaults to ``ensemble_l<layers>``; seed k > 0: <m>_s<k>.pt;
+runs/definet/model.pt with ``--joint``);
 rerunning resumes (or extends) their training.
 """
 
@@ -185,6 +186,22 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
     return paths
 
 
+def _changed_options(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
+    """The command-line options of this run that differ from the defaults (paths and --models left out)."""
+    skip = {"help", "data", "work", "out", "models", "threads", "jobs"}
+    out = ""
+    for action in parser._actions:
+        value = getattr(a, action.dest, None)
+        if action.dest in skip or value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if isinstance(value, bool):  # --joint, or --no-compile (the last spelling of a negatable flag)
+            out += f" {flag if value else action.option_strings[-1]}"
+        else:
+            out += f" {flag} {value:g}" if isinstance(value, float) else f" {flag} {value}"
+    return out
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -200,7 +217,7 @@ def main() -> None:
     p.add_argument("--joint-epochs", type=int, default=45, help="epochs of the joint model (--compare-joint)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--features", type=int, default=64)
-    p.add_argument("--layers", type=int, default=3)
+    p.add_argument("--layers", type=int, default=5)
     p.add_argument("--cutoff", type=float, default=5.0)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -208,7 +225,9 @@ def main() -> None:
     p.add_argument(
         "--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile training"
     )
-    p.add_argument("--models", default="ensemble", help="folder under --work for the per-material models")
+    p.add_argument(
+        "--models", default=None, help="folder under --work for the per-material models (ensemble_l<layers>)"
+    )
     p.add_argument("--seeds", type=int, default=3, help="models per material, averaged as an ensemble")
     p.add_argument(
         "--local-weight", type=float, default=0.0, help="extra loss weight of atoms within 3 A of a defect"
@@ -218,6 +237,7 @@ def main() -> None:
     p.add_argument("--fmax", type=float, default=0.05)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
+    a.models = a.models or f"ensemble_l{a.layers}"
     torch.set_num_threads(a.threads)
     work = Path(a.work)
     root = unpack(a.data, work / "cache")
@@ -344,9 +364,7 @@ def main() -> None:
         f"per model on average"
         f"{f', loss weight {1 + a.local_weight:g} on atoms within 3 A of a defect' if a.local_weight else ''}"
         f"{f'; the averaging ensemble of {a.seeds} models (seeds) per material' if a.seeds > 1 else ''}. "
-        f"Rerun: `python benchmarks/direct_predictor.py{' --joint' if a.joint else ''}"
-        f"{f' --seeds {a.seeds}' if a.seeds != 3 else ''}{f' --epochs {a.epochs}' if a.epochs != 30 else ''}"
-        f"{f' --local-weight {a.local_weight:g}' if a.local_weight else ''}`.",
+        f"Rerun: `python benchmarks/direct_predictor.py{_changed_options(p, a)}`.",
         "",
         "Coordinate MAE (A), mean over real atoms and x/y/z; A3..A6 = atoms within 3..6 A of a defect site.",
         "",
