@@ -11,6 +11,13 @@ is comparable between runs only at the same A3 loss weight (the weight enters th
         --init-from runs/definet/per_material_f32_l3/MoS2.pt
     python benchmarks/predictor_variants.py hBN hBN_n40_e150 --features 64 --epochs 150 --limit 40
 
+Fine-tuning from one model pretrained on all six materials (the ``*_pt12_ft*`` rows): the joint model
+is ``defectml predictor train --out runs/definet/joint_pt --features 64 --layers 5 --cutoff 5
+--epochs 12 --noise 0.03 --compile --threads 2`` (about 3 min per epoch on this CPU), then
+
+    python benchmarks/predictor_variants.py MoS2 MoS2_pt12_ft30 --features 64 --layers 5 --noise 0.03 \
+        --epochs 30 --init-from runs/definet/joint_pt/model.pt
+
 The last column of the table scores the first 50 training structures the same way: a train gain far
 above the test gain is overfitting, both low is underfitting.
 """
@@ -55,7 +62,7 @@ def write_tables(doc: dict, out: Path) -> None:
             f"| {c['features']} x {c['layers']} | {c['cutoff']:g} | {r['epochs']} "
             f"| {r['lr']:g} | {r.get('weight_decay', 1e-6):g} | {r['noise_A']:g} "
             f"| {r.get('local_weight', 0):g} "
-            f"| {Path(r['init_from']).name if r['init_from'] else '-'} "
+            f"| {'/'.join(Path(r['init_from']).parts[-2:]) if r['init_from'] else '-'} "
             f"| {r['best_val_loss_A']:.4f} | {r['model']['A3']:.4f} | {r['dummy']['A3']:.4f} "
             f"| {r['improvement_A3']:.1%} "
             f"| {format(r['train_improvement_A3'], '.1%') if 'train_improvement_A3' in r else '-'} |"
