@@ -18,6 +18,17 @@ is ``defectml predictor train --out runs/definet/joint_pt --features 64 --layers
     python benchmarks/predictor_variants.py MoS2 MoS2_pt12_ft30 --features 64 --layers 5 --noise 0.03 \
         --epochs 30 --init-from runs/definet/joint_pt/model.pt
 
+Session-8 levers (5 layers, 64 features, noise 0.03, 30 epochs unless named): ``--batch-size 2`` (four
+times the optimiser steps), ``--ema 0.99`` (the moving average of the weights is validated and kept),
+``--virtual-node`` (a global node: every layer mixes each structure's mean scalar and vector features
+into its atoms, as the reference network does), ``--prior`` (CHGNet atom features and forces on the
+unrelaxed cell as extra inputs; computed once per structure into WORK/cache/prior_chgnet_<material>.pt),
+and 90 epochs:
+
+    python benchmarks/predictor_variants.py MoS2 MoS2_l5_prior_e30 --features 64 --layers 5 \\
+        --noise 0.03 --prior
+    python benchmarks/predictor_variants.py hBN hBN_l5_e90 --features 64 --layers 5 --noise 0.03 --epochs 90
+
 The last column of the table scores the first 50 training structures the same way: a train gain far
 above the test gain is overfitting, both low is underfitting.
 """
@@ -50,17 +61,20 @@ def write_tables(doc: dict, out: Path) -> None:
         "Rerun a row: `python benchmarks/predictor_variants.py MATERIAL NAME [options]` (see the script).",
         "",
         "| run | material | train structures | features x layers | cutoff (A) | epochs | lr | weight decay "
-        "| noise (A) "
+        "| batch | EMA | CHGNet inputs | noise (A) "
         "| A3 loss weight | init from | best val loss (A) | model A3 | Dummy A3 | A3 gain "
         "| A3 gain on train |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in doc.items():
         c = r["config"]
         md.append(
             f"| {name} | {r['material']} | {r.get('train_structures', '-')} "
-            f"| {c['features']} x {c['layers']} | {c['cutoff']:g} | {r['epochs']} "
-            f"| {r['lr']:g} | {r.get('weight_decay', 1e-6):g} | {r['noise_A']:g} "
+            f"| {c['features']} x {c['layers']}{' +VN' if c.get('virtual_node') else ''} | {c['cutoff']:g} "
+            f"| {r['epochs']} "
+            f"| {r['lr']:g} | {r.get('weight_decay', 1e-6):g} "
+            f"| {r.get('batch_size', 8)} | {r.get('ema', 0):g} | {'yes' if r.get('prior') else '-'} "
+            f"| {r['noise_A']:g} "
             f"| {r.get('local_weight', 0):g} "
             f"| {'/'.join(Path(r['init_from']).parts[-2:]) if r['init_from'] else '-'} "
             f"| {r['best_val_loss_A']:.4f} | {r['model']['A3']:.4f} | {r['dummy']['A3']:.4f} "
@@ -94,6 +108,12 @@ def main() -> None:
         "--local-weight", type=float, default=0.0, help="extra loss weight of atoms <=3 A of a defect"
     )
     p.add_argument("--weight-decay", type=float, default=1e-6)
+    p.add_argument("--ema", type=float, default=0.0, help="weight moving-average decay per step (0: off)")
+    p.add_argument(
+        "--prior", action="store_true", help="CHGNet atom features and forces on the unrelaxed cell as inputs"
+    )
+    p.add_argument("--virtual-node", action="store_true", help="global mean features mixed in at every layer")
+    p.add_argument("--batch-size", type=int, default=8, help="structures per gradient step")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training ids only")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -102,6 +122,16 @@ def main() -> None:
     work = Path(a.work)
     root = unpack(a.data, work / "cache")
     split = material_split(root, a.material, a.cutoff, work / "cache", limit=a.limit)
+    if a.prior:
+        from defectml.predictor.prior import PRIOR_FEATURES, attach_priors
+
+        t_prior = time.perf_counter()
+        attach_priors(
+            split.train + split.val + split.test,
+            split.train_ids + split.val_ids + split.test_ids,
+            cache=work / "cache" / f"prior_chgnet_{a.material}.pt",
+        )
+        print(f"CHGNet priors ready in {time.perf_counter() - t_prior:.0f} s", flush=True)
     checkpoint = work / "variants" / f"{a.name}.pt"
     settings = TrainSettings(
         epochs=a.epochs,
@@ -112,13 +142,22 @@ def main() -> None:
         init_from=a.init_from,
         local_weight=a.local_weight,
         weight_decay=a.weight_decay,
+        batch_size=a.batch_size,
+        ema=a.ema,
     )
     t0 = time.perf_counter()
     train(
         split.train,
         split.val,
         checkpoint,
-        ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff),
+        ModelConfig(
+            features=a.features,
+            layers=a.layers,
+            cutoff=a.cutoff,
+            prior_features=PRIOR_FEATURES if a.prior else 0,
+            force_prior=a.prior,
+            virtual_node=a.virtual_node,
+        ),
         settings,
         log=lambda m: print(m, flush=True),
     )
@@ -135,6 +174,9 @@ def main() -> None:
         "init_from": a.init_from,
         "local_weight": a.local_weight,
         "weight_decay": a.weight_decay,
+        "batch_size": a.batch_size,
+        "ema": a.ema,
+        "prior": a.prior,
         "best_val_loss_A": ck["best_val"],
         "train_s": sum(h["time_s"] for h in ck["history"]),
         "wall_s_this_run": time.perf_counter() - t0,

@@ -10,6 +10,7 @@ import pytest
 import torch
 from ase.build import bulk
 from ase.calculators.emt import EMT
+from ase.geometry import find_mic
 from ase.io import write
 from ase.optimize import FIRE
 from scipy.spatial.transform import Rotation
@@ -19,7 +20,14 @@ from defectml.errors import DefectMLError
 from defectml.predictor.graph import NodeType, build_graph
 from defectml.predictor.metrics import coordinate_mae
 from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfig, distance_loss
-from defectml.predictor.train import TrainSettings, evaluate, load_checkpoint, load_predictor, train
+from defectml.predictor.train import (
+    TrainSettings,
+    evaluate,
+    load_checkpoint,
+    load_predictor,
+    train,
+    validation_loss,
+)
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "2dmd-high-density-pairs.tar.gz"
 
@@ -54,13 +62,14 @@ def _random_pair(seed: int):
     return build_graph(u, pristine, cutoff=4.0, relaxed=r)
 
 
-def test_equivariance_and_translation_invariance():
+@pytest.mark.parametrize("virtual_node", [False, True])
+def test_equivariance_and_translation_invariance(virtual_node):
     torch.manual_seed(0)
     pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
     u = pristine.copy()
     del u[3]
     u.rattle(0.05, seed=1)
-    model = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0))
+    model = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0, virtual_node=virtual_node))
     for p in model.parameters():  # make the coordinate read-outs large enough to test
         p.data.normal_(0, 0.3)
     disp = model(Batch([build_graph(u, pristine, 4.0)])).detach().numpy()
@@ -77,6 +86,75 @@ def test_equivariance_and_translation_invariance():
     disp_t = model(Batch([build_graph(ut, pt, 4.0)])).detach().numpy()
     assert np.allclose(disp_t, disp, atol=1e-4)
     assert np.allclose(disp[len(u) :], 0)  # vacancy placeholders never move
+
+
+def test_chgnet_prior_inputs_keep_the_model_equivariant_and_are_cached(tmp_path):
+    from defectml.predictor.prior import PRIOR_FEATURES, attach_priors, load_chgnet
+
+    torch.manual_seed(0)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    u = pristine.copy()
+    del u[3]
+    u.rattle(0.05, seed=1)
+    rot = Rotation.from_euler("xyz", [0.3, -0.7, 1.1]).as_matrix()
+    ur, pr = u.copy(), pristine.copy()
+    for a in (ur, pr):
+        a.set_cell(a.cell @ rot.T, scale_atoms=True)
+    g, gr = build_graph(u, pristine, 4.0), build_graph(ur, pr, 4.0)
+    chgnet = load_chgnet()
+    cache = tmp_path / "prior.pt"
+    attach_priors([g, gr], ["u", "ur"], cache=cache, chgnet=chgnet)
+    assert g.atom_prior.shape == (len(g.z), PRIOR_FEATURES) and g.force_prior.shape == (len(g.z), 3)
+    n = g.n_atoms
+    assert torch.all(g.atom_prior[n:] == 0) and torch.all(g.force_prior[n:] == 0)  # vacancy placeholder
+    assert float(g.force_prior.abs().max()) > 0.01  # the rattled atoms feel forces
+    assert torch.allclose(g.force_prior.sum(0), torch.zeros(3), atol=1e-3)  # no net force
+    assert torch.allclose(gr.atom_prior, g.atom_prior, atol=1e-3)  # features are invariant
+    assert torch.allclose(gr.force_prior, g.force_prior @ torch.tensor(rot.T, dtype=torch.float32), atol=1e-3)
+    model = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0, prior_features=PRIOR_FEATURES,
+                                       force_prior=True))
+    for name, p in model.named_parameters():
+        if not name.startswith(("embed_prior", "force_")):  # large read-outs; the prior paths as built
+            p.data.normal_(0, 0.3)
+    disp = model(Batch([g])).detach().numpy()
+    assert 1e-3 < np.abs(disp).max() < 10
+    without = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0))
+    without.load_state_dict(model.state_dict(), strict=False)
+    assert not np.allclose(disp, without(Batch([g])).detach().numpy(), atol=1e-4)  # the priors are used
+    assert np.allclose(model(Batch([gr])).detach().numpy(), disp @ rot.T, atol=2e-3)
+    fresh = build_graph(u, pristine, 4.0)
+    with pytest.raises(DefectMLError, match="MLIP"):
+        model(Batch([fresh]))
+
+    class NoCalls:
+        def predict_structure(self, *args, **kwargs):
+            raise AssertionError("cached priors must not be recomputed")
+
+    attach_priors([fresh], ["u"], cache=cache, chgnet=NoCalls())
+    assert torch.equal(fresh.force_prior, g.force_prior)
+    from defectml.predictor.predict import predict_relaxed  # computes the priors itself
+
+    moved = predict_relaxed(model, u, pristine)  # wrapped into the cell: compare minimum images
+    shift = find_mic(moved.positions - u.positions, u.cell, pbc=True)[0]
+    assert np.allclose(shift, disp[:n], atol=1e-4)
+
+
+def test_virtual_node_carries_information_beyond_the_cutoff():
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (3, 3, 3)
+    u = pristine.copy()
+    del u[0]
+    far = int(np.argmax(u.get_distances(0, range(len(u)), mic=True)))  # far from atom 0 (and the vacancy)
+    v = u.copy()
+    v[far].symbol = "Ni"
+    for virtual, changes in ((False, False), (True, True)):
+        torch.manual_seed(0)
+        model = DefectRelaxNet(
+            ModelConfig(features=8, layers=1, cutoff=3.0, virtual_node=virtual, zero_net_displacement=False)
+        )
+        for p in model.parameters():
+            p.data.normal_(0, 0.3)
+        a, b = (model(Batch([build_graph(x, pristine, 3.0)])).detach()[0] for x in (u, v))
+        assert bool((a - b).abs().max() > 1e-6) == changes, virtual
 
 
 def test_zero_net_displacement_per_structure():
@@ -338,6 +416,30 @@ def test_init_from_starts_at_the_given_weights_with_a_fresh_schedule(tmp_path):
     assert model.config.features == 8
     for key, value in start.state_dict().items():  # lr 0: the weights are the ones it started from
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_weight_average_is_what_is_validated_kept_and_resumed(tmp_path):
+    graphs = [_random_pair(s) for s in range(4)]
+    config = ModelConfig(features=8, layers=1, cutoff=4.0)
+    settings = TrainSettings(epochs=1, batch_size=3, lr=5e-3, ema=0.5, seed=0)  # one step per epoch
+    ck_path = tmp_path / "ema.pt"
+    train(graphs[:3], graphs[3:], ck_path, config, settings, log=lambda m: None)
+    torch.manual_seed(settings.seed)
+    start = DefectRelaxNet(config).state_dict()  # the weights training started from
+    ck = torch.load(ck_path, weights_only=False)
+    for key, value in ck["state"].items():
+        expected = 0.5 * start[key] + 0.5 * value if value.dtype.is_floating_point else value
+        assert torch.allclose(ck["ema"][key], expected, atol=1e-7), key
+        assert torch.equal(ck["best_state"][key], ck["ema"][key]), key  # the average is the model kept
+    assert any(not torch.equal(ck["state"][k], ck["ema"][k]) for k in start)
+    model, _ = load_checkpoint(ck_path)
+    assert np.isclose(ck["best_val"], validation_loss(model, graphs[3:], settings), rtol=1e-5)
+    settings.epochs = 2
+    train(graphs[:3], graphs[3:], ck_path, config, settings, log=lambda m: None)  # resumes its average
+    ck2 = torch.load(ck_path, weights_only=False)
+    for key, value in ck2["state"].items():
+        if value.dtype.is_floating_point:
+            assert torch.allclose(ck2["ema"][key], 0.5 * ck["ema"][key] + 0.5 * value, atol=1e-7), key
 
 
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler")

@@ -716,6 +716,7 @@ def _materials(text: str) -> list[str]:
 def cmd_predictor(a: argparse.Namespace) -> int:
     """`defectml predictor train|predict|evaluate`."""
     from defectml.predictor import data as pdata
+    from defectml.predictor import prior
     from defectml.predictor import train as ptrain
 
     if a.predictor_command == "predict":
@@ -766,6 +767,8 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         members = [q for p in specs for q in sorted((p / m).glob("model*.pt"))]  # every seed trained
         model = ptrain.load_predictor(members or [specs[0] / m / "model.pt"]) if per_material else shared
         split = pdata.material_split(root, m, model.config.cutoff, out / "cache")
+        if prior.needs_prior(model):  # CHGNet features/forces as inputs (benchmark variants)
+            prior.attach_priors(split.test, split.test_ids, cache=out / "cache" / f"prior_chgnet_{m}.pt")
         res, _ = ptrain.evaluate(model, split.test)
         dummy, _ = ptrain.evaluate(_Dummy(), split.test)
         print(f"{m:>8} {res['all']:9.4f} {res['A3']:7.4f} {dummy['all']:9.4f} {dummy['A3']:7.4f} "

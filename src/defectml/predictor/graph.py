@@ -38,6 +38,8 @@ class DefectGraph:
         shift: (E, 3) Cartesian image shift so that r_ij = pos[j] + shift - pos[i].
         n_atoms: Real atoms (the first ``n_atoms`` nodes are the atoms of the input, in order).
         target: Relaxed - unrelaxed displacement of each node (zeros for vacancies), when known.
+        atom_prior: Optional per-node features from a universal MLIP (see ``predictor.prior``).
+        force_prior: Optional per-node MLIP forces on the unrelaxed atoms (nodes, 3).
     """
 
     z: torch.Tensor
@@ -49,6 +51,8 @@ class DefectGraph:
     shift: torch.Tensor
     n_atoms: int
     target: torch.Tensor | None = None
+    atom_prior: torch.Tensor | None = None
+    force_prior: torch.Tensor | None = None
 
     @property
     def real(self) -> torch.Tensor:

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from defectml.errors import DefectMLError
 from defectml.predictor.graph import DefectGraph, NodeType
 
 
@@ -31,6 +32,9 @@ class ModelConfig:
     cutoff: float = 6.0
     max_z: int = 100
     zero_net_displacement: bool = True
+    prior_features: int = 0
+    force_prior: bool = False
+    virtual_node: bool = False
 
     def to_dict(self) -> dict:
         """Plain dictionary (stored in checkpoints)."""
@@ -51,6 +55,11 @@ def _graph_sum(x: torch.Tensor, b: Batch) -> torch.Tensor:
     if b.n_graphs == 1:
         return x.sum(0, keepdim=True)
     return _scatter(x, b.graph, b.n_graphs)
+
+
+def _cat_optional(parts: list, device: str) -> torch.Tensor | None:
+    """Concatenated per-node tensors, or None unless every graph has one."""
+    return torch.cat(parts).to(device) if parts and all(p is not None for p in parts) else None
 
 
 class Batch:
@@ -76,6 +85,8 @@ class Batch:
         self.target = torch.cat([g.target for g in graphs]).to(device) if has_target else None
         # distance of each node to the nearest defect site: weights the training loss (targets only)
         self.near = torch.cat([g.defect_distance() for g in graphs]).to(device) if has_target else None
+        self.atom_prior = _cat_optional([g.atom_prior for g in graphs], device)
+        self.force_prior = _cat_optional([g.force_prior for g in graphs], device)
         self.n_graphs = len(graphs)
 
 
@@ -130,6 +141,24 @@ class _Layer(nn.Module):
         return s, v, x
 
 
+class _VirtualNode(nn.Module):
+    """Global context: every node reads its structure's mean scalar and vector features."""
+
+    def __init__(self, f: int):
+        super().__init__()
+        self.mix = nn.Sequential(nn.Linear(2 * f, f), nn.SiLU(), nn.Linear(f, f))
+        self.vec = nn.Linear(f, f, bias=False)
+        nn.init.zeros_(self.mix[-1].weight)
+        nn.init.zeros_(self.mix[-1].bias)
+        nn.init.zeros_(self.vec.weight)
+
+    def forward(self, s: torch.Tensor, v: torch.Tensor, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        count = _graph_sum(torch.ones_like(s[:, :1]), b)
+        mean_s, mean_v = _graph_sum(s, b) / count, _graph_sum(v, b) / count.unsqueeze(-1)
+        s = s + self.mix(torch.cat([s, mean_s[b.graph]], -1))
+        return s, v + self.vec(mean_v)[b.graph]
+
+
 class DefectRelaxNet(nn.Module):
     """Unrelaxed defect graph -> displacement of every atom (A)."""
 
@@ -142,16 +171,44 @@ class DefectRelaxNet(nn.Module):
         self.embed_type = nn.Embedding(len(NodeType), c.features)
         self.radial = _Radial(c.rbf, c.cutoff)
         self.layers = nn.ModuleList(_Layer(c.features, c.rbf) for _ in range(c.layers))
+        if c.virtual_node:
+            self.globals = nn.ModuleList(_VirtualNode(c.features) for _ in range(c.layers))
+        if c.prior_features:
+            self.embed_prior = nn.Sequential(
+                nn.LayerNorm(c.prior_features),
+                nn.Linear(c.prior_features, c.features), nn.SiLU(), nn.Linear(c.features, c.features)
+            )
+        if c.force_prior:
+            self.force_scalar = nn.Linear(1, c.features)
+            self.force_vector = nn.Parameter(torch.randn(c.features) * 0.1)
+
+    def _inputs(self, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial scalar (nodes, F) and vector (nodes, 3, F) features, with the MLIP priors if used."""
+        c = self.config
+        s = self.embed_z(b.z) + self.embed_host(b.z_host) + self.embed_type(b.node_type)
+        v = torch.zeros(b.n_nodes, 3, s.shape[-1], dtype=s.dtype, device=s.device)
+        if c.prior_features:
+            if b.atom_prior is None:
+                raise DefectMLError("this predictor needs MLIP atom features (predictor.prior.attach_priors)")
+            s = s + self.embed_prior(b.atom_prior)
+        if c.force_prior:
+            if b.force_prior is None:
+                raise DefectMLError("this predictor needs MLIP forces (predictor.prior.attach_priors)")
+            f = b.force_prior
+            s = s + self.force_scalar(torch.linalg.norm(f, dim=-1, keepdim=True))
+            v = v + f.unsqueeze(-1) * self.force_vector
+        return s, v
 
     def forward(self, b: Batch, layers: list | None = None) -> torch.Tensor:
         """Predicted displacements (nodes, 3); zero for vacancy placeholders.
 
         ``layers``: callables standing in for ``self.layers`` (e.g. each one compiled separately).
         """
-        s = self.embed_z(b.z) + self.embed_host(b.z_host) + self.embed_type(b.node_type)
-        v = torch.zeros(b.n_nodes, 3, s.shape[-1], dtype=s.dtype, device=s.device)
+        s, v = self._inputs(b)
         x = b.pos
-        for layer in layers or self.layers:
+        for k, layer in enumerate(layers or self.layers):
+            if self.config.virtual_node:
+                s, v = self.globals[k](s, v, b)
             s, v, x = layer(s, v, x, b, self.radial)
         disp = x - b.pos
         if self.config.zero_net_displacement:

@@ -8,6 +8,7 @@ from ase import Atoms
 
 from defectml.predictor.graph import build_graph
 from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble
+from defectml.predictor.prior import attach_priors, needs_prior
 
 
 def predict_relaxed(
@@ -26,6 +27,8 @@ def predict_relaxed(
         g = build_graph(reference, pristine, model.config.cutoff, positions=unrelaxed.positions)
     else:
         g = build_graph(unrelaxed, pristine, model.config.cutoff)
+    if needs_prior(model):
+        attach_priors([g], ["input"])
     with torch.no_grad():
         disp = model(Batch([g], device)).cpu().numpy()[: len(unrelaxed)]
     out = unrelaxed.copy()

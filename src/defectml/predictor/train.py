@@ -31,6 +31,8 @@ class TrainSettings:
     slightly perturbed structure to the same relaxed one (a regulariser for small data sets).
     ``local_weight`` counts atoms within ``local_radius`` (A) of a defect site ``1 + local_weight``
     times in the loss (training and validation), so the fit favours the defect neighbourhoods.
+    ``ema`` > 0 keeps an exponential moving average of the weights (decay per step); the average is
+    what is validated and kept as the best model, the raw weights go on training.
     """
 
     epochs: int = 20
@@ -45,6 +47,7 @@ class TrainSettings:
     init_from: str | None = None
     local_weight: float = 0.0
     local_radius: float = 3.0
+    ema: float = 0.0
     log: list = field(default_factory=list)
 
 
@@ -58,6 +61,28 @@ def perturb(b: Batch, width: float) -> None:
     b.pos = b.pos + eps
     if b.target is not None:
         b.target = b.target - eps
+
+
+def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
+    """Move the averaged weights ``ema`` toward the model's by ``1 - decay``."""
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                ema[k].mul_(decay).add_(v, alpha=1.0 - decay)
+            else:
+                ema[k].copy_(v)
+
+
+def _validate(model: DefectRelaxNet, val_graphs: list, s: TrainSettings, ema: dict | None) -> float:
+    """Validation loss of the model's weights, or of the averaged weights ``ema`` when kept."""
+    if ema is None:
+        return validation_loss(model, val_graphs, s)
+    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(ema)
+    try:
+        return validation_loss(model, val_graphs, s)
+    finally:
+        model.load_state_dict(live)
 
 
 def _check_device(device: str) -> None:
@@ -192,12 +217,15 @@ def train(
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.epochs), eta_min=s.lr / 20)
     history, start, best, best_state = [], 0, float("inf"), None
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.ema > 0 else None
     if ck is not None:
         model.load_state_dict(ck["state"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sched.T_max = max(1, s.epochs)  # extending a finished run continues its schedule smoothly
         history, start, best, best_state = ck["history"], ck["epoch"], ck["best_val"], ck["best_state"]
+        if ema is not None and ck.get("ema"):
+            ema = ck["ema"]
     rng = random.Random(s.seed)
     for epoch in range(start, s.epochs):
         rng_epoch = random.Random(rng.random() + epoch)
@@ -227,13 +255,16 @@ def train(
                 raise DefectMLError(f"training diverged (loss {float(loss)}) at epoch {epoch + 1}")
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
             opt.step()
+            if ema is not None:
+                _ema_update(ema, model, s.ema)
             losses.append(float(loss.detach()))
         sched.step()
-        val = validation_loss(model, val_graphs, s)
+        val = _validate(model, val_graphs, s, ema)
         dt = time.perf_counter() - t0
         history.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "val_loss": val, "time_s": dt})
         if val < best:
-            best, best_state = val, {k: v.detach().clone() for k, v in model.state_dict().items()}
+            weights = ema if ema is not None else model.state_dict()
+            best, best_state = val, {k: v.detach().clone() for k, v in weights.items()}
         log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} A, val {val:.4f} A, {dt:.0f} s")
         tmp = checkpoint.with_suffix(".tmp")
         torch.save(
@@ -246,6 +277,7 @@ def train(
                 "history": history,
                 "best_val": best,
                 "best_state": best_state,
+                "ema": ema,
             },
             tmp,
         )
