@@ -296,9 +296,11 @@ def test_2dmd_representation_on_real_pairs(tmp_path, capsys):
     out = tmp_path  # the graph cache built above is reused
     common = ["--data", str(root), "--out", str(out), "--materials", "hBN"]
     tiny = ["--limit", "4", "--epochs", "1", "--features", "8", "--layers", "1", "--threads", "1"]
-    assert main(["predictor", "train", "--per-material", *common, *tiny, "--seeds", "2"]) == 0
+    extras = ["--ema", "0.9", "--virtual-node"]
+    assert main(["predictor", "train", "--per-material", *common, *tiny, *extras, "--seeds", "2"]) == 0
     _, ck = load_checkpoint(out / "hBN" / "model.pt")
-    assert ck["epoch"] == 1 and ck["config"]["zero_net_displacement"]
+    assert ck["epoch"] == 1 and ck["config"]["zero_net_displacement"] and ck["config"]["virtual_node"]
+    assert ck["ema"] is not None
     a, b = (load_checkpoint(out / "hBN" / name)[0] for name in ("model.pt", "model_s1.pt"))
     assert not torch.allclose(a.embed_z.weight, b.embed_z.weight)  # two seeds, two models
     capsys.readouterr()

@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train N models (seeds --seed..--seed+N-1: model.pt, model_s1.pt, ...), an ensemble")
     pt.add_argument("--local-weight", type=float, default=0.0,
                     help="extra loss weight of atoms within 3 A of a defect site (the A3 metric's atoms)")
+    pt.add_argument("--ema", type=float, default=0.0,
+                    help="keep a moving average of the weights (decay per step, e.g. 0.999) as the model")
+    pt.add_argument("--virtual-node", action="store_true",
+                    help="a global node: every layer mixes each structure's mean features into its atoms")
     pp = psub.add_parser("predict", help="predict the relaxed structure of an unrelaxed defect cell")
     pp.add_argument("model", help="model.pt from `defectml predictor train`; a,b,c.pt averages an ensemble")
     pp.add_argument("structure", help="unrelaxed defect supercell (CIF, POSCAR, extxyz, ...)")
@@ -743,10 +747,12 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         splits = [pdata.material_split(root, m, a.cutoff, out / "cache", limit=a.limit,
                                        progress=lambda x, m=m: tqdm(x, desc=f"graphs {m}", leave=False))
                   for m in materials]
-        config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
+        config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff,
+                             virtual_node=a.virtual_node)
         settings = ptrain.TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
                                         threads=a.threads, noise=a.noise, compile=a.compile,
-                                        init_from=a.init_from, seed=a.seed, local_weight=a.local_weight)
+                                        init_from=a.init_from, seed=a.seed, local_weight=a.local_weight,
+                                        ema=a.ema)
         if a.seeds < 1:
             raise DefectMLError(f"--seeds {a.seeds}: train at least one model")
         groups = ([(out / s.material, [s]) for s in splits] if a.per_material else [(out, splits)])
