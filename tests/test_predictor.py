@@ -312,7 +312,11 @@ def test_2dmd_representation_on_real_pairs(tmp_path, capsys):
     assert main(["predictor", "train", *common, *tiny, "--seeds", "0"]) == 2
 
 
-def test_search_pre_relax_option(tmp_path, copper_cif):
+def test_search_pre_relax_option(tmp_path, copper_cif, monkeypatch, capsys):
+    import importlib
+
+    from defectml.errors import UntrustedPrediction
+    from defectml.predictor.predict import predict_relaxed
     from defectml.store import ResultStore
 
     graphs = [_random_pair(s) for s in range(3)]
@@ -345,6 +349,22 @@ def test_search_pre_relax_option(tmp_path, copper_cif):
     keys = {r.settings_key for r in rows}
     assert len(keys) == 2  # pre-relaxed trials are a different search, not mixed with the plain one
     assert main([*args, "--pre-relax", str(tmp_path / "none.pt")]) == 2
+    model, _ = load_checkpoint(ck)
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    cell = pristine.copy()
+    del cell[0]
+    moved = predict_relaxed(model, cell, pristine, max_move=5.0)
+    shift = find_mic(moved.positions - cell.positions, cell.cell, pbc=True)[0]
+    largest = float(np.linalg.norm(shift, axis=1).max())
+    assert 0 < largest < 5.0
+    with pytest.raises(UntrustedPrediction, match="moves an atom by"):
+        predict_relaxed(model, cell, pristine, max_move=largest / 2)
+    search_module = importlib.import_module("defectml.search")  # the package exports a function "search"
+    monkeypatch.setattr(search_module, "MAX_PREDICTED_MOVE", 1e-9)  # every prediction now "too far"
+    capsys.readouterr()
+    loud = [x for x in args if x != "--quiet"]
+    assert main([*loud, "--out", str(tmp_path / "run_kept"), "--pre-relax", str(ck)]) == 0
+    assert "trials as generated" in capsys.readouterr().err
 
 
 def test_derived_train_ids_are_shuffled_before_validation_hold_out(tmp_path):

@@ -22,3 +22,7 @@ class ModelError(DefectMLError):
 
 class StoreError(DefectMLError):
     """The results store cannot be opened, read or written."""
+
+
+class UntrustedPrediction(DefectMLError):
+    """The direct predictor's output is non-finite or moves atoms beyond anything it was trained on."""

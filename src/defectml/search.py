@@ -28,7 +28,7 @@ from defectml.defects import (
 )
 from defectml.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
 from defectml.engine import Job, ModelSpec, run_jobs
-from defectml.errors import InputError, ModelError
+from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.fingerprint import SoapSettings
 from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
 from defectml.models import Model, load_model, wrap_calculator
@@ -125,20 +125,30 @@ def _file_key(spec: str) -> str:
     return h.hexdigest()[:16]
 
 
+MAX_PREDICTED_MOVE = 5.0  # A: beyond every DFT move in the 2DMD training pairs (at most 4.1 A)
+
+
 def pre_relax_trials(items: list[DefectCharge], checkpoint: str, log_fn=log.info) -> None:
     """Move every trial to the direct predictor's relaxed positions (in place)."""
     from defectml.predictor.predict import predict_relaxed
     from defectml.predictor.train import load_predictor
 
     model = load_predictor(checkpoint)
-    n = 0
+    n, kept = 0, []
     for it in items:
         pristine = to_atoms(it.defect.bulk_supercell)
         reference = to_atoms(it.defect.supercell)
         for t in it.trials:
-            t.atoms = predict_relaxed(model, t.atoms, pristine, reference=reference)
-            n += 1
+            try:
+                t.atoms = predict_relaxed(
+                    model, t.atoms, pristine, reference=reference, max_move=MAX_PREDICTED_MOVE
+                )
+                n += 1
+            except UntrustedPrediction as exc:  # relax this trial as generated
+                kept.append(f"{it.label} {t.name} ({exc})")
     log_fn(f"pre-relaxed {n} trials with the direct predictor {checkpoint}")
+    if kept:
+        log_fn(f"kept {len(kept)} trials as generated: " + "; ".join(kept))
 
 
 @dataclass
