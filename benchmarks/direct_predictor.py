@@ -13,8 +13,15 @@ that depend on the model).
     python benchmarks/direct_predictor.py [--epochs 30] [--seeds 3] [--features 64] [--noise 0.03]
         [--layers 5] [--jobs 2] [--local-weight 0] [--models ensemble_l5]
 
+The combined levers of ``predictor_variants.py`` (7 layers, a virtual node, a weight average, batch 4),
+one seed per material, written under their own name:
+
+    python benchmarks/direct_predictor.py --layers 7 --virtual-node --ema 0.99 --batch-size 4 \
+        --seeds 1 --models ensemble_l7_vn --name direct_predictor_l7_vn_single
+
 ``--seeds K`` trains K models per material (seeds 0..K-1) and scores their averaging ensemble, with
-each member's own score alongside. Writes benchmarks/results/direct_predictor.{json,md}; models land
+each member's own score alongside. Writes benchmarks/results/<name>.{json,md} (``--name``, default
+direct_predictor); models land
 in runs/definet/<models>/<m>.pt (``--models`` defaults to ``ensemble_l<layers>``; seed k > 0: <m>_s<k>.pt;
 runs/definet/model.pt with ``--joint``);
 rerunning resumes (or extends) their training.
@@ -174,6 +181,7 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
                 "compile": a.compile,
                 "seed": k,
                 "local_weight": a.local_weight,
+                "ema": a.ema,
             },
         }
         for m in splits
@@ -187,9 +195,9 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
 
 
 def _changed_options(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
-    """The command-line options of this run that differ from the defaults (paths and --models left out)."""
+    """The options of this run that differ from the defaults (paths left out; --models if not the default)."""
     skip = {"help", "data", "work", "out", "models", "threads", "jobs"}
-    out = ""
+    out = f" --models {a.models}" if a.models != f"ensemble_l{a.layers}" else ""
     for action in parser._actions:
         value = getattr(a, action.dest, None)
         if action.dest in skip or value == action.default:
@@ -232,6 +240,9 @@ def main() -> None:
     p.add_argument(
         "--local-weight", type=float, default=0.0, help="extra loss weight of atoms within 3 A of a defect"
     )
+    p.add_argument("--ema", type=float, default=0.0, help="weight moving-average decay per step (0: off)")
+    p.add_argument("--virtual-node", action="store_true", help="a global node mixed in at every layer")
+    p.add_argument("--name", default="direct_predictor", help="stem of the result files under --out")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--chgnet-per-material", type=int, default=5)
     p.add_argument("--fmax", type=float, default=0.05)
@@ -244,7 +255,7 @@ def main() -> None:
     t0 = time.perf_counter()
     splits = {m: material_split(root, m, a.cutoff, work / "cache") for m in MATERIALS}
     t_graphs = time.perf_counter() - t0
-    config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff)
+    config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff, virtual_node=a.virtual_node)
     settings = TrainSettings(
         epochs=a.epochs,
         batch_size=a.batch_size,
@@ -253,6 +264,7 @@ def main() -> None:
         noise=a.noise,
         compile=a.compile,
         local_weight=a.local_weight,
+        ema=a.ema,
     )
     t0 = time.perf_counter()
     paths = _train_all(a, root, work, splits, config, settings)
@@ -332,6 +344,7 @@ def main() -> None:
             "compiled": a.compile,
             "seeds": a.seeds,
             "local_weight": a.local_weight,
+            "ema": a.ema,
             "threads_per_model": a.threads if a.joint else 1,
             "parallel_jobs": 1 if a.joint else a.jobs,
         },
@@ -347,7 +360,7 @@ def main() -> None:
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "direct_predictor.json").write_text(json.dumps(doc, indent=2))
+    (out / f"{a.name}.json").write_text(json.dumps(doc, indent=2))
     what = (
         f"One model trained jointly on {doc['n_train']} pairs"
         if a.joint
@@ -358,7 +371,9 @@ def main() -> None:
     md = [
         "# Direct relaxed-structure predictor on 2DMD (test split, 50 per material)",
         "",
-        f"{what}: {a.features} features, {a.layers} layers, cutoff {a.cutoff} A, input noise {a.noise} A, "
+        f"{what}: {a.features} features, {a.layers} layers{', a virtual node' if a.virtual_node else ''}, "
+        f"cutoff {a.cutoff} A, input noise {a.noise} A, batch {a.batch_size}"
+        f"{f', weight average (decay {a.ema:g} per step)' if a.ema else ''}, "
         f"{max(r['epochs'] for r in rows.values())} epochs on this CPU"
         f"{' (torch.compile)' if a.compile else ''}, {np.mean(all_epochs):.0f} s/epoch "
         f"per model on average"
@@ -427,7 +442,7 @@ def main() -> None:
                 f"{c['chgnet_s_per_structure']:.1f} | {c['steps_from_unrelaxed']:.0f} | "
                 f"{c['steps_from_predicted']:.0f} | {c['steps_saved']:.0%} |"
             )
-    (out / "direct_predictor.md").write_text("\n".join(md) + "\n")
+    (out / f"{a.name}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

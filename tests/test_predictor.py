@@ -62,14 +62,15 @@ def _random_pair(seed: int):
     return build_graph(u, pristine, cutoff=4.0, relaxed=r)
 
 
-@pytest.mark.parametrize("virtual_node", [False, True])
-def test_equivariance_and_translation_invariance(virtual_node):
+@pytest.mark.parametrize(("virtual_node", "norm"), [(False, False), (True, False), (False, True)])
+def test_equivariance_and_translation_invariance(virtual_node, norm):
     torch.manual_seed(0)
     pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
     u = pristine.copy()
     del u[3]
     u.rattle(0.05, seed=1)
-    model = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0, virtual_node=virtual_node))
+    config = ModelConfig(features=16, layers=2, cutoff=4.0, virtual_node=virtual_node, norm=norm)
+    model = DefectRelaxNet(config)
     for p in model.parameters():  # make the coordinate read-outs large enough to test
         p.data.normal_(0, 0.3)
     disp = model(Batch([build_graph(u, pristine, 4.0)])).detach().numpy()
@@ -310,6 +311,14 @@ def test_2dmd_representation_on_real_pairs(tmp_path, capsys):
         mean = evaluate(Ensemble([a, b]), split.test)[0]
     assert f"{mean['A3']:7.4f}" in ensemble_line  # evaluate averages every seed of the folder
     assert main(["predictor", "train", *common, *tiny, "--seeds", "0"]) == 2
+    assert main(["predictor", "train", *common, *tiny, "--interpolate", "1.5"]) == 2
+    assert main(["predictor", "evaluate", str(out), *common, "--passes", "0"]) == 2
+    # a joint model (OUT/model.pt, beside the per-material folder) with partly relaxed inputs
+    assert main(["predictor", "train", *common, *tiny, "--norm", "--interpolate", "0.5"]) == 0
+    assert load_checkpoint(out / "model.pt")[1]["config"]["norm"]
+    capsys.readouterr()
+    assert main(["predictor", "evaluate", str(out / "model.pt"), *common, "--passes", "2"]) == 0
+    assert "hBN" in capsys.readouterr().out.splitlines()[-1]
 
 
 def test_search_pre_relax_option(tmp_path, copper_cif, monkeypatch, capsys):
@@ -415,6 +424,61 @@ def test_input_noise_keeps_the_relaxed_positions():
     assert torch.allclose(b.pos + b.target, pos0 + target0, atol=1e-6)  # same relaxed positions
     for k in range(2):
         assert torch.allclose(shift[(b.graph == k) & b.real].mean(0), torch.zeros(3), atol=1e-6)
+
+
+def _two_vacancy_cells():
+    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
+    cells = []
+    for k in range(2):
+        u = pristine.copy()
+        del u[k]
+        r = u.copy()
+        r.rattle(0.05, seed=k)
+        r.positions -= (r.positions - u.positions).mean(0)
+        cells.append(build_graph(u, pristine, 4.0, relaxed=r))
+    return cells
+
+
+def test_interpolated_inputs_keep_the_relaxed_positions():
+    """Partly relaxed inputs: each structure moves a fraction t of its way, its target shrinks by 1 - t."""
+    from defectml.predictor.train import interpolate
+
+    b = Batch(_two_vacancy_cells())
+    pos0, target0 = b.pos.clone(), b.target.clone()
+    interpolate(b, 0.0)
+    assert torch.equal(b.pos, pos0) and torch.equal(b.target, target0)
+    interpolate(b, 1.0, torch.Generator().manual_seed(0))
+    assert torch.allclose(b.pos + b.target, pos0 + target0, atol=1e-6)  # same relaxed positions
+    assert torch.all(b.pos[~b.real] == pos0[~b.real])  # vacancy placeholders stay on their sites
+    for k in range(2):
+        real = (b.graph == k) & b.real
+        moved, whole = (b.pos - pos0)[real], target0[real]
+        t = float((moved * whole).sum() / (whole * whole).sum())
+        assert 0.0 < t < 1.0
+        assert torch.allclose(moved, t * whole, atol=1e-6)  # one t per structure
+
+
+def test_recycled_prediction_feeds_each_pass_the_last_positions():
+    from defectml.predictor.model import recycled
+
+    torch.manual_seed(1)
+    model = DefectRelaxNet(ModelConfig(features=16, layers=2, cutoff=4.0, norm=True))
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    model.eval()
+    b = Batch(_two_vacancy_cells())
+    pos0 = b.pos.clone()
+    with torch.no_grad():
+        one = recycled(model, b, 1)
+        assert torch.equal(one, model(b))
+        two = recycled(model, b, 2)
+        assert torch.equal(b.pos, pos0)  # the batch is left as it was
+        b.pos = pos0 + one
+        by_hand = one + model(b)
+    assert float((two - one).abs().max()) > 1e-4
+    assert torch.allclose(two, by_hand, atol=1e-6)
+    with pytest.raises(ValueError):
+        recycled(model, Batch(_two_vacancy_cells()), 0)
 
 
 def test_init_from_starts_at_the_given_weights_with_a_fresh_schedule(tmp_path):

@@ -365,17 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep a moving average of the weights (decay per step, e.g. 0.999) as the model")
     pt.add_argument("--virtual-node", action="store_true",
                     help="a global node: every layer mixes each structure's mean features into its atoms")
+    pt.add_argument("--norm", action="store_true",
+                    help="LayerNorm on the scalar features each layer's MLPs read (stabler off-distribution)")
+    pt.add_argument("--interpolate", type=float, default=0.0,
+                    help="fraction of training inputs moved a random part of the way to the relaxed "
+                         "structure (lets `--passes 2` refine a prediction)")
     pp = psub.add_parser("predict", help="predict the relaxed structure of an unrelaxed defect cell")
     pp.add_argument("model", help="model.pt from `defectml predictor train`; a,b,c.pt averages an ensemble")
     pp.add_argument("structure", help="unrelaxed defect supercell (CIF, POSCAR, extxyz, ...)")
     pp.add_argument("--pristine", required=True, help="the pristine supercell (or unit cell) of the host")
     pp.add_argument("-o", "--output", default=None, help="output file (default: <structure>_predicted.cif)")
+    pp.add_argument("--passes", type=int, default=1,
+                    help="apply the model N times, each on its last prediction (for --interpolate models)")
     pe = psub.add_parser("evaluate", help="coordinate MAE on the 2DMD test split vs the Dummy baseline")
     pe.add_argument("model", help="model.pt, or the folder of a --per-material run (all of "
                     "<material>/model*.pt, the seeds, averaged); a comma-separated list averages an ensemble")
     pe.add_argument("--data", default="../shared/data/2dmd-high-density-pairs.tar.gz")
     pe.add_argument("--out", default="runs/predictor")
     pe.add_argument("--materials", default="all")
+    pe.add_argument("--passes", type=int, default=1,
+                    help="apply the model N times, each on its last prediction (for --interpolate models)")
     return parser
 
 
@@ -731,7 +740,7 @@ def cmd_predictor(a: argparse.Namespace) -> int:
 
         model = ptrain.load_predictor(a.model)
         unrelaxed, pristine = (to_atoms(read_structure(x)) for x in (a.structure, a.pristine))
-        out = predict_relaxed(model, unrelaxed, pristine)
+        out = predict_relaxed(model, unrelaxed, pristine, passes=_passes(a.passes))
         target = Path(a.output or Path(a.structure).with_suffix("").as_posix() + "_predicted.cif")
         write(target, out)
         print(f"wrote {target}")
@@ -748,11 +757,13 @@ def cmd_predictor(a: argparse.Namespace) -> int:
                                        progress=lambda x, m=m: tqdm(x, desc=f"graphs {m}", leave=False))
                   for m in materials]
         config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff,
-                             virtual_node=a.virtual_node)
+                             virtual_node=a.virtual_node, norm=a.norm)
         settings = ptrain.TrainSettings(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, device=a.device,
                                         threads=a.threads, noise=a.noise, compile=a.compile,
                                         init_from=a.init_from, seed=a.seed, local_weight=a.local_weight,
-                                        ema=a.ema)
+                                        ema=a.ema, interpolate=a.interpolate)
+        if not 0.0 <= a.interpolate <= 1.0:
+            raise DefectMLError(f"--interpolate {a.interpolate}: a fraction of the training inputs, 0 to 1")
         if a.seeds < 1:
             raise DefectMLError(f"--seeds {a.seeds}: train at least one model")
         groups = ([(out / s.material, [s]) for s in splits] if a.per_material else [(out, splits)])
@@ -775,11 +786,17 @@ def cmd_predictor(a: argparse.Namespace) -> int:
         split = pdata.material_split(root, m, model.config.cutoff, out / "cache")
         if prior.needs_prior(model):  # CHGNet features/forces as inputs (benchmark variants)
             prior.attach_priors(split.test, split.test_ids, cache=out / "cache" / f"prior_chgnet_{m}.pt")
-        res, _ = ptrain.evaluate(model, split.test)
+        res, _ = ptrain.evaluate(model, split.test, passes=_passes(a.passes))
         dummy, _ = ptrain.evaluate(_Dummy(), split.test)
         print(f"{m:>8} {res['all']:9.4f} {res['A3']:7.4f} {dummy['all']:9.4f} {dummy['A3']:7.4f} "
               f"{1 - res['A3'] / dummy['A3']:8.1%}")
     return 0
+
+
+def _passes(n: int) -> int:
+    if n < 1:
+        raise DefectMLError(f"--passes {n}: the model is applied at least once")
+    return n
 
 
 class _Dummy:

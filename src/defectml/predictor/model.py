@@ -35,6 +35,7 @@ class ModelConfig:
     prior_features: int = 0
     force_prior: bool = False
     virtual_node: bool = False
+    norm: bool = False
 
     def to_dict(self) -> dict:
         """Plain dictionary (stored in checkpoints)."""
@@ -103,9 +104,13 @@ class _Radial(nn.Module):
 
 
 class _Layer(nn.Module):
-    def __init__(self, f: int, n_rbf: int):
+    def __init__(self, f: int, n_rbf: int, norm: bool = False):
         super().__init__()
         self.f = f
+        # LayerNorm on what the MLPs read (the residual stream itself is left as it is): keeps the
+        # features bounded on inputs unlike the training set's (e.g. partly relaxed structures)
+        self.norm_in = nn.LayerNorm(f) if norm else nn.Identity()
+        self.norm_mid = nn.LayerNorm(f) if norm else nn.Identity()
         self.phi = nn.Sequential(nn.Linear(f, f), nn.SiLU(), nn.Linear(f, 3 * f))
         self.filter = nn.Linear(n_rbf, 3 * f)
         self.type_gate = nn.Embedding(len(NodeType) ** 2, 3 * f)
@@ -125,17 +130,18 @@ class _Layer(nn.Module):
         e = r / d.clamp(min=1e-3).unsqueeze(-1)
         rbf, fcut = radial(d)
         gate = torch.sigmoid(self.type_gate(b.node_type[i] * len(NodeType) + b.node_type[j]))
-        m = self.phi(s)[j] * self.filter(rbf) * fcut * gate
+        m = self.phi(self.norm_in(s))[j] * self.filter(rbf) * fcut * gate
         ms, mv, me = torch.split(m, self.f, dim=-1)
         n = b.n_nodes
         s = s + _scatter(ms, i, n)
         v = v + _scatter(mv.unsqueeze(1) * v[j] + me.unsqueeze(1) * e.unsqueeze(-1), i, n)
         uv, vv = self.u(v), self.v(v)
-        a = self.update(torch.cat([s, torch.sqrt((vv**2).sum(1) + 1e-8)], -1))
+        a = self.update(torch.cat([self.norm_mid(s), torch.sqrt((vv**2).sum(1) + 1e-8)], -1))
         avv, asv, ass = torch.split(a, self.f, dim=-1)
         v = v + avv.unsqueeze(1) * uv
         s = s + asv * (uv * vv).sum(1) + ass
-        w = self.edge_weight(torch.cat([s[i], s[j], rbf], -1)) * fcut
+        sn = self.norm_mid(s)
+        w = self.edge_weight(torch.cat([sn[i], sn[j], rbf], -1)) * fcut
         dx = self.to_dx(v).squeeze(-1) + _scatter(w * e, i, n)
         x = x + dx * b.real.unsqueeze(-1)
         return s, v, x
@@ -170,7 +176,7 @@ class DefectRelaxNet(nn.Module):
         self.embed_host = nn.Embedding(c.max_z + 1, c.features)
         self.embed_type = nn.Embedding(len(NodeType), c.features)
         self.radial = _Radial(c.rbf, c.cutoff)
-        self.layers = nn.ModuleList(_Layer(c.features, c.rbf) for _ in range(c.layers))
+        self.layers = nn.ModuleList(_Layer(c.features, c.rbf, c.norm) for _ in range(c.layers))
         if c.virtual_node:
             self.globals = nn.ModuleList(_VirtualNode(c.features) for _ in range(c.layers))
         if c.prior_features:
@@ -239,6 +245,25 @@ class Ensemble(nn.Module):
     def forward(self, b: Batch) -> torch.Tensor:
         """Mean of the members' displacements (nodes, 3)."""
         return torch.stack([m(b) for m in self.members]).mean(0)
+
+
+def recycled(model: nn.Module, b: Batch, passes: int = 1) -> torch.Tensor:
+    """Displacements from ``passes`` applications of ``model``, each on the previous prediction.
+
+    The graph (edges, node types) stays the one built on the unrelaxed structure; only positions move.
+    Useful for a model trained with partly relaxed inputs (``TrainSettings.interpolate``).
+    """
+    if passes < 1:
+        raise ValueError("passes must be at least 1")
+    pos0 = b.pos
+    total = torch.zeros_like(pos0)
+    try:
+        for _ in range(passes):
+            b.pos = pos0 + total
+            total = total + model(b)
+    finally:
+        b.pos = pos0
+    return total
 
 
 def distance_loss(

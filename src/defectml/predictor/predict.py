@@ -8,7 +8,7 @@ from ase import Atoms
 
 from defectml.errors import UntrustedPrediction
 from defectml.predictor.graph import build_graph
-from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble
+from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, recycled
 from defectml.predictor.prior import attach_priors, needs_prior
 
 
@@ -19,12 +19,14 @@ def predict_relaxed(
     device: str = "cpu",
     reference: Atoms | None = None,
     max_move: float | None = None,
+    passes: int = 1,
 ) -> Atoms:
     """``unrelaxed`` with every atom moved by the predicted displacement (cell unchanged).
 
     ``reference``: the undistorted defect cell (same atoms) from which node types are read when
     ``unrelaxed`` is a distorted trial. ``max_move`` (A): a prediction that moves any atom further
     is refused with :class:`UntrustedPrediction` (the network has left what it was trained on).
+    ``passes`` > 1 applies the model again to its own prediction (:func:`recycled`).
     """
     if reference is not None:
         g = build_graph(reference, pristine, model.config.cutoff, positions=unrelaxed.positions)
@@ -33,7 +35,7 @@ def predict_relaxed(
     if needs_prior(model):
         attach_priors([g], ["input"])
     with torch.no_grad():
-        disp = model(Batch([g], device)).cpu().numpy()[: len(unrelaxed)]
+        disp = recycled(model, Batch([g], device), passes).cpu().numpy()[: len(unrelaxed)]
     largest = float(np.linalg.norm(disp, axis=1).max()) if len(disp) else 0.0
     if not np.isfinite(disp).all() or (max_move is not None and largest > max_move):
         raise UntrustedPrediction(f"the predictor moves an atom by {largest:.1f} A (limit {max_move} A)")

@@ -15,7 +15,7 @@ import torch
 from defectml.errors import DefectMLError
 from defectml.predictor.graph import DefectGraph
 from defectml.predictor.metrics import coordinate_mae, mean_metrics
-from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfig, distance_loss
+from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfig, distance_loss, recycled
 
 
 @dataclass
@@ -33,6 +33,10 @@ class TrainSettings:
     times in the loss (training and validation), so the fit favours the defect neighbourhoods.
     ``ema`` > 0 keeps an exponential moving average of the weights (decay per step); the average is
     what is validated and kept as the best model, the raw weights go on training.
+    ``interpolate`` is the fraction of training structures whose input is moved part of the way to
+    the DFT-relaxed structure (a uniform random fraction t of each atom's displacement, the target
+    shrinking to the remaining 1 - t): the network also sees partly relaxed inputs, as a relaxation
+    passes through them, and can then refine its own prediction (``predict_relaxed(passes=2)``).
     """
 
     epochs: int = 20
@@ -48,6 +52,7 @@ class TrainSettings:
     local_weight: float = 0.0
     local_radius: float = 3.0
     ema: float = 0.0
+    interpolate: float = 0.0
     log: list = field(default_factory=list)
 
 
@@ -61,6 +66,21 @@ def perturb(b: Batch, width: float) -> None:
     b.pos = b.pos + eps
     if b.target is not None:
         b.target = b.target - eps
+
+
+def interpolate(b: Batch, fraction: float, generator: torch.Generator | None = None) -> None:
+    """Move a random ``fraction`` of the structures in ``b`` part of the way to their targets.
+
+    Each chosen structure gets one t ~ U(0, 1): inputs ``pos + t * target``, targets ``(1 - t) * target``
+    (targets are displacements from the input), so its relaxed positions are unchanged.
+    """
+    if b.target is None or fraction <= 0:
+        return
+    pick = torch.rand(b.n_graphs, generator=generator) < fraction
+    t = (torch.rand(b.n_graphs, generator=generator) * pick).to(b.pos.dtype).to(b.pos.device)
+    t_node = (t[b.graph] * b.real.to(b.pos.dtype)).unsqueeze(-1)
+    b.pos = b.pos + t_node * b.target
+    b.target = b.target * (1.0 - t_node)
 
 
 def _ema_update(ema: dict, model: torch.nn.Module, decay: float) -> None:
@@ -124,9 +144,11 @@ def load_predictor(spec: str | Path | list, device: str = "cpu") -> DefectRelaxN
 
 
 def evaluate(
-    model: DefectRelaxNet | Ensemble, graphs: list[DefectGraph], device: str = "cpu"
+    model: DefectRelaxNet | Ensemble, graphs: list[DefectGraph], device: str = "cpu", passes: int = 1
 ) -> tuple[dict, float]:
     """Mean coordinate MAEs over ``graphs`` and the inference time per structure (s).
+
+    ``passes`` > 1 feeds each prediction back as the next input (:func:`~defectml.predictor.model.recycled`).
 
     One untimed pass on the first structure comes first, so one-off costs (lazy initialisation, the
     allocator's first requests) are not charged to the timing.
@@ -138,7 +160,7 @@ def evaluate(
             model(Batch(graphs[:1], device))
         for g in graphs:
             t0 = time.perf_counter()
-            pred = model(Batch([g], device)).cpu().numpy()
+            pred = recycled(model, Batch([g], device), passes).cpu().numpy()
             t += time.perf_counter() - t0
             rows.append(coordinate_mae(pred, g))
     return mean_metrics(rows), t / max(1, len(graphs))
@@ -236,6 +258,8 @@ def train(
         losses = []
         for k in range(0, len(order), s.batch_size):
             b = Batch([train_graphs[i] for i in order[k : k + s.batch_size]], s.device)
+            if s.interpolate > 0:
+                interpolate(b, s.interpolate)
             if s.noise > 0:
                 perturb(b, s.noise)
             loss = None
