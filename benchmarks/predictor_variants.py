@@ -132,6 +132,7 @@ def main() -> None:
         help="fraction of training inputs moved part of the way to the relaxed structure",
     )
     p.add_argument("--norm", action="store_true", help="LayerNorm on the scalar features the MLPs read")
+    p.add_argument("--seed", type=int, default=0, help="initial weights and batch order")
     p.add_argument("--batch-size", type=int, default=8, help="structures per gradient step")
     p.add_argument("--limit", type=int, default=None, help="train on the first N training ids only")
     p.add_argument("--no-compile", action="store_true")
@@ -164,6 +165,7 @@ def main() -> None:
         batch_size=a.batch_size,
         ema=a.ema,
         interpolate=a.interpolate,
+        seed=a.seed,
     )
     t0 = time.perf_counter()
     train(
@@ -200,6 +202,7 @@ def main() -> None:
         "ema": a.ema,
         "prior": a.prior,
         "interpolate": a.interpolate,
+        "seed": a.seed,
         "best_val_loss_A": ck["best_val"],
         "train_s": sum(h["time_s"] for h in ck["history"]),
         "wall_s_this_run": time.perf_counter() - t0,
