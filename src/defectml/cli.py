@@ -751,6 +751,11 @@ def cmd_predictor(a: argparse.Namespace) -> int:
     if a.predictor_command == "train":
         from tqdm.auto import tqdm
 
+        if not 0.0 <= a.interpolate <= 1.0:
+            raise DefectMLError(f"--interpolate {a.interpolate}: a fraction of the training inputs, 0 to 1")
+        if a.seeds < 1:
+            raise DefectMLError(f"--seeds {a.seeds}: train at least one model")
+
         from defectml.predictor.model import ModelConfig
 
         splits = [pdata.material_split(root, m, a.cutoff, out / "cache", limit=a.limit,
@@ -762,10 +767,6 @@ def cmd_predictor(a: argparse.Namespace) -> int:
                                         threads=a.threads, noise=a.noise, compile=a.compile,
                                         init_from=a.init_from, seed=a.seed, local_weight=a.local_weight,
                                         ema=a.ema, interpolate=a.interpolate)
-        if not 0.0 <= a.interpolate <= 1.0:
-            raise DefectMLError(f"--interpolate {a.interpolate}: a fraction of the training inputs, 0 to 1")
-        if a.seeds < 1:
-            raise DefectMLError(f"--seeds {a.seeds}: train at least one model")
         groups = ([(out / s.material, [s]) for s in splits] if a.per_material else [(out, splits)])
         for folder, group in groups:
             for k in range(a.seeds):  # seed a.seed + k -> model.pt, model_s1.pt, ...: an ensemble
