@@ -30,3 +30,16 @@ def copper_cif(tmp_path, copper) -> Path:
     path = tmp_path / "Cu.cif"
     copper.to(filename=str(path))
     return path
+
+
+EMT_VACANCY_SEARCH = ["--defect", "v_Cu", "--charge", "0", "--model", "emt", "--quiet"]
+
+
+@pytest.fixture
+def emt_vacancy_run(tmp_path, copper_cif) -> Path:
+    """A finished EMT search of the Cu vacancy (charge 0): its output folder."""
+    from defectml.cli import main
+
+    run = tmp_path / "run"
+    assert main(["search", str(copper_cif), *EMT_VACANCY_SEARCH, "--out", str(run)]) == 0
+    return run

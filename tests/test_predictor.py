@@ -13,6 +13,7 @@ from ase.calculators.emt import EMT
 from ase.geometry import find_mic
 from ase.io import write
 from ase.optimize import FIRE
+from conftest import EMT_VACANCY_SEARCH
 from scipy.spatial.transform import Rotation
 
 from defectml.cli import main
@@ -47,6 +48,14 @@ def test_node_types_vacancy_substitution_interstitial():
     sub = int(np.where(g.node_type.numpy() == NodeType.SUBSTITUTED)[0][0])
     assert g.z[sub] == 28 and g.z_host[sub] == 29
     assert np.allclose(g.defect_sites()[0], d.positions[sub])
+
+
+def _tiny_checkpoint(path: Path, cutoff: float = 4.0) -> Path:
+    """A one-epoch, one-layer model trained on three random pairs, saved at ``path``."""
+    graphs = [_random_pair(s) for s in range(3)]
+    train(graphs, graphs[:1], path, ModelConfig(features=8, layers=1, cutoff=cutoff), TrainSettings(epochs=1),
+          log=lambda m: None)
+    return path
 
 
 def _random_pair(seed: int):
@@ -214,16 +223,7 @@ def test_coordinate_mae_is_periodic_and_local():
 
 
 def test_predict_cli_and_bad_input(tmp_path, capsys):
-    graphs = [_random_pair(s) for s in range(3)]
-    ck = tmp_path / "m.pt"
-    train(
-        graphs,
-        graphs[:1],
-        ck,
-        ModelConfig(features=8, layers=1, cutoff=4.0),
-        TrainSettings(epochs=1),
-        log=lambda m: None,
-    )
+    ck = _tiny_checkpoint(tmp_path / "m.pt")
     pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
     u = pristine.copy()
     del u[0]
@@ -328,30 +328,9 @@ def test_search_pre_relax_option(tmp_path, copper_cif, monkeypatch, capsys):
     from defectml.predictor.predict import predict_relaxed
     from defectml.store import ResultStore
 
-    graphs = [_random_pair(s) for s in range(3)]
-    ck = tmp_path / "m.pt"
-    train(
-        graphs,
-        graphs[:1],
-        ck,
-        ModelConfig(features=8, layers=1, cutoff=4.0),
-        TrainSettings(epochs=1),
-        log=lambda m: None,
-    )
+    ck = _tiny_checkpoint(tmp_path / "m.pt")
     run = tmp_path / "run"
-    args = [
-        "search",
-        str(copper_cif),
-        "--defect",
-        "v_Cu",
-        "--charge",
-        "0",
-        "--model",
-        "emt",
-        "--out",
-        str(run),
-        "--quiet",
-    ]
+    args = ["search", str(copper_cif), *EMT_VACANCY_SEARCH, "--out", str(run)]
     assert main(args) == 0
     assert main([*args, "--pre-relax", str(ck)]) == 0
     rows = ResultStore(run / "results.db").select(kind="relaxation")
@@ -406,16 +385,7 @@ def test_input_noise_keeps_the_relaxed_positions():
     from defectml.predictor.train import perturb
 
     torch.manual_seed(3)
-    pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)
-    cells = []
-    for k in range(2):
-        u = pristine.copy()
-        del u[k]
-        r = u.copy()
-        r.rattle(0.05, seed=k)
-        r.positions -= (r.positions - u.positions).mean(0)
-        cells.append(build_graph(u, pristine, 4.0, relaxed=r))
-    b = Batch(cells)
+    b = Batch(_two_vacancy_cells())
     pos0, target0 = b.pos.clone(), b.target.clone()
     perturb(b, 0.05)
     shift = b.pos - pos0
@@ -599,14 +569,7 @@ def test_ensemble_averages_its_members_and_loads_from_a_list(tmp_path, capsys):
     assert torch.allclose(pe, (pa + pb) / 2, atol=1e-6)
     assert isinstance(load_predictor(paths[0]), DefectRelaxNet)
     other = tmp_path / "c5.pt"
-    train(
-        graphs,
-        graphs[:1],
-        other,
-        ModelConfig(features=8, layers=1, cutoff=5.0),
-        TrainSettings(epochs=1),
-        log=lambda m: None,
-    )
+    _tiny_checkpoint(other, cutoff=5.0)
     with pytest.raises(DefectMLError, match="different cutoffs"):
         load_predictor([paths[0], other])
     pristine = bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 2, 2)

@@ -226,27 +226,8 @@ def test_md_analysis_and_inherent_structures(cu_vacancy):
 
 
 # --- the command ---------------------------------------------------------------------------------------
-def test_thermo_cli_on_emt_search(tmp_path, copper_cif, capsys):
-    run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "search",
-                str(copper_cif),
-                "--defect",
-                "v_Cu",
-                "--charge",
-                "0",
-                "--model",
-                "emt",
-                "--out",
-                str(run),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
+def test_thermo_cli_on_emt_search(emt_vacancy_run, capsys):
+    run = emt_vacancy_run
     assert main(["thermo", str(run), "--T", "300,600,900", "--mesh", "2", "--quiet"]) == 0
     doc = json.loads((run / "thermo" / "v_Cu_0" / "thermo.json").read_text())
     g, c = np.array(doc["g_f_eV"]), np.array(doc["concentration_cm3"])
@@ -276,27 +257,8 @@ def test_thermo_cli_on_emt_search(tmp_path, copper_cif, capsys):
         (["--defect", "v_Zn"], "no search results for v_Zn"),
     ],
 )
-def test_thermo_bad_input(tmp_path, copper_cif, capsys, args, message):
-    run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "search",
-                str(copper_cif),
-                "--defect",
-                "v_Cu",
-                "--charge",
-                "0",
-                "--model",
-                "emt",
-                "--out",
-                str(run),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
+def test_thermo_bad_input(emt_vacancy_run, capsys, args, message):
+    run = emt_vacancy_run
     with pytest.raises(SystemExit) if message == "invalid choice" else _nothing():
         code = main(["thermo", str(run), "--vib", "none", *args, "--quiet"])
         assert code == 2
@@ -311,26 +273,8 @@ class _nothing:
         return False
 
 
-def test_dynamics_cli(tmp_path, copper_cif, capsys):
-    run = tmp_path / "run"
-    assert (
-        main(
-            [
-                "search",
-                str(copper_cif),
-                "--defect",
-                "v_Cu",
-                "--charge",
-                "0",
-                "--model",
-                "emt",
-                "--out",
-                str(run),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+def test_dynamics_cli(emt_vacancy_run, capsys):
+    run = emt_vacancy_run
     assert (
         main(
             [
@@ -371,10 +315,8 @@ def test_inherent_structure_entropy_two_level_system():
     assert got[-1] == pytest.approx(s[-1], rel=1e-3)
 
 
-def test_thermo_qha_route(tmp_path, copper_cif):
-    run = tmp_path / "run"
-    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
-                 "--out", str(run), "--quiet"]) == 0
+def test_thermo_qha_route(emt_vacancy_run):
+    run = emt_vacancy_run
     assert main(["thermo", str(run), "--T", "300,900", "--vib", "qha", "--mesh", "2", "--quiet"]) == 0
     doc = json.loads((run / "thermo" / "v_Cu_0" / "thermo.json").read_text())
     f = np.array(doc["configurations"][0]["f_vib_eV"])
