@@ -43,6 +43,7 @@ import torch
 from ase import Atoms
 from ase.geometry import find_mic
 
+from defectml.errors import DefectMLError
 from defectml.predictor.data import MATERIALS, material_split, unpack
 from defectml.predictor.metrics import coordinate_mae, mean_metrics
 from defectml.predictor.model import Batch, Ensemble, ModelConfig
@@ -55,6 +56,7 @@ from defectml.predictor.train import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
+FAILED = "FAILED"
 
 
 def graph_atoms(g, disp: np.ndarray | None = None) -> Atoms:
@@ -88,14 +90,18 @@ def _train_material(job: dict) -> str:
         with log_path.open("a") as fh:
             fh.write(lines[-1] + "\n")
 
-    train(
-        split.train,
-        split.val,
-        job["checkpoint"],
-        ModelConfig(**job["config"]),
-        TrainSettings(**job["settings"]),
-        log=log,
-    )
+    try:
+        train(
+            split.train,
+            split.val,
+            job["checkpoint"],
+            ModelConfig(**job["config"]),
+            TrainSettings(**job["settings"]),
+            log=log,
+        )
+    except DefectMLError as exc:  # the other members go on; the run reports this one at the end
+        log(f"FAILED: {exc}")
+        return f"{FAILED} {job['checkpoint']}: {exc}"
     return lines[-1] if lines else f"{job['material']}: nothing to do"
 
 
@@ -188,9 +194,17 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
         for k in range(a.seeds)
     ]
     ctx = multiprocessing.get_context("spawn")
+    failed = []
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=ctx) as pool:
         for line in pool.map(_train_material, jobs):
             print(line, flush=True)
+            if line.startswith(FAILED):
+                failed.append(line)
+    if failed:
+        raise SystemExit(
+            "training failed for " + "; ".join(failed)
+            + ". Every finished epoch is checkpointed: rerun to resume."
+        )
     return paths
 
 

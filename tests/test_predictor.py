@@ -618,3 +618,37 @@ def test_a_failing_torch_compile_falls_back_to_layers_then_eager(tmp_path, monke
         assert "training without it" in failed[1]
     assert len(out["history"]) == 2 and np.isfinite(out["best_val"])
     assert out["history"][1]["loss"] < out["history"][0]["loss"] * 1.5  # it really trained
+
+
+def test_a_rare_non_finite_batch_is_skipped_and_a_diverging_run_stops(tmp_path, monkeypatch):
+    """One blown-up batch costs one step (logged, counted); blow-ups on more than 5% of an epoch stop it."""
+    import defectml.predictor.train as training
+
+    graphs = [_random_pair(s) for s in range(2)] * 10  # 20 batches of one: at most 1 may be skipped
+    real_loss = training.distance_loss
+    calls = {"n": 0}
+
+    def loss_with_blowups(pred, b, *args, bad=(3,)):
+        if torch.is_grad_enabled():  # training steps only, not validation
+            calls["n"] += 1
+            if bad == "all" or calls["n"] in bad:
+                return (pred * float("nan")).sum()
+        return real_loss(pred, b, *args)
+
+    monkeypatch.setattr(training, "distance_loss", loss_with_blowups)
+    messages = []
+    config = ModelConfig(features=8, layers=1, cutoff=4.0)
+    out = train(graphs, graphs[:1], tmp_path / "a.pt", config, TrainSettings(epochs=2, batch_size=1),
+                log=messages.append)
+    assert [h["skipped"] for h in out["history"]] == [1, 0]
+    assert any("batch 3 skipped" in m for m in messages)
+    assert all(np.isfinite(h["loss"]) for h in out["history"])
+    assert all(torch.isfinite(p).all() for p in load_checkpoint(tmp_path / "a.pt")[0].parameters())
+
+    monkeypatch.setattr(
+        training, "distance_loss", lambda pred, b, *args: loss_with_blowups(pred, b, *args, bad="all")
+    )
+    with pytest.raises(DefectMLError, match="training diverged: 2 of the 20 batches of epoch 1"):
+        train(graphs, graphs[:1], tmp_path / "b.pt", config, TrainSettings(epochs=1, batch_size=1),
+              log=lambda m: None)
+    assert not (tmp_path / "b.pt").exists()  # no epoch finished: nothing half-written
