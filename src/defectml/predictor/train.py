@@ -19,9 +19,9 @@ from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfi
 
 # A batch whose loss is not finite is skipped (no step, logged, counted in the history) as long as at
 # most this fraction of an epoch's batches is; beyond it training stops as diverged. Deep networks
-# that move coordinates in every layer can blow up on a rare noisy input (a 7-layer hBN model did
-# at epoch 7: an atom sent 1.5 A in the first layer to 0.1 A from another node, the features then
-# grew by ~10^17 over four layers) while the weights themselves stay finite.
+# that move coordinates in every layer can blow up on a rare noisy input (a 7-layer hBN model did at
+# epoch 7: an early layer moved an atom next to another node and the features grew without bound through
+# the layers after it) while the weights themselves stay finite.
 MAX_SKIPPED_FRACTION = 0.05
 
 
