@@ -160,6 +160,12 @@ def _train_joint(work: Path, splits: dict, config: ModelConfig, settings: TrainS
     return work / "model.pt"
 
 
+def _seed_of(path: Path) -> int:
+    """The seed of an ensemble member's checkpoint (inverse of :func:`member_path`)."""
+    stem = Path(path).stem
+    return int(stem.rsplit("_s", 1)[1]) if "_s" in stem and stem.rsplit("_s", 1)[1].isdigit() else 0
+
+
 def member_path(folder: Path, material: str, seed: int) -> Path:
     """Checkpoint of one ensemble member: <m>.pt for seed 0 (the single-model path), <m>_s<k>.pt else."""
     return folder / (f"{material}.pt" if seed == 0 else f"{material}_s{seed}.pt")
@@ -167,6 +173,7 @@ def member_path(folder: Path, material: str, seed: int) -> Path:
 
 def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, settings: TrainSettings) -> dict:
     """Train (or resume) the model(s); returns {material: [checkpoint path per seed]}."""
+    a.dropped = []
     if a.joint:
         return dict.fromkeys(splits, [_train_joint(work, splits, config, settings)])
     paths = {m: [member_path(work / a.models, m, k) for k in range(a.seeds)] for m in splits}
@@ -200,11 +207,17 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
             print(line, flush=True)
             if line.startswith(FAILED):
                 failed.append(line)
-    if failed:
+    if failed and not a.drop_failed:
         raise SystemExit(
             "training failed for " + "; ".join(failed)
-            + ". Every finished epoch is checkpointed: rerun to resume."
+            + ". Every finished epoch is checkpointed: rerun to resume (or --drop-failed)."
         )
+    dropped = [line.split(" ", 1)[1] for line in failed]
+    for m in paths:
+        paths[m] = [q for q in paths[m] if not any(d.startswith(f"{q}:") for d in dropped)]
+        if not paths[m]:
+            raise SystemExit(f"training failed for every model of {m}: " + "; ".join(failed))
+    a.dropped = dropped
     return paths
 
 
@@ -251,6 +264,11 @@ def main() -> None:
         "--models", default=None, help="folder under --work for the per-material models (ensemble_l<layers>)"
     )
     p.add_argument("--seeds", type=int, default=3, help="models per material, averaged as an ensemble")
+    p.add_argument(
+        "--drop-failed",
+        action="store_true",
+        help="leave a member whose training diverged out of its ensemble (listed in the result), not stop",
+    )
     p.add_argument(
         "--local-weight", type=float, default=0.0, help="extra loss weight of atoms within 3 A of a defect"
     )
@@ -302,9 +320,10 @@ def main() -> None:
         best_val[m] = [ck["best_val"] for ck in cks]
         res, t_inf = evaluate(model, s.test)
         dummy = mean_metrics([coordinate_mae(np.zeros((len(g.z), 3)), g) for g in s.test])
-        members = [evaluate(net, s.test)[0] for net, _ in loaded] if len(loaded) > 1 else []
+        members = [evaluate(net, s.test)[0] for net, _ in loaded] if a.seeds > 1 else []
         row = {
             "checkpoints": [str(path) for path in paths[m]],
+            "seeds": [_seed_of(path) for path in paths[m]],
             "epochs": len(cks[0]["history"]),
             "model": res,
             "members_improvement_A3": [1 - r["A3"] / dummy["A3"] for r in members],
@@ -371,6 +390,7 @@ def main() -> None:
         "mean_improvement_A3": mean_gain,
         "mean_improvement_A3_joint": mean_joint,
         "mean_improvement_A3_selected_by_val": mean_sel,
+        "dropped_members": a.dropped,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -410,11 +430,25 @@ def main() -> None:
         )
     md += ["", f"Mean A3 improvement over Dummy: **{mean_gain:.1%}** (target 70%)."]
     if a.seeds > 1:
-        member_means = np.mean([r["members_improvement_A3"] for r in rows.values()], axis=0)
+        per_seed = {
+            k: [r["members_improvement_A3"][r["seeds"].index(k)] for r in rows.values() if k in r["seeds"]]
+            for k in range(a.seeds)
+        }
         md.append(
             "Mean over materials of each seed's single model: "
-            + ", ".join(f"{x:.1%}" for x in member_means)
+            + ", ".join(
+                f"{np.mean(g):.1%}"
+                + (f" (seed {k}: the {len(g)} materials it trained on)" if len(g) < len(rows) else "")
+                for k, g in per_seed.items()
+                if g
+            )
             + " (the ensemble's gain over its members is measured in this same run)."
+        )
+    if a.dropped:
+        md.append(
+            "Left out of their ensembles (`--drop-failed`), training stopped as diverged: "
+            + "; ".join(f"`{Path(d.split(':', 1)[0]).name}`:{d.split(':', 1)[1]}" for d in a.dropped)
+            + "."
         )
     md.append("")
     if compared:
