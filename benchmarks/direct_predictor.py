@@ -160,22 +160,17 @@ def _train_joint(work: Path, splits: dict, config: ModelConfig, settings: TrainS
     return work / "model.pt"
 
 
-def _seed_of(path: Path) -> int:
-    """The seed of an ensemble member's checkpoint (inverse of :func:`member_path`)."""
-    stem = Path(path).stem
-    return int(stem.rsplit("_s", 1)[1]) if "_s" in stem and stem.rsplit("_s", 1)[1].isdigit() else 0
-
-
 def member_path(folder: Path, material: str, seed: int) -> Path:
     """Checkpoint of one ensemble member: <m>.pt for seed 0 (the single-model path), <m>_s<k>.pt else."""
     return folder / (f"{material}.pt" if seed == 0 else f"{material}_s{seed}.pt")
 
 
-def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, settings: TrainSettings) -> dict:
-    """Train (or resume) the model(s); returns {material: [checkpoint path per seed]}."""
-    a.dropped = []
+def _train_all(
+    a, root: Path, work: Path, splits: dict, config: ModelConfig, settings: TrainSettings
+) -> tuple[dict, list[str]]:
+    """Train (or resume) the model(s): ({material: [checkpoint path per seed]}, failed members left out)."""
     if a.joint:
-        return dict.fromkeys(splits, [_train_joint(work, splits, config, settings)])
+        return dict.fromkeys(splits, [_train_joint(work, splits, config, settings)]), []
     paths = {m: [member_path(work / a.models, m, k) for k in range(a.seeds)] for m in splits}
     jobs = [
         {
@@ -217,8 +212,7 @@ def _train_all(a, root: Path, work: Path, splits: dict, config: ModelConfig, set
         paths[m] = [q for q in paths[m] if not any(d.startswith(f"{q}:") for d in dropped)]
         if not paths[m]:
             raise SystemExit(f"training failed for every model of {m}: " + "; ".join(failed))
-    a.dropped = dropped
-    return paths
+    return paths, dropped
 
 
 def _changed_options(parser: argparse.ArgumentParser, a: argparse.Namespace) -> str:
@@ -299,7 +293,7 @@ def main() -> None:
         ema=a.ema,
     )
     t0 = time.perf_counter()
-    paths = _train_all(a, root, work, splits, config, settings)
+    paths, dropped = _train_all(a, root, work, splits, config, settings)
     joint = None
     if a.compare_joint and not a.joint:
         joint_settings = replace(settings, epochs=a.joint_epochs)
@@ -320,10 +314,10 @@ def main() -> None:
         best_val[m] = [ck["best_val"] for ck in cks]
         res, t_inf = evaluate(model, s.test)
         dummy = mean_metrics([coordinate_mae(np.zeros((len(g.z), 3)), g) for g in s.test])
-        members = [evaluate(net, s.test)[0] for net, _ in loaded] if a.seeds > 1 else []
+        members = [evaluate(net, s.test)[0] for net, _ in loaded] if len(loaded) > 1 else []
         row = {
             "checkpoints": [str(path) for path in paths[m]],
-            "seeds": [_seed_of(path) for path in paths[m]],
+            "seeds": [k for k in range(a.seeds) if member_path(work / a.models, m, k) in paths[m]],
             "epochs": len(cks[0]["history"]),
             "model": res,
             "members_improvement_A3": [1 - r["A3"] / dummy["A3"] for r in members],
@@ -390,7 +384,7 @@ def main() -> None:
         "mean_improvement_A3": mean_gain,
         "mean_improvement_A3_joint": mean_joint,
         "mean_improvement_A3_selected_by_val": mean_sel,
-        "dropped_members": a.dropped,
+        "dropped_members": dropped,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -429,11 +423,11 @@ def main() -> None:
             f"{r['model']['A6']:.4f} | {r['improvement_A3']:.1%} | {1e3 * r['inference_s']:.0f} | {singles} |"
         )
     md += ["", f"Mean A3 improvement over Dummy: **{mean_gain:.1%}** (target 70%)."]
-    if a.seeds > 1:
-        per_seed = {
-            k: [r["members_improvement_A3"][r["seeds"].index(k)] for r in rows.values() if k in r["seeds"]]
-            for k in range(a.seeds)
-        }
+    per_seed = {k: [] for k in range(a.seeds)}
+    for r in rows.values():
+        for k, gain in zip(r["seeds"], r["members_improvement_A3"], strict=False):
+            per_seed[k].append(gain)
+    if any(per_seed.values()):
         md.append(
             "Mean over materials of each seed's single model: "
             + ", ".join(
@@ -444,10 +438,10 @@ def main() -> None:
             )
             + " (the ensemble's gain over its members is measured in this same run)."
         )
-    if a.dropped:
+    if dropped:
         md.append(
             "Left out of their ensembles (`--drop-failed`), training stopped as diverged: "
-            + "; ".join(f"`{Path(d.split(':', 1)[0]).name}`:{d.split(':', 1)[1]}" for d in a.dropped)
+            + "; ".join(f"`{Path(d.split(':', 1)[0]).name}`:{d.split(':', 1)[1]}" for d in dropped)
             + "."
         )
     md.append("")
