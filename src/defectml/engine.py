@@ -5,8 +5,9 @@ and yields ``(job, Relaxation)`` pairs *as they finish*, in any order, so the ca
 result to the store at once. Only the main process writes to the store: workers never touch it,
 so SQLite needs no concurrent-writer handling and a lost worker loses no stored result.
 
-Workers load the model themselves (by registry name, once per worker process) rather than
-receiving it, which keeps tasks small; a user's ASE calculator object is pickled to them.
+Workers load the model themselves (from its :class:`~defectml.models.ModelRef`, once per worker
+process) rather than receiving it, which keeps tasks small; a user's ASE calculator object is
+pickled to them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 
 from defectml.errors import InputError
-from defectml.models import Model, load_model, wrap_calculator
+from defectml.models import Model, ModelRef, load_model, wrap_calculator
 from defectml.relax import Relaxation, relax_batched, relax_one
 
 EXECUTORS = ("local", "dask")
@@ -28,9 +29,9 @@ EXECUTORS = ("local", "dask")
 
 @dataclass
 class ModelSpec:
-    """How a worker obtains the model: a registry name, or a calculator object to unpickle."""
+    """How a worker obtains the model: a reference (or its spelling), or a calculator to unpickle."""
 
-    name: str = "chgnet"
+    name: str | ModelRef = "chgnet"
     device: str = "cpu"
     threads: int | None = None
     calculator: Calculator | None = None

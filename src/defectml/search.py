@@ -31,7 +31,7 @@ from defectml.engine import Job, ModelSpec, run_jobs
 from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.fingerprint import SoapSettings
 from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
-from defectml.models import Model, load_model, wrap_calculator
+from defectml.models import Model, ModelRef, load_model, wrap_calculator
 from defectml.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.store import ResultStore, content_key, is_url
 from defectml.structure_io import to_atoms, to_structure
@@ -45,7 +45,8 @@ class SearchSettings:
     """Everything that decides a search's results (and so keys them in the store).
 
     Attributes:
-        model: Registry name or MACE model path (ignored when a calculator is passed).
+        model: Built-in name, weights file (``[family:]PATH[@HEAD]``) or :class:`ModelRef`
+            (ignored when a calculator is passed).
         device: ``cpu`` or ``cuda``.
         threads: Torch threads (default: all cores this process may use).
         fmax: Force threshold (eV/Å) of the FIRE relaxations.
@@ -69,7 +70,7 @@ class SearchSettings:
             trial to its predicted relaxed positions before the MLIP relaxation.
     """
 
-    model: str = "chgnet"
+    model: str | ModelRef = "chgnet"
     device: str = "cpu"
     threads: int | None = None
     fmax: float = 0.05
@@ -101,10 +102,10 @@ class SearchSettings:
         if self.sites not in ("symmetry", "environment"):
             raise InputError(f"sites must be 'symmetry' or 'environment', got {self.sites!r}")
 
-    def key(self, model_name: str) -> str:
-        """Content key of the settings that change relaxation results."""
+    def key(self, model_key: str) -> str:
+        """Content key of the settings that change relaxation results (``model_key``: the weights')."""
         return content_key(
-            model_name, self.fmax, self.max_steps, self.min_length, self.max_atoms,
+            model_key, self.fmax, self.max_steps, self.min_length, self.max_atoms,
             self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
             *(["early_stop", self.soap_threshold] if self.early_stop else []),
             *(["environment", self.env_shells] if self.sites == "environment" else []),
@@ -241,11 +242,17 @@ def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, 
     oxi = guess_oxidation_states(primitive, s.oxidation_states)
     host_key = content_key(
         primitive.lattice.matrix, [sp.symbol for sp in primitive.species], primitive.frac_coords,
-        model.name, model.version, s.relax_host, oxi,
+        model.key, s.relax_host, oxi,
     )
     row = store.first(kind="host", host_key=host_key)
     if row is not None:
         return to_structure(row.toatoms()), host_key
+    formula = primitive.composition.reduced_formula
+    others = sorted({to_structure(r.toatoms()).composition.reduced_formula
+                     for r in store.select(kind="host")} - {formula})
+    if others:
+        log_fn(f"warning: {store.target} already holds the host(s) {', '.join(others)}; this run adds "
+               f"{formula} (choose another --out to keep them apart)")
     atoms = to_atoms(primitive)
     try:
         if s.relax_host:
@@ -258,7 +265,8 @@ def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, 
     except RelaxationFailure as exc:
         raise ModelError(f"host relaxation with {model.name} failed: {exc}") from None
     store.add_host(atoms, energy, host_key, model.name, {"oxidation_states": oxi,
-                                                        "model_version": model.version})
+                                                        "model_version": model.version,
+                                                        "model_ref": model.ref.to_dict()})
     return to_structure(atoms), host_key
 
 
@@ -310,6 +318,17 @@ def search(
     if not is_url(target):
         _check_out(Path(out))
     store = ResultStore(target)
+    store.lock()  # one writer at a time: a second search into this store is refused here
+    try:
+        return _search(store, structure, foreign, defects, charges, s, calculator, progress, log_fn,
+                       {"workers": workers, "executor": executor, "scheduler": scheduler,
+                        "batch_size": batch_size}, t0)
+    finally:
+        store.unlock()
+
+
+def _search(store, structure, foreign, defects, charges, s, calculator, progress, log_fn, execution,
+            t0) -> SearchResult:
     model = wrap_calculator(calculator) if calculator is not None else load_model(
         s.model, s.device, s.threads
     )
@@ -323,7 +342,7 @@ def search(
             f"note: {model.name} has no charge input; charged states differ only in their trial "
             "distortions (energies are those of the neutral electron count)"
         )
-    skey = s.key(model.name)
+    skey = s.key(model.key)
     done = store.done_trial_keys(skey)
     pending = []
     wanted = set()
@@ -343,9 +362,7 @@ def search(
     skipped = sum(len(it.trials) for it in items) - len(pending)
     if skipped:
         log_fn(f"resuming: {skipped} relaxations already in the store, {len(pending)} to do")
-    execution = {"workers": workers, "executor": executor, "scheduler": scheduler,
-                 "batch_size": batch_size}
-    spec = ModelSpec(s.model, s.device, s.threads, calculator)
+    spec = ModelSpec(model.ref, s.device, s.threads, calculator)
     _relax_pending(store, pending, model, spec, s, skey, progress, execution)
     summaries = summarise(
         store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted
@@ -409,12 +426,14 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
                 "fidelity": "mlip", "defect": it.defect.name, "defect_key": defect_key,
                 "charge_state": it.charge, "trial": t.name, "trial_key": tkey,
                 "settings_key": skey, "status": r.status, "model": model.name,
+                "model_key": model.key,
                 "steps": r.steps, "seed": t.seed, "distortion": t.distortion,
             },
             {
                 "initial_positions": t.atoms.positions, "site": it.defect.site,
                 "defect_index": it.defect.defect_index, "distorted_indices": list(t.distorted_indices),
-                "reason": r.reason, "model_version": model.version, "seconds": r.seconds,
+                "reason": r.reason, "model_version": model.version, "model_ref": model.ref.to_dict(),
+                "seconds": r.seconds,
                 "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of,
             },
         )

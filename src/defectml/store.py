@@ -11,14 +11,23 @@ Every row carries a content key (``host_key``, ``defect_key``, ``trial_key``) de
 inputs that determine it, so a rerun finds what is already done and skips it. Each relaxation is
 written (and committed) the moment it finishes: killing a run loses at most the relaxations in
 flight. Minima are not stored: they are recomputed from the relaxations, deterministically.
+
+One process writes an SQLite store at a time: a writer holds an exclusive lock on
+``<db>.lock`` (``flock``: the kernel drops it when the process ends, however it ends, so a killed
+run never leaves a stale lock) and a second writer is refused with a message naming the first.
+Readers (``show``) take no lock. A PostgreSQL server takes no file lock here: its transactions
+keep rows whole, but two searches of the same defect into one database would both relax it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import sqlite3
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +71,7 @@ class ResultStore:
         import ase.db
 
         self.target = str(target)
+        self._locked = False
         if not is_url(target):
             path = Path(target)
             try:
@@ -87,8 +97,33 @@ class ResultStore:
         except Exception as exc:  # noqa: BLE001 - ase/sqlite/psycopg errors
             raise StoreError(f"cannot open results database {self.target}: {exc}") from None
 
+    # --- the writer's lock ---------------------------------------------------------------
+    def lock(self) -> None:
+        """Become this store's only writer (a no-op for database URLs, or when already held).
+
+        Raises:
+            StoreError: another process is writing to it (the message names that process).
+        """
+        if is_url(self.target) or self._locked:
+            return
+        _acquire(Path(self.target))
+        self._locked = True
+
+    def unlock(self) -> None:
+        """Let another process write (every finished result is already committed)."""
+        if self._locked:
+            _release(Path(self.target))
+            self._locked = False
+
+    def __del__(self):
+        try:
+            self.unlock()
+        except Exception:  # noqa: BLE001, S110 - at interpreter exit the kernel drops the lock anyway
+            pass
+
     # --- generic -------------------------------------------------------------------------
     def _write(self, atoms: Atoms, energy, forces, kvp: dict, data: dict) -> int:
+        self.lock()
         atoms = atoms.copy()
         if energy is not None:
             atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
@@ -138,6 +173,51 @@ class ResultStore:
             return self.db.count(**query)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"cannot read results database {self.target}: {exc}") from None
+
+
+_LOCKS: dict[Path, list] = {}  # lock file -> [open file, holders in this process]
+
+
+def _lock_path(db: Path) -> Path:
+    return db.with_name(db.name + ".lock")
+
+
+def _acquire(db: Path) -> None:
+    """Take the exclusive writer's lock of ``db`` for this process (shared by its stores)."""
+    path = _lock_path(db).resolve()
+    if path in _LOCKS:
+        _LOCKS[path][1] += 1
+        return
+    try:
+        fh = open(path, "a+")  # noqa: SIM115 - held open for as long as the lock is
+    except OSError as exc:
+        raise StoreError(f"cannot lock results database {db}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise StoreError(
+            f"{db} is being written by {holder}; wait for it to finish (every result it "
+            "finishes is kept) or choose another --out"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"defectml pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
+    fh.flush()
+    _LOCKS[path] = [fh, 1]
+
+
+def _release(db: Path) -> None:
+    path = _lock_path(db).resolve()
+    held = _LOCKS.get(path)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _LOCKS[path]
+        held[0].close()  # closing the file drops the flock
 
 
 def _check_sqlite(path: Path) -> None:

@@ -38,6 +38,8 @@ class DefectSummary:
     trials: list[RelaxedTrial]
     minima: list[Minimum]
     quarantined: list[tuple[RelaxedTrial, str]] = field(default_factory=list)
+    settings_key: str = ""
+    model_ref: dict | None = None  # the stored ModelRef (None: ingested DFT, or an old store)
 
     @property
     def label(self) -> str:
@@ -122,7 +124,8 @@ def summarise(
             threshold=threshold, soap=soap, max_drop=max_drop,
         )
         summaries.append(
-            DefectSummary(defect_row.defect, charge, group[0].model, trials, minima, bad)
+            DefectSummary(defect_row.defect, charge, group[0].model, trials, minima, bad, key,
+                          group[0].data.get("model_ref"))
         )
     summaries.sort(key=lambda s: (s.defect, s.charge))
     return summaries

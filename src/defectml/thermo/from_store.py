@@ -9,11 +9,24 @@ from ase.build import make_supercell
 
 from defectml.errors import DefectMLError
 from defectml.landscape import local_symmetry
-from defectml.models import load_model
+from defectml.models import Model, check_key, load_model
 from defectml.store import ResultStore
 from defectml.summary import summarise
 from defectml.thermo.freeenergy import ThermoResult, ThermoSettings, exchanged_atoms, formation_free_energy
 from defectml.thermo.reference import elemental_mu
+
+
+def search_model(summary, override: str | None = None) -> Model:
+    """The model to continue a search's work with.
+
+    ``override`` if given, else exactly the search's own: its stored reference, refused if the
+    weights changed since.
+    """
+    if override:
+        return load_model(override)
+    if summary.model_ref is None:  # a store written before model references: by name
+        return load_model(summary.model)
+    return load_model(check_key(summary.model_ref))
 
 
 def thermo_from_store(
@@ -40,8 +53,8 @@ def thermo_from_store(
             f"no search results for {defect or 'any defect'}"
             f"{'' if charge is None else f' in charge state {charge:+d}'} in {store.target}"
         )
-    name = model or summaries[0].model
-    m = load_model(name)
+    m = search_model(summaries[0], model)
+    name = m.name
     results = []
     for s in summaries:
         row = next(r for r in store.select(kind="defect") if r.defect == s.defect)
@@ -77,7 +90,7 @@ def thermo_from_store(
                 multiplicity=float(row.data["multiplicity"]),
                 cell_volume=float(host.get_volume()),
                 calculator=m.calculator,
-                model=m.version,
+                model=f"{m.version} [{m.key}]",
                 settings=st,
                 store=store,
                 log=log,
@@ -128,7 +141,7 @@ def dynamics_from_store(
     row = next(r for r in store.select(kind="defect") if r.defect == s.defect)
     host_row = store.first(kind="host", host_key=row.host_key)
     bulk = make_supercell(host_row.toatoms(), np.asarray(row.data["sc_matrix"]))
-    m = load_model(model or s.model)
+    m = search_model(s, model)
     gs = s.minima[0]
     kind, index = row.data["kind"], row.data["defect_index"]
     if neb_to is not None and not 0 < neb_to < len(s.minima):
@@ -146,7 +159,7 @@ def dynamics_from_store(
     )
     out: dict = {
         "defect": s.label,
-        "model": m.version,
+        "model": f"{m.version} [{m.key}]",
         "temperature_K": temperature,
         "steps": steps,
         "timestep_fs": timestep,

@@ -1,0 +1,107 @@
+"""A loaded interatomic potential: one small interface in front of every family."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+from pymatgen.core import Element
+
+from defectml.errors import ModelError
+from defectml.models.ref import BUILTIN_MODELS, ModelRef
+
+
+@dataclass
+class Model:
+    """A loaded interatomic potential.
+
+    Attributes:
+        name: For people: the built-in name, the weights file's name, or the calculator's class.
+        version: Code and weights version, stored with every result.
+        calculator: The ASE calculator.
+        ref: What was loaded (family, weights, head); ``ref.key`` identifies it by content.
+        elements: Element symbols the model covers (``None``: unknown, not checked).
+        charge_aware: Whether the model takes the cell charge as an input.
+        batch_fn: Energies and forces of a list of structures in one model call, if the model
+            supports batching (CHGNet does).
+        card: The model card read beside a weights file, if any.
+    """
+
+    name: str
+    version: str
+    calculator: Calculator
+    ref: ModelRef
+    elements: frozenset[str] | None = None
+    charge_aware: bool = False
+    batch_fn: Callable[[list[Atoms]], list[tuple[float, np.ndarray]]] | None = None
+    card: dict | None = None
+
+    @property
+    def key(self) -> str:
+        """The content key of the weights (see :class:`ModelRef`)."""
+        return self.ref.key
+
+    def batch(self) -> Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]:
+        """Energies and forces of many structures in one call (batched where the model can)."""
+        from defectml.relax import calculator_batch_fn
+
+        return self.batch_fn or calculator_batch_fn(self.calculator)
+
+    def check_elements(self, elements) -> None:
+        """Raise ``ModelError`` if the model does not cover every element in ``elements``."""
+        if self.elements is None:
+            return
+        missing = sorted(set(elements) - self.elements)
+        if missing:
+            raise ModelError(
+                f"model {self.name} does not cover element(s) {', '.join(missing)}; "
+                f"choose another model (--model), built-in: {', '.join(BUILTIN_MODELS)}"
+            )
+
+
+def set_threads(threads: int | None = None, device: str = "cpu") -> int:
+    """Pin torch's intra-op threads (the default collapses under load); return the count.
+
+    On CPU it also asks torch for deterministic algorithms (warning, not failing, where an op
+    has none), so that a search repeats bit for bit on one machine with the same thread count.
+    On CUDA it does not: deterministic scatter kernels are slower there and need
+    ``CUBLAS_WORKSPACE_CONFIG``; GPU runs may differ in the last bits run to run.
+    """
+    import torch
+
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))
+    if device == "cpu":
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return torch.get_num_threads()
+
+
+def elements_up_to(z_max: int) -> frozenset[str]:
+    """Symbols of elements 1..``z_max``."""
+    return frozenset(Element.from_Z(z).symbol for z in range(1, z_max + 1))
+
+
+def calculator_id(calculator: Calculator) -> str:
+    """What can be known of a user's calculator: its class and its parameters."""
+    cls = type(calculator)
+    try:
+        params = calculator.todict()
+    except Exception:  # noqa: BLE001 - any calculator may lack todict
+        params = {}
+    return f"{cls.__module__}.{cls.__qualname__} {sorted((k, repr(v)) for k, v in params.items())}"
+
+
+def wrap_calculator(calculator: Calculator, name: str | None = None) -> Model:
+    """Wrap a user's ASE calculator as a :class:`Model` (elements not checked).
+
+    Its key comes from the calculator's class and parameters: defectml cannot hash weights it
+    does not load, so a user calculator whose weights change under the same parameters keeps
+    its key. Pass a weights file (``--model PATH``) for a model keyed by content.
+    """
+    label = name or type(calculator).__name__
+    ref = ModelRef("calculator", label, calculator_id=calculator_id(calculator))
+    return Model(label, f"user calculator {type(calculator).__module__}.{label}", calculator, ref)
