@@ -157,7 +157,14 @@ def _execution(a: argparse.Namespace) -> dict:
             "batch_size": a.batch_size}
 
 
+def _add_run_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", dest="run_key", default=None, metavar="KEY",
+                   help="which run in the store (a settings key or a unique prefix; default: the only "
+                        "one, or the one this folder's summary.json names)")
+
+
 def _add_analysis_args(p: argparse.ArgumentParser) -> None:
+    _add_run_arg(p)
     g = p.add_argument_group("telling minima apart")
     g.add_argument("--soap-threshold", type=float, default=DEFAULT_SOAP_THRESHOLD,
                    help=f"SOAP cosine distance below which two relaxed trials are one minimum "
@@ -268,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("run", help="the search (folder, results.db or URL)")
     ev.add_argument("--dft", default=None, help="the DFT results (default: the same store)")
+    ev.add_argument("--dft-run", default=None, metavar="KEY",
+                    help="which DFT run (settings key or prefix; default: the only one)")
     ev.add_argument("--max-per-defect", type=int, default=5, help="shortlist size (5)")
     ev.add_argument("--window", type=float, default=0.5, help="shortlist energy window, eV (0.5)")
     ev.add_argument("--out", default=None, help="where to write evaluation.json/.png (RUN)")
@@ -309,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "DEFECT.dat:EF_DEFECT,BULK.dat:EF_BULK (energy, states/eV)")
     th.add_argument("--out", default=None, help="output folder (default RUN/thermo)")
     th.add_argument("--quiet", action="store_true")
+    _add_run_arg(th)
     dy = sub.add_parser("dynamics", help="MD of a defect minimum: hops, bonds, inherent structures, NEB",
                         description="Langevin MD (NVT, or NPT with --pressure) of a defect's lowest minimum "
                                     "with the MLIP, trajectory analysis (defect site and hops, neighbour "
@@ -328,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     dy.add_argument("--seed", type=int, default=0)
     dy.add_argument("--out", default=None, help="output folder (default RUN/dynamics/<defect>)")
     dy.add_argument("--quiet", action="store_true")
+    _add_run_arg(dy)
     pr = sub.add_parser("predictor", help="direct relaxed-structure predictor: train, predict, evaluate",
                         description="A defect-aware equivariant graph network mapping unrelaxed defect "
                                     "structures to relaxed coordinates in one pass.")
@@ -510,6 +521,14 @@ def _run_folder(target: str) -> Path:
     return p if p.is_dir() else p.parent
 
 
+def _run_key(store, target: str, key: str | None, fidelity: str = "mlip") -> str:
+    """The run to work on: ``key``, else the only one, else the one the folder's summary names."""
+    from defectml.store import is_url
+    from defectml.summary import choose_run
+
+    return choose_run(store, key, fidelity, None if is_url(target) else _run_folder(target))
+
+
 def cmd_shortlist(a: argparse.Namespace) -> int:
     """`defectml shortlist`: choose minima for DFT and write their inputs."""
     from defectml.dft_inputs import load_overrides, write_inputs
@@ -518,7 +537,8 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
     from defectml.summary import summarise
 
     store = _open_store(a.run)
-    summaries = summarise(store, soap=_soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    summaries = summarise(store, _run_key(store, a.run, a.run_key), soap=_soap(a), threshold=a.soap_threshold,
+                          max_drop=a.max_drop)
     overrides = load_overrides(a.overrides)
     codes = [c.strip() for c in a.codes.split(",") if c.strip()]
     out = Path(a.out) if a.out else _run_folder(a.run) / "dft"
@@ -584,8 +604,10 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from defectml.summary import summarise
 
     kw = {"soap": _soap(a), "threshold": a.soap_threshold, "max_drop": a.max_drop}
-    ml = summarise(_open_store(a.run), **kw)
-    dft = summarise(_open_store(a.dft or a.run), fidelity="dft", **kw)
+    ml_store = _open_store(a.run)
+    ml = summarise(ml_store, _run_key(ml_store, a.run, a.run_key), **kw)
+    dft_store = _open_store(a.dft or a.run)
+    dft = summarise(dft_store, _run_key(dft_store, a.dft or a.run, a.dft_run, "dft"), fidelity="dft", **kw)
     rows, summary = evaluate(ml, dft, max_per_defect=a.max_per_defect, window=a.window,
                              soap=_soap(a))
     if not rows:
@@ -608,8 +630,8 @@ def cmd_show(a: argparse.Namespace) -> int:
     fidelity = a.fidelity
     if fidelity == "auto":
         fidelity = "mlip" if store.count(kind="relaxation", fidelity="mlip") else "dft"
-    summaries = summarise(store, soap=_soap(a), threshold=a.soap_threshold, max_drop=a.max_drop,
-                          fidelity=fidelity)
+    summaries = summarise(store, _run_key(store, a.run, a.run_key, fidelity), soap=_soap(a),
+                          threshold=a.soap_threshold, max_drop=a.max_drop, fidelity=fidelity)
     if a.json:
         print(json.dumps({"defects": [s.to_dict() for s in summaries]}, indent=2))
     else:
@@ -668,7 +690,7 @@ def cmd_thermo(a: argparse.Namespace) -> int:
         ti_repeats=a.ti_repeats, ti_switch_steps=a.ti_steps, charge_terms=charge_terms,
         electronic=_electronic(a.dos))
     results = thermo_from_store(store, settings, defect=a.defect, charge=a.charge, model=a.model,
-                                log=_say(a.quiet))
+                                run=_run_key(store, a.run, a.run_key), log=_say(a.quiet))
     base = Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path(".")) / "thermo"
     for r in results:
         write(r, base / r.label)
@@ -694,7 +716,7 @@ def cmd_dynamics(a: argparse.Namespace) -> int:
     res = dynamics_from_store(store, defect=a.defect, charge=a.charge, temperature=a.temperature,
                               steps=a.steps, timestep=a.timestep, interval=a.interval,
                               pressure_bar=a.pressure, quench=a.quench, neb_to=a.neb_to, model=a.model,
-                              seed=a.seed, log=_say(a.quiet))
+                              seed=a.seed, run=_run_key(store, a.run, a.run_key), log=_say(a.quiet))
     base = (Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path("."))
             / "dynamics" / charge_label(a.defect, a.charge))
     base.mkdir(parents=True, exist_ok=True)

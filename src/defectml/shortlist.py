@@ -76,19 +76,18 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
 
     if not summary.trials:
         return 0
-    row = store.first(kind="relaxation", fidelity="mlip", defect=summary.defect,
-                      charge_state=summary.charge)
-    settings_key = content_key("dft", label, fmax, max_steps)
+    # one DFT run per (DFT setup, search run): minima of two searches never share a DFT row
+    settings_key = content_key("dft", label, fmax, max_steps, summary.settings_key)
     done = store.done_trial_keys(settings_key)
     ran = 0
     for m in chosen:
-        tkey = content_key(settings_key, row.defect_key, summary.charge, m.trial)
+        tkey = content_key(settings_key, summary.defect_key, summary.charge, m.trial)
         if tkey in done:
             continue
         trial = next(t for t in summary.trials if t.name == m.trial)
         r = relax_one(m.atoms, calculator_for(summary.charge), fmax=fmax, max_steps=max_steps)
         store.add_relaxation(r.atoms, r.energy, r.forces, {
-            "fidelity": "dft", "defect": summary.defect, "defect_key": row.defect_key,
+            "fidelity": "dft", "defect": summary.defect, "defect_key": summary.defect_key,
             "charge_state": summary.charge, "trial": m.trial, "trial_key": tkey,
             "settings_key": settings_key, "status": r.status, "model": label, "steps": r.steps,
             "distortion": trial.distortion,

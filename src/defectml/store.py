@@ -204,7 +204,8 @@ def _acquire(db: Path) -> None:
         ) from None
     fh.seek(0)
     fh.truncate()
-    fh.write(f"defectml pid {os.getpid()} ({' '.join(sys.argv[:3])}, since {time.strftime('%H:%M:%S')})")
+    command = " ".join(["defectml", *sys.argv[1:3]])
+    fh.write(f"defectml pid {os.getpid()} ({command}, since {time.strftime('%H:%M:%S')})")
     fh.flush()
     _LOCKS[path] = [fh, 1]
 

@@ -6,7 +6,9 @@ stored relaxations, so what is shown is exactly what is on disk.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from ase.build import make_supercell
@@ -40,6 +42,7 @@ class DefectSummary:
     quarantined: list[tuple[RelaxedTrial, str]] = field(default_factory=list)
     settings_key: str = ""
     model_ref: dict | None = None  # the stored ModelRef (None: ingested DFT, or an old store)
+    defect_key: str = ""
 
     @property
     def label(self) -> str:
@@ -72,13 +75,69 @@ class DefectSummary:
         }
 
 
-def latest_settings_key(store: ResultStore, fidelity: str = "mlip") -> str:
-    """Settings key of the most recently written relaxation of this fidelity."""
-    rows = store.select(kind="relaxation", fidelity=fidelity, sort="-id", limit=1)
-    if not rows:
+@dataclass
+class Run:
+    """One run in a store: the relaxations made under one settings key."""
+
+    key: str
+    fidelity: str
+    model: str
+    defects: list[str]
+    relaxations: int
+
+    def describe(self) -> str:
+        """One line for people."""
+        return f"{self.key} ({self.model}; {', '.join(self.defects)}; {self.relaxations} relaxations)"
+
+
+def list_runs(store: ResultStore, fidelity: str = "mlip") -> list[Run]:
+    """Every run of this fidelity in ``store``, oldest first."""
+    found: dict[str, Run] = {}
+    for r in store.select(kind="relaxation", fidelity=fidelity):
+        run = found.setdefault(r.settings_key, Run(r.settings_key, fidelity, r.model, [], 0))
+        run.relaxations += 1
+        label = charge_label(r.defect, int(r.charge_state))
+        if label not in run.defects:
+            run.defects.append(label)
+    return list(found.values())
+
+
+def choose_run(store: ResultStore, run: str | None = None, fidelity: str = "mlip",
+               folder: Path | None = None) -> str:
+    """The settings key of the run to work on, never "the latest".
+
+    ``run`` (a key or a unique prefix of one) if given; else the only run of this fidelity; else
+    the run that ``folder/summary.json`` names (the search that wrote the folder).
+
+    Raises:
+        StoreError: no such run, no run at all, or several with none named.
+    """
+    runs = list_runs(store, fidelity)
+    if not runs:
         hint = "run 'defectml search' first" if fidelity == "mlip" else "ingest DFT results first"
         raise StoreError(f"no {fidelity} relaxations in {store.target}: {hint}")
-    return rows[0].settings_key
+    listing = "; ".join(r.describe() for r in runs)
+    if run:
+        hits = [r.key for r in runs if r.key.startswith(run)]
+        if len(hits) != 1:
+            what = "no" if not hits else "more than one"
+            raise StoreError(f"{what} {fidelity} run matches --run {run} in {store.target}; runs: {listing}")
+        return hits[0]
+    if len(runs) == 1:
+        return runs[0].key
+    named = _named_run(folder) if folder is not None and fidelity == "mlip" else None
+    if named in {r.key for r in runs}:
+        return named
+    raise StoreError(
+        f"{store.target} holds {len(runs)} {fidelity} runs; choose one with --run KEY: {listing}"
+    )
+
+
+def _named_run(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / "summary.json").read_text()).get("settings_key")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def summarise(
@@ -91,7 +150,7 @@ def summarise(
     only: set[tuple[str, int]] | None = None,
     fidelity: str = "mlip",
 ) -> list[DefectSummary]:
-    """Summaries of every (defect, charge) relaxed under ``settings_key`` (default: latest).
+    """Summaries of every (defect, charge) relaxed under ``settings_key`` (default: the only run).
 
     Args:
         store: The results store.
@@ -102,7 +161,7 @@ def summarise(
         only: Restrict to these ``(defect_key, charge)`` pairs.
         fidelity: ``mlip`` (searches) or ``dft`` (ingested or DFT-relaxed results).
     """
-    key = settings_key or latest_settings_key(store, fidelity)
+    key = settings_key or choose_run(store, None, fidelity)
     rows = store.select(kind="relaxation", settings_key=key, fidelity=fidelity)
     groups: dict[tuple[str, int], list] = {}
     for r in rows:
@@ -125,7 +184,7 @@ def summarise(
         )
         summaries.append(
             DefectSummary(defect_row.defect, charge, group[0].model, trials, minima, bad, key,
-                          group[0].data.get("model_ref"))
+                          group[0].data.get("model_ref"), defect_key)
         )
     summaries.sort(key=lambda s: (s.defect, s.charge))
     return summaries

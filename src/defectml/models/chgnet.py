@@ -35,12 +35,8 @@ def load(ref: ModelRef) -> Model:
         if ref.builtin is not None:
             model = CHGNet.load(model_name=ref.builtin.weights, use_device=ref.device, verbose=False)
         else:
-            card = ref.card or {}
-            # 0.2.0-derived weights need the 0.2.0 output bias (chgnet's own load does the same)
-            bias = card.get("base_model") == "chgnet-0.2.0"
-            try:
-                model = CHGNet.from_file(str(ref.weights_path), mlp_out_bias=bias,
-                                         version=card.get("base_model"))
+            try:  # the file's model_args carry everything (0.2.0's output bias included)
+                model = CHGNet.from_file(str(ref.weights_path))
             except Exception as exc:  # noqa: BLE001 - torch/pickle/key errors of a bad file
                 raise ModelError(
                     f"cannot load {ref.weights_path} as a CHGNet checkpoint ({type(exc).__name__}: "

@@ -222,7 +222,7 @@ def parse_model(spec: str | ModelRef, device: str = "cpu") -> ModelRef:
     else:
         path, forced = Path(text), None
     if not path.is_file():
-        if forced is None and path.suffix == "" and "/" not in text:
+        if forced is None and "/" not in text and _family_from_suffix(path) is None:
             raise ModelError(
                 f"unknown model {text!r}: use one of {', '.join(BUILTIN_MODELS)} or a weights file"
             )

@@ -36,16 +36,18 @@ def thermo_from_store(
     defect: str | None = None,
     charge: int | None = None,
     model: str | None = None,
+    run: str | None = None,
     log: Callable[[str], None] = print,
 ) -> list[ThermoResult]:
     """g_f(T) of every (or the selected) defect/charge of the search in ``store``.
 
     Missing chemical potentials are taken as the element-rich limit of the model's own relaxed
-    elemental phase (ASE reference state), and said so.
+    elemental phase (ASE reference state), and said so. ``run``: the search's settings key
+    (default: the only run in the store).
     """
     summaries = [
         s
-        for s in summarise(store, fidelity="mlip")
+        for s in summarise(store, run, fidelity="mlip")
         if (defect is None or s.defect == defect) and (charge is None or s.charge == charge)
     ]
     if not summaries:
@@ -57,7 +59,7 @@ def thermo_from_store(
     name = m.name
     results = []
     for s in summaries:
-        row = next(r for r in store.select(kind="defect") if r.defect == s.defect)
+        row = store.first(kind="defect", defect_key=s.defect_key)
         host_row = store.first(kind="host", host_key=row.host_key)
         host = host_row.toatoms()
         bulk = make_supercell(host, np.asarray(row.data["sc_matrix"]))
@@ -113,6 +115,7 @@ def dynamics_from_store(
     neb_to: int | None = None,
     model: str | None = None,
     seed: int = 0,
+    run: str | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """MD of a defect's lowest minimum with trajectory analysis; optional inherent structures and NEB.
@@ -130,15 +133,16 @@ def dynamics_from_store(
         neb_to: Rank of a second minimum: NEB barrier and TST rate from the lowest one to it.
         model: MLIP (default: the search's).
         seed: MD random seed.
+        run: The search's settings key (default: the only run in the store).
         log: Progress messages.
     """
     from defectml.thermo import dynamics as dyn
 
-    found = [s for s in summarise(store, fidelity="mlip") if s.defect == defect and s.charge == charge]
+    found = [s for s in summarise(store, run, fidelity="mlip") if s.defect == defect and s.charge == charge]
     if not found:
         raise DefectMLError(f"no search results for {defect} in charge state {charge:+d} in {store.target}")
     s = found[0]
-    row = next(r for r in store.select(kind="defect") if r.defect == s.defect)
+    row = store.first(kind="defect", defect_key=s.defect_key)
     host_row = store.first(kind="host", host_key=row.host_key)
     bulk = make_supercell(host_row.toatoms(), np.asarray(row.data["sc_matrix"]))
     m = search_model(s, model)
