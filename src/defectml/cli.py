@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("--charge", default=None, help="charge, for a single relaxation")
     ing.add_argument("--site", default=None, help="defect site, fractional x,y,z (single relaxation)")
     ing.add_argument("--trial", default=None, help="trial name (single relaxation)")
+    ing.add_argument("--theory", default=None,
+                     help="level of theory, e.g. 'vasp PBEsol encut=520' (default: from the extxyz "
+                          "info or the INCAR)")
+    ing.add_argument("--fmax", type=float, default=0.05,
+                     help="largest force (eV/Å) at the last ionic step of a converged relaxation (0.05)")
     ing.add_argument("--quiet", "-q", action="store_true", help="no messages")
 
     ev = sub.add_parser(
@@ -587,12 +592,20 @@ def cmd_ingest(a: argparse.Namespace) -> int:
             charge = int(a.charge)
         except ValueError:
             raise InputError("--site takes x,y,z fractional coordinates, --charge an integer") from None
-        report = ingest_relaxation(store, path, a.defect, charge, Path(a.host), site, a.trial)
+        report = ingest_relaxation(store, path, a.defect, charge, Path(a.host), site, a.trial,
+                                   theory=a.theory, fmax=a.fmax)
     else:
-        report = ingest_snb_folder(store, path, Path(a.host) if a.host else None)
+        report = ingest_snb_folder(store, path, Path(a.host) if a.host else None, theory=a.theory,
+                                   fmax=a.fmax)
     if not a.quiet:
         print(f"stored {report.stored} DFT relaxations ({', '.join(report.defects)})",
               file=sys.stderr)
+        if report.unconverged:
+            print(f"  {report.unconverged} not converged (max force above {a.fmax} eV/Å at the last "
+                  "step): stored as unconverged, left out of the minima", file=sys.stderr)
+        if report.unchecked:
+            print(f"  {report.unchecked} without forces in their outputs: convergence not checked",
+                  file=sys.stderr)
         for note in report.skipped:
             print(f"  skipped {note}", file=sys.stderr)
     return 0

@@ -22,7 +22,7 @@ from ase.calculators.calculator import Calculator
 
 from defectml.errors import InputError
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
-from defectml.relax import Relaxation, relax_batched, relax_one
+from defectml.relax import Relaxation, calculator_batch_fn, relax_batched
 
 EXECUTORS = ("local", "dask")
 
@@ -62,21 +62,13 @@ def _model(spec: ModelSpec) -> Model:
 
 def relax_batch(atoms_list: list[Atoms], spec: ModelSpec, fmax: float, max_steps: int,
                 watches: list | None = None, model: Model | None = None) -> list[Relaxation]:
-    """Relax a batch in the current process (what a worker runs).
-
-    Without early-stop watches, a batch of several structures goes through
-    :func:`relax_batched` (one model call per step for all of them); otherwise one by one.
-    """
+    """Relax a batch in the current process (what a worker runs): one model call per step."""
     model = model or _model(spec)
-    watches = watches or [None] * len(atoms_list)
-    if len(atoms_list) > 1 and not any(watches):
-        out: list[Relaxation | None] = [None] * len(atoms_list)
-        for i, r in relax_batched(atoms_list, model.batch(), fmax=fmax, max_steps=max_steps,
-                                  max_batch=len(atoms_list)):
-            out[i] = r
-        return out
-    return [relax_one(a, model.calculator, fmax=fmax, max_steps=max_steps, watch=w)
-            for a, w in zip(atoms_list, watches, strict=True)]
+    out: list[Relaxation | None] = [None] * len(atoms_list)
+    for i, r in relax_batched(atoms_list, model.batch(), fmax=fmax, max_steps=max_steps,
+                              max_batch=len(atoms_list), watches=watches):
+        out[i] = r
+    return out
 
 
 def _batches(jobs: list[Job], size: int) -> list[list[Job]]:
@@ -118,14 +110,11 @@ def run_jobs(
         return
     if executor == "local" and workers == 1:
         model = model or _model(spec)
-        if batch_size > 1:
-            for i, r in relax_batched([j.atoms for j in jobs], model.batch(), fmax=fmax,
-                                      max_steps=max_steps, max_batch=batch_size):
-                yield jobs[i], r
-            return
-        for job in jobs:
-            yield job, relax_one(job.atoms, model.calculator, fmax=fmax, max_steps=max_steps,
-                                 watch=job.watch)
+        # batch of one: the model's own calculator; several: its batched prediction
+        fn = model.batch() if batch_size > 1 else calculator_batch_fn(model.calculator)
+        for i, r in relax_batched([j.atoms for j in jobs], fn, fmax=fmax, max_steps=max_steps,
+                                  max_batch=batch_size, watches=[j.watch for j in jobs]):
+            yield jobs[i], r
         return
     per_worker = ModelSpec(spec.name, spec.device,
                            spec.threads or max(1, len(os.sched_getaffinity(0)) // workers),

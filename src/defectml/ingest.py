@@ -14,6 +14,13 @@ ShakeNBreak layout (one folder per defect and charge, e.g. ``Mg_O_+1/``)::
 Folders ending ``_High_Energy`` were abandoned by ShakeNBreak and are skipped.
 ``Bond_Distortion_0.0%`` is stored as ``Rattled`` (a rattle with no bond distortion), the name
 defectml gives that trial.
+
+Each row keeps the relaxation's frames (positions, energy, forces, stress, cell) where the
+output has them, its level of theory (``--theory``, else the extxyz ``functional``/``encut``,
+else the folder's INCAR) and a status read from the output: ``converged`` when the last ionic
+step's largest force is below ``fmax``, ``unconverged`` otherwise; a relaxation with no forces
+at all (a CONTCAR and a ShakeNBreak energy) cannot be checked and is stored as converged with
+``convergence`` saying so.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from ase.io import read
 
 from defectml.defects import DEFECT_SPEC, guess_oxidation_states
 from defectml.errors import InputError
+from defectml.records import DefectRecord, HostRecord, RelaxationRecord, Trajectory
+from defectml.relax import CONVERGED, UNCONVERGED
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import read_structure, to_atoms, to_structure
 
@@ -43,6 +52,60 @@ class IngestReport:
     stored: int = 0
     skipped: list[str] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
+    unchecked: int = 0  # stored without forces: convergence could not be read
+    unconverged: int = 0
+
+
+def dft_theory(frames: list[Atoms], folder: Path | None = None, given: str | None = None) -> str:
+    """The level of theory of a DFT relaxation: ``given``, else the frames' info, else the INCAR."""
+    if given:
+        return given
+    info = frames[-1].info if frames else {}
+    if info.get("functional"):
+        parts = [str(info.get("code", "vasp")).lower(), str(info["functional"])]
+        if info.get("encut"):
+            parts.append(f"encut={float(info['encut']):g}")
+        if info.get("soc"):
+            parts.append("soc")
+        return " ".join(parts)
+    for base in [folder, folder.parent if folder else None]:
+        if base is not None and (base / "INCAR").is_file():
+            return _theory_from_incar(base / "INCAR")
+    return "vasp (functional not recorded: pass --theory)"
+
+
+def _theory_from_incar(path: Path) -> str:
+    from pymatgen.io.vasp import Incar
+
+    inc = Incar.from_file(path)
+    if inc.get("LHFCALC"):
+        screen = float(inc.get("HFSCREEN", 0.0))
+        functional = "HSE06" if abs(screen - 0.2) < 1e-3 else "PBE0" if screen == 0 else (
+            f"hybrid AEXX={inc.get('AEXX', 0.25)} HFSCREEN={screen}")
+    elif inc.get("METAGGA"):
+        functional = str(inc["METAGGA"])
+    else:
+        gga = str(inc.get("GGA", "PE")).upper()
+        functional = {"PE": "PBE", "PS": "PBEsol", "RP": "RPBE", "91": "PW91"}.get(gga, f"GGA={gga}")
+    encut = f" encut={float(inc['ENCUT']):g}" if inc.get("ENCUT") else ""
+    return f"vasp {functional}{encut}"
+
+
+def dft_status(final: Atoms, fmax: float) -> tuple[str, str]:
+    """(status, note) of a DFT relaxation from its last frame's forces."""
+    forces = final.calc.results.get("forces") if final.calc is not None else None
+    if forces is None:
+        return CONVERGED, "not checked: no forces in the DFT output (energy from the ShakeNBreak yaml)"
+    f = float(np.sqrt((np.asarray(forces) ** 2).sum(axis=1)).max())
+    if f <= fmax:
+        return CONVERGED, f"max force {f:.3f} eV/Å at the last ionic step (threshold {fmax})"
+    return UNCONVERGED, f"max force {f:.3f} eV/Å > {fmax} at the last ionic step"
+
+
+def _trajectory(frames: list[Atoms]) -> Trajectory | None:
+    if not frames or any(f.calc is None or "energy" not in f.calc.results for f in frames):
+        return None
+    return Trajectory.from_frames(frames)
 
 
 def normalise_trial_name(folder: str) -> str:
@@ -134,7 +197,8 @@ def _defect_index(atoms: Atoms, frac_site: np.ndarray, kind: str) -> tuple[np.nd
 
 
 def ingest_snb_folder(
-    store: ResultStore, folder: Path, host_file: Path | None = None, source: str | None = None
+    store: ResultStore, folder: Path, host_file: Path | None = None, source: str | None = None,
+    theory: str | None = None, fmax: float = 0.05,
 ) -> IngestReport:
     """Store one ShakeNBreak defect folder (or a folder of them) as DFT relaxations.
 
@@ -143,6 +207,8 @@ def ingest_snb_folder(
         folder: ``<defect>_<charge>/`` or a folder containing several.
         host_file: The bulk host (default: a ``*bulk*`` file beside or above the folders).
         source: Label of this data set (default: the folder path).
+        theory: Level of theory (default: read from the outputs or INCAR, see the module).
+        fmax: Largest force (eV/Å) of a converged relaxation's last step.
 
     Raises:
         InputError: if no ShakeNBreak folder, host or defect site can be found.
@@ -163,17 +229,16 @@ def ingest_snb_folder(
     host_atoms = to_atoms(host)
     source = source or str(folder.resolve())
     host_key = content_key("dft-host", source, str(host_path))
-    if store.first(kind="host", host_key=host_key) is None:
-        store.add_host(host_atoms, None, host_key, "dft", {"oxidation_states": oxi,
-                                                            "source": str(host_path)})
+    store.add(HostRecord(host_atoms, None, host_key, "dft", oxi, theory or "dft",
+                         {"source": str(host_path)}))
     settings_key = content_key("dft", source)
     report = IngestReport()
     for cf in charge_folders:
-        _ingest_charge_folder(store, cf, host_atoms, host_key, settings_key, report)
+        _ingest_charge_folder(store, cf, host_atoms, host_key, settings_key, report, theory, fmax)
     return report
 
 
-def _ingest_charge_folder(store, cf: Path, host_atoms, host_key, settings_key, report) -> None:
+def _ingest_charge_folder(store, cf: Path, host_atoms, host_key, settings_key, report, theory, fmax):
     m = CHARGE_FOLDER.match(cf.name)
     name, charge = m["name"], int(m["charge"])
     spec = DEFECT_SPEC.match(name)
@@ -191,8 +256,8 @@ def _ingest_charge_folder(store, cf: Path, host_atoms, host_key, settings_key, r
     site, index = _defect_index(reference, frac_site, kind)
     sc = np.rint(np.linalg.solve(host_atoms.cell.array.T, reference.cell.array.T).T).astype(int)
     defect_key = content_key("dft-defect", host_key, cf.name)
-    store.add_defect(reference, defect_key, host_key, name, {
-        "site": site, "defect_index": index, "sc_matrix": sc, "kind": kind, "source": str(cf)})
+    store.add(DefectRecord(reference, defect_key, host_key, name, site, index, sc, kind,
+                           {"source": str(cf)}))
     done = store.done_trial_keys(settings_key)
     for td in trial_dirs:
         trial = normalise_trial_name(td.name)
@@ -210,23 +275,27 @@ def _ingest_charge_folder(store, cf: Path, host_atoms, host_key, settings_key, r
         if energy is None:
             report.skipped.append(f"{cf.name}/{td.name}: no energy in the yaml or VASP outputs")
             continue
-        forces = final.get_forces() if final.calc is not None and "forces" in final.calc.results \
-            else None
-        data = {"site": site, "defect_index": index, "reason": "", "source": str(td),
-                "initial_positions": (initial or frames[0]).positions}
-        if len(frames) > 1:
-            data["trajectory"] = {
-                "positions": np.array([f.positions for f in frames]),
-                "energies": np.array([f.get_potential_energy() for f in frames]),
-            }
-        store.add_relaxation(final, energy, forces, {
-            "fidelity": "dft", "defect": name, "defect_key": defect_key, "charge_state": charge,
-            "trial": trial, "trial_key": tkey, "settings_key": settings_key,
-            "status": "converged", "model": "dft", "steps": len(frames),
-            "distortion": _distortion(trial),
-        }, data)
-        report.stored += 1
+        _store_dft(store, report, frames, initial, energy, theory, fmax, td, name, defect_key, charge,
+                   trial, tkey, settings_key, site, index)
     report.defects.append(cf.name)
+
+
+def _store_dft(store, report, frames, initial, energy, theory, fmax, path: Path, name, defect_key,
+               charge, trial, tkey, settings_key, site, index) -> None:
+    """One DFT relaxation as a record: frames, level of theory, status from the output."""
+    final = frames[-1]
+    forces = final.calc.results.get("forces") if final.calc is not None else None
+    status, note = dft_status(final, fmax)
+    report.unchecked += forces is None
+    report.unconverged += status != CONVERGED
+    store.add(RelaxationRecord(
+        final, energy, forces, "dft", dft_theory(frames, path if path.is_dir() else None, theory), name,
+        defect_key, charge, trial, tkey, settings_key, status, "dft", len(frames), site, index,
+        trajectory=_trajectory(frames), distortion=_distortion(trial),
+        extra={"reason": "" if status == CONVERGED else note, "convergence": note, "source": str(path),
+               "initial_positions": (initial or frames[0]).positions},
+    ))
+    report.stored += 1
 
 
 def ingest_relaxation(
@@ -237,11 +306,14 @@ def ingest_relaxation(
     host_file: Path,
     site: list[float],
     trial: str | None = None,
+    theory: str | None = None,
+    fmax: float = 0.05,
 ) -> IngestReport:
     """Store one DFT relaxation: an extxyz trajectory or a VASP folder (vasprun/OUTCAR/CONTCAR).
 
-    The last frame is the relaxed structure; all frames are kept as its trajectory. ``site`` is
-    the defect site in fractional coordinates of the cell.
+    The last frame is the relaxed structure; all frames are kept as its trajectory (energies,
+    forces, stress, cells). ``site`` is the defect site in fractional coordinates of the cell;
+    ``theory`` and ``fmax`` as in :func:`ingest_snb_folder`.
     """
     path = Path(path)
     if path.is_dir():
@@ -261,30 +333,21 @@ def ingest_relaxation(
     host_atoms = to_atoms(read_structure(host_file))
     source = str(path.resolve())
     host_key = content_key("dft-host", str(Path(host_file).resolve()))
-    if store.first(kind="host", host_key=host_key) is None:
-        store.add_host(host_atoms, None, host_key, "dft",
-                       {"oxidation_states": guess_oxidation_states(to_structure(host_atoms))})
+    store.add(HostRecord(host_atoms, None, host_key, "dft",
+                         guess_oxidation_states(to_structure(host_atoms)), theory or "dft"))
     kind = "vacancy" if spec["vac"] else "interstitial" if spec["int"] else "substitution"
     first = initial or frames[0]
     cart, index = _defect_index(first, np.asarray(site, dtype=float), kind)
     sc = np.rint(np.linalg.solve(host_atoms.cell.array.T, first.cell.array.T).T).astype(int)
     defect_key = content_key("dft-defect", host_key, defect, charge)
-    store.add_defect(first, defect_key, host_key, defect,
-                     {"site": cart, "defect_index": index, "sc_matrix": sc, "kind": kind})
+    store.add(DefectRecord(first, defect_key, host_key, defect, cart, index, sc, kind))
     settings_key = content_key("dft", host_key)
     final = frames[-1]
     name = trial or str(final.info.get("trial", path.stem if path.is_file() else path.name))
     tkey = content_key(settings_key, defect_key, charge, name)
     if tkey in store.done_trial_keys(settings_key):
         return IngestReport(skipped=[f"{name}: already stored"])
-    forces = final.get_forces() if "forces" in final.calc.results else None
-    store.add_relaxation(final, float(final.get_potential_energy()), forces, {
-        "fidelity": "dft", "defect": defect, "defect_key": defect_key, "charge_state": charge,
-        "trial": name, "trial_key": tkey, "settings_key": settings_key,
-        "status": "converged", "model": "dft", "steps": len(frames),
-        "distortion": _distortion(name),
-    }, {"site": cart, "defect_index": index, "reason": "", "source": source,
-        "initial_positions": first.positions,
-        "trajectory": {"positions": np.array([f.positions for f in frames]),
-                       "energies": np.array([f.get_potential_energy() for f in frames])}})
-    return IngestReport(stored=1, defects=[f"{defect}_{charge}"])
+    report = IngestReport(defects=[f"{defect}_{charge}"])
+    _store_dft(store, report, frames, first, float(final.get_potential_energy()), theory, fmax,
+               Path(source), defect, defect_key, charge, name, tkey, settings_key, cart, index)
+    return report

@@ -1,22 +1,26 @@
 """Relaxing structures with an interatomic potential, and catching relaxations that go wrong.
 
-The core is a pure function, :func:`relax_structures`: "relax these N structures with this
-calculator" → one :class:`Relaxation` per structure, yielded as each finishes so the caller can
-store it at once. It knows nothing of defects or trials; a batched engine can replace it without
-touching anything upstream.
+One relaxer: :func:`relax_batched` runs ASE's FIRE (same defaults, tested equal) on a batch of
+structures with one model call per step for all of them, checks every step (non-finite output,
+atoms too close, an optional early-stop watch) and records every frame. :func:`relax_one` is the
+batch of one, so a result never depends on the executor or the batch size it ran with. It knows
+nothing of defects or trials: "relax these N structures" → one :class:`Relaxation` each, yielded
+as each finishes so the caller can store it at once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 from ase.neighborlist import neighbor_list
 from ase.optimize import FIRE
+
+from defectml.records import Trajectory
 
 CONVERGED = "converged"
 UNCONVERGED = "unconverged"
@@ -37,6 +41,7 @@ class Relaxation:
         reason: Why it failed, did not converge or was stopped (empty when converged).
         seconds: Wall time.
         basin_of: For ``in_basin``: the name of the relaxed trial whose basin it reached.
+        trajectory: Every evaluated frame (positions, energy, forces, cell), when recorded.
     """
 
     atoms: Atoms
@@ -47,16 +52,11 @@ class Relaxation:
     reason: str = ""
     seconds: float = 0.0
     basin_of: str | None = None
+    trajectory: Trajectory | None = None
 
 
 class RelaxationFailure(Exception):
     """Raised inside an optimisation when the geometry or the model output is unphysical."""
-
-
-class _InBasin(Exception):
-    def __init__(self, basin: str):
-        super().__init__(basin)
-        self.basin = basin
 
 
 def closest_pair_below(atoms: Atoms, cutoff: float) -> float | None:
@@ -65,22 +65,6 @@ def closest_pair_below(atoms: Atoms, cutoff: float) -> float | None:
         return None
     d = neighbor_list("d", atoms, cutoff)
     return float(d.min()) if len(d) else None
-
-
-def _guard(atoms: Atoms, min_distance: float) -> None:
-    """Raise :class:`RelaxationFailure` on non-finite output or atoms too close."""
-    results = atoms.calc.results if atoms.calc is not None else {}
-    energy = results.get("energy")
-    forces = results.get("forces")
-    if energy is not None and not np.isfinite(energy):
-        raise RelaxationFailure("non-finite energy (NaN/inf)")
-    if forces is not None and not np.all(np.isfinite(forces)):
-        raise RelaxationFailure("non-finite forces (NaN/inf)")
-    if not np.all(np.isfinite(atoms.positions)):
-        raise RelaxationFailure("non-finite positions")
-    d = closest_pair_below(atoms, min_distance)
-    if d is not None:
-        raise RelaxationFailure(f"atoms {d:.2f} Å apart (< {min_distance} Å)")
 
 
 def relax_one(
@@ -94,6 +78,7 @@ def relax_one(
 ) -> Relaxation:
     """Relax one structure at fixed cell with FIRE until max force < ``fmax`` (eV/Å).
 
+    The batch of one of :func:`relax_batched`: the same optimiser, checks and records.
     Never raises for a bad relaxation: failures come back with ``status="failed"`` and a reason.
 
     Args:
@@ -102,54 +87,22 @@ def relax_one(
         fmax: Force threshold (eV/Å).
         max_steps: Step limit.
         min_distance: Atoms closer than this (Å) fail the relaxation.
-        watch: Optional early stop: called as ``watch(atoms, energy, step)`` after each step;
+        watch: Optional early stop: called as ``watch(atoms, energy, step)`` before each step;
             a returned name stops the relaxation with status ``in_basin`` (it has reached the
             basin of that already relaxed trial, so finishing it would add nothing).
     """
-    start = time.perf_counter()
-    work = atoms.copy()
-    work.calc = calculator
-    last_good = work.copy()
-    opt = FIRE(work, logfile=None)
-
-    def check() -> None:
-        _guard(work, min_distance)
-        last_good.positions[:] = work.positions
-        if watch is not None:
-            basin = watch(work, float(work.get_potential_energy()), opt.nsteps)
-            if basin is not None:
-                raise _InBasin(basin)
-
-    opt.attach(check, interval=1)
-    try:
-        d = closest_pair_below(work, min_distance)
-        if d is not None:
-            raise RelaxationFailure(f"atoms {d:.2f} Å apart (< {min_distance} Å) at the start")
-        converged = bool(opt.run(fmax=fmax, steps=max_steps))
-        _guard(work, min_distance)
-        energy = float(work.get_potential_energy())
-        forces = np.array(work.get_forces())
-    except _InBasin as stop:
-        final = work.copy()
-        final.calc = None
-        return Relaxation(final, float(work.get_potential_energy()), np.array(work.get_forces()),
-                          opt.nsteps, IN_BASIN, f"stopped at step {opt.nsteps}: in the basin of "
-                          f"{stop.basin}", time.perf_counter() - start, basin_of=stop.basin)
-    except RelaxationFailure as exc:
-        return _failed(last_good, opt.nsteps, str(exc), start)
-    except Exception as exc:  # noqa: BLE001 - a model crash must not kill the search
-        return _failed(last_good, opt.nsteps, f"model error: {type(exc).__name__}: {exc}", start)
-    final = work.copy()
-    final.calc = None
-    status = CONVERGED if converged else UNCONVERGED
-    reason = "" if converged else f"max force above {fmax} eV/Å after {max_steps} steps"
-    return Relaxation(final, energy, forces, opt.nsteps, status, reason, time.perf_counter() - start)
+    ((_, result),) = relax_batched([atoms], calculator_batch_fn(calculator), fmax=fmax,
+                                   max_steps=max_steps, min_distance=min_distance, max_batch=1,
+                                   watches=[watch])
+    return result
 
 
-def _failed(atoms: Atoms, steps: int, reason: str, start: float) -> Relaxation:
+def _failed(atoms: Atoms, steps: int, reason: str, start: float,
+            trajectory: Trajectory | None = None) -> Relaxation:
     final = atoms.copy()
     final.calc = None
-    return Relaxation(final, None, None, steps, FAILED, reason, time.perf_counter() - start)
+    return Relaxation(final, None, None, steps, FAILED, reason, time.perf_counter() - start,
+                      trajectory=trajectory)
 
 
 def relax_structures(
@@ -214,12 +167,25 @@ class _FireState:
     index: int
     atoms: Atoms
     start: float
+    watch: Callable[[Atoms, float, int], str | None] | None = None
+    frames: list = field(default_factory=list)  # (positions, energy, forces) per evaluation
     vel: np.ndarray | None = None
     dt: float = 0.1
     a: float = 0.1
     n_pos: int = 0
     steps: int = 0
     last_good: np.ndarray | None = None
+
+    def record(self, energy: float, forces: np.ndarray) -> None:
+        self.frames.append((self.atoms.positions.copy(), float(energy), np.array(forces)))
+
+    def trajectory(self) -> Trajectory | None:
+        if not self.frames:
+            return None
+        pos, energies, forces = zip(*self.frames, strict=True)
+        cell = self.atoms.cell.array
+        return Trajectory(np.array(pos), np.array(energies), np.array(forces),
+                          np.repeat(cell[None], len(pos), axis=0))
 
     def step(self, forces: np.ndarray, maxstep: float = 0.2) -> None:
         if self.vel is None:
@@ -255,21 +221,25 @@ def relax_batched(
     max_steps: int = 1500,
     min_distance: float = 0.5,
     max_batch: int = 16,
+    watches: list | None = None,
 ) -> Iterator[tuple[int, Relaxation]]:
     """Relax many structures together: one ``batch_fn`` call per optimisation step for all.
 
-    The same FIRE as :func:`relax_one` (ASE's defaults), with a per-structure state; finished
-    structures leave the batch and waiting ones enter, up to ``max_batch`` at a time.
+    ASE's FIRE (its defaults) with a per-structure state; finished structures leave the batch
+    and waiting ones enter, up to ``max_batch`` at a time. ``watches``: one early-stop check per
+    structure (or ``None``), see :func:`relax_one`.
 
     Yields:
         ``(input index, Relaxation)`` as each finishes (not in input order).
     """
-    waiting = list(enumerate(structures))[::-1]
+    structures = list(structures)
+    watches = list(watches) if watches is not None else [None] * len(structures)
+    waiting = list(zip(range(len(structures)), structures, watches, strict=True))[::-1]
     active: list[_FireState] = []
     while waiting or active:
         while waiting and len(active) < max_batch:
-            i, a = waiting.pop()
-            st = _FireState(i, a.copy(), time.perf_counter())
+            i, a, w = waiting.pop()
+            st = _FireState(i, a.copy(), time.perf_counter(), watch=w)
             st.atoms.calc = None
             st.last_good = st.atoms.positions.copy()
             d = closest_pair_below(st.atoms, min_distance)
@@ -312,13 +282,21 @@ def _advance(st: _FireState, res, fmax: float, max_steps: int, min_distance: flo
     if d is not None:
         return _failed_at(st, f"atoms {d:.2f} Å apart (< {min_distance} Å)")
     st.last_good = st.atoms.positions.copy()
+    st.record(energy, forces)
     fmax_now = float(np.sqrt((forces**2).sum(axis=1)).max())
     if fmax_now < fmax or st.steps >= max_steps:
         converged = fmax_now < fmax
         reason = "" if converged else f"max force above {fmax} eV/Å after {max_steps} steps"
         return Relaxation(st.atoms.copy(), float(energy), np.array(forces), st.steps,
                           CONVERGED if converged else UNCONVERGED, reason,
-                          time.perf_counter() - st.start)
+                          time.perf_counter() - st.start, trajectory=st.trajectory())
+    if st.watch is not None and st.steps > 0:
+        basin = st.watch(st.atoms, float(energy), st.steps)
+        if basin is not None:
+            return Relaxation(st.atoms.copy(), float(energy), np.array(forces), st.steps, IN_BASIN,
+                              f"stopped at step {st.steps}: in the basin of {basin}",
+                              time.perf_counter() - st.start, basin_of=basin,
+                              trajectory=st.trajectory())
     st.step(forces)
     return None
 
@@ -326,4 +304,4 @@ def _advance(st: _FireState, res, fmax: float, max_steps: int, min_distance: flo
 def _failed_at(st: _FireState, reason: str) -> Relaxation:
     atoms = st.atoms.copy()
     atoms.positions[:] = st.last_good
-    return _failed(atoms, st.steps, reason, st.start)
+    return _failed(atoms, st.steps, reason, st.start, st.trajectory())

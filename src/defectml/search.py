@@ -32,6 +32,7 @@ from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.fingerprint import SoapSettings
 from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
+from defectml.records import DefectRecord, HostRecord, RelaxationRecord
 from defectml.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.store import ResultStore, content_key, is_url
 from defectml.structure_io import to_atoms, to_structure
@@ -264,9 +265,8 @@ def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, 
             atoms.calc = None
     except RelaxationFailure as exc:
         raise ModelError(f"host relaxation with {model.name} failed: {exc}") from None
-    store.add_host(atoms, energy, host_key, model.name, {"oxidation_states": oxi,
-                                                        "model_version": model.version,
-                                                        "model_ref": model.ref.to_dict()})
+    store.add(HostRecord(atoms, energy, host_key, model.name, oxi, model.key,
+                         {"model_version": model.version, "model_ref": model.ref.to_dict()}))
     return to_structure(atoms), host_key
 
 
@@ -349,12 +349,11 @@ def _search(store, structure, foreign, defects, charges, s, calculator, progress
     for it in items:
         defect_key = content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length)
         wanted.add((defect_key, it.charge))
-        store.add_defect(to_atoms(it.defect.supercell), defect_key, host_key, it.defect.name, {
-            "site": it.defect.site, "defect_index": it.defect.defect_index,
-            "sc_matrix": it.defect.sc_matrix, "kind": it.defect.kind,
-            "multiplicity": it.defect.multiplicity, "site_symmetry": it.defect.site_symmetry,
-            "oxi_change": it.defect.oxi_change,
-        })
+        d = it.defect
+        store.add(DefectRecord(to_atoms(d.supercell), defect_key, host_key, d.name, d.site,
+                               d.defect_index, d.sc_matrix, d.kind,
+                               {"multiplicity": d.multiplicity, "site_symmetry": d.site_symmetry,
+                                "oxi_change": d.oxi_change}))
         for t in it.trials:
             tkey = content_key(skey, defect_key, it.charge, t.name)
             if tkey not in done:
@@ -420,23 +419,14 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
     results = run_jobs(jobs, spec, fmax=s.fmax, max_steps=s.max_steps, model=model, **execution)
     for job, r in results:
         it, defect_key, t, tkey = job.tag
-        store.add_relaxation(
-            r.atoms, r.energy, r.forces,
-            {
-                "fidelity": "mlip", "defect": it.defect.name, "defect_key": defect_key,
-                "charge_state": it.charge, "trial": t.name, "trial_key": tkey,
-                "settings_key": skey, "status": r.status, "model": model.name,
-                "model_key": model.key,
-                "steps": r.steps, "seed": t.seed, "distortion": t.distortion,
-            },
-            {
-                "initial_positions": t.atoms.positions, "site": it.defect.site,
-                "defect_index": it.defect.defect_index, "distorted_indices": list(t.distorted_indices),
-                "reason": r.reason, "model_version": model.version, "model_ref": model.ref.to_dict(),
-                "seconds": r.seconds,
-                "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of,
-            },
-        )
+        store.add(RelaxationRecord(
+            r.atoms, r.energy, r.forces, "mlip", model.key, it.defect.name, defect_key, it.charge,
+            t.name, tkey, skey, r.status, model.name, r.steps, it.defect.site, it.defect.defect_index,
+            trajectory=r.trajectory, model_key=model.key, seed=t.seed, distortion=t.distortion,
+            extra={"initial_positions": t.atoms.positions, "distorted_indices": list(t.distorted_indices),
+                   "reason": r.reason, "model_version": model.version, "model_ref": model.ref.to_dict(),
+                   "seconds": r.seconds, "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of},
+        ))
         if job.watch is not None and r.status == CONVERGED:
             job.watch.add(t.name, r.atoms, r.energy)
         bar.set_postfix_str(f"{it.label} {t.name}", refresh=False)

@@ -33,6 +33,10 @@ def select(summary: DefectSummary, max_per_defect: int = 5, window: float = 0.5)
     return chosen
 
 
+#: The level of theory of each built-in DFT calculator (stored with every row it makes).
+THEORY = {"gpaw": "gpaw lcao dzp PBE kpts=1x1x1 spinpol", "emt": "ase EMT (a stand-in for DFT, tests only)"}
+
+
 def dft_calculator(name: str, charge: int = 0):
     """An ASE DFT calculator by name, for relaxing a shortlist directly.
 
@@ -56,7 +60,8 @@ def dft_calculator(name: str, charge: int = 0):
 
 
 def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calculator_for,
-                    label: str, *, fmax: float = 0.05, max_steps: int = 300) -> int:
+                    label: str, *, fmax: float = 0.05, max_steps: int = 300,
+                    theory: str | None = None) -> int:
     """Relax the chosen minima with a DFT calculator; store them as ``fidelity="dft"`` rows.
 
     Args:
@@ -65,12 +70,14 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
         chosen: The shortlisted minima.
         calculator_for: ``charge -> ASE calculator``.
         label: Names this DFT setup in the store (e.g. ``gpaw``).
+        theory: Its level of theory (code, functional, key settings); default from ``label``.
         fmax: Force threshold (eV/Å).
         max_steps: Step limit.
 
     Returns:
         The number of relaxations run (already stored ones are skipped).
     """
+    from defectml.records import RelaxationRecord
     from defectml.relax import relax_one
     from defectml.store import content_key
 
@@ -78,6 +85,7 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
         return 0
     # one DFT run per (DFT setup, search run): minima of two searches never share a DFT row
     settings_key = content_key("dft", label, fmax, max_steps, summary.settings_key)
+    theory = theory or THEORY.get(label, label)
     done = store.done_trial_keys(settings_key)
     ran = 0
     for m in chosen:
@@ -86,12 +94,12 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
             continue
         trial = next(t for t in summary.trials if t.name == m.trial)
         r = relax_one(m.atoms, calculator_for(summary.charge), fmax=fmax, max_steps=max_steps)
-        store.add_relaxation(r.atoms, r.energy, r.forces, {
-            "fidelity": "dft", "defect": summary.defect, "defect_key": summary.defect_key,
-            "charge_state": summary.charge, "trial": m.trial, "trial_key": tkey,
-            "settings_key": settings_key, "status": r.status, "model": label, "steps": r.steps,
-            "distortion": trial.distortion,
-        }, {"site": trial.site, "defect_index": trial.defect_index, "reason": r.reason,
-            "seconds": r.seconds, "from_mlip_minimum": m.rank})
+        store.add(RelaxationRecord(
+            r.atoms, r.energy, r.forces, "dft", theory, summary.defect, summary.defect_key,
+            summary.charge, m.trial, tkey, settings_key, r.status, label, r.steps, trial.site,
+            trial.defect_index, trajectory=r.trajectory, distortion=trial.distortion,
+            extra={"reason": r.reason, "seconds": r.seconds, "from_mlip_minimum": m.rank,
+                   "mlip_run": summary.settings_key},
+        ))
         ran += 1
     return ran

@@ -1,11 +1,16 @@
 """The results store: one ASE database (SQLite file by default, or a PostgreSQL URL).
 
-Three kinds of row, one per stage of the pipeline:
+Four kinds of row, each written from one typed record of :mod:`defectml.records` through
+:meth:`ResultStore.add` (the only write path):
 
 * ``kind="host"``: the (relaxed) host cell, its energy, oxidation states and supercell matrix;
 * ``kind="defect"``: the unrelaxed defect supercell, defect site and metadata;
-* ``kind="relaxation"``: one finished relaxation of one trial: final structure, energy,
-  forces, status and reason, model and version, seed, steps, and the starting positions.
+* ``kind="relaxation"``: one finished relaxation of one trial, ML or DFT: final structure,
+  energy, forces, status and reason, level of theory, model key and reference, seed, steps, the
+  starting positions and the per-frame trajectory;
+* ``kind="thermo"``: a cached phonon or TI result.
+
+The database's metadata holds the schema version (:data:`~defectml.records.SCHEMA_VERSION`).
 
 Every row carries a content key (``host_key``, ``defect_key``, ``trial_key``) derived from the
 inputs that determine it, so a rerun finds what is already done and skips it. Each relaxation is
@@ -36,6 +41,7 @@ from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from defectml.errors import StoreError
+from defectml.records import SCHEMA_VERSION, DefectRecord, HostRecord, Record
 
 
 def content_key(*parts: Any) -> str:
@@ -96,6 +102,43 @@ class ResultStore:
             ) from None
         except Exception as exc:  # noqa: BLE001 - ase/sqlite/psycopg errors
             raise StoreError(f"cannot open results database {self.target}: {exc}") from None
+        version = self.schema_version()
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.target} was written by a newer defectml (store schema {version}; this one "
+                f"reads up to {SCHEMA_VERSION}): upgrade defectml to use it"
+            )
+
+    # --- schema ----------------------------------------------------------------------------
+    def schema_version(self) -> int:
+        """The store's schema version (an unstamped store with rows is version 1)."""
+        try:
+            version = (self.db.metadata or {}).get("defectml_schema")
+        except Exception:  # noqa: BLE001 - a backend without metadata support
+            version = None
+        if version is not None:
+            return int(version)
+        return SCHEMA_VERSION if self.db.count() == 0 else 1
+
+    def _stamp(self) -> None:
+        """Stamp a new store, or migrate a version-1 store in place (rows gain ``theory``)."""
+        version = self.schema_version()
+        if version == 1:
+            import logging
+
+            n = 0
+            for row in self.db.select(kind="relaxation"):
+                if row.get("theory") is None:
+                    fidelity = row.get("fidelity", "mlip")
+                    what = "functional" if fidelity == "dft" else "weights"
+                    self.db.update(row.id, theory=f"{row.get('model', fidelity)} ({what} not recorded)")
+                    n += 1
+            logging.getLogger("defectml").warning(
+                "migrated %s from store schema 1 to %d (%d relaxations gained a level of theory); its "
+                "runs stay readable, but a new search keys on the model's weights and redoes them",
+                self.target, SCHEMA_VERSION, n)
+        if version < SCHEMA_VERSION or "defectml_schema" not in (self.db.metadata or {}):
+            self.db.metadata = {**(self.db.metadata or {}), "defectml_schema": SCHEMA_VERSION}
 
     # --- the writer's lock ---------------------------------------------------------------
     def lock(self) -> None:
@@ -104,15 +147,22 @@ class ResultStore:
         Raises:
             StoreError: another process is writing to it (the message names that process).
         """
-        if is_url(self.target) or self._locked:
+        if self._locked:
             return
-        _acquire(Path(self.target))
+        if not is_url(self.target):
+            _acquire(Path(self.target))
         self._locked = True
+        try:
+            self._stamp()
+        except Exception as exc:  # noqa: BLE001 - sqlite/psycopg errors
+            self.unlock()
+            raise StoreError(f"cannot write to results database {self.target}: {exc}") from None
 
     def unlock(self) -> None:
         """Let another process write (every finished result is already committed)."""
         if self._locked:
-            _release(Path(self.target))
+            if not is_url(self.target):
+                _release(Path(self.target))
             self._locked = False
 
     def __del__(self):
@@ -145,27 +195,24 @@ class ResultStore:
         rows = self.select(limit=1, **query)
         return rows[0] if rows else None
 
-    # --- hosts and defects ---------------------------------------------------------------
-    def add_host(self, atoms: Atoms, energy: float, host_key: str, model: str, data: dict) -> int:
-        """Store the (relaxed) host."""
-        return self._write(
-            atoms, energy, None, {"kind": "host", "host_key": host_key, "model": model}, data
-        )
+    # --- the one write path --------------------------------------------------------------
+    def add(self, record: Record) -> int | None:
+        """Write one record (committed at once); a host or defect already stored is not repeated.
 
-    def add_defect(self, atoms: Atoms, defect_key: str, host_key: str, name: str, data: dict):
-        """Store an unrelaxed defect supercell (once per ``defect_key``)."""
-        if self.first(kind="defect", defect_key=defect_key) is None:
-            kvp = {"kind": "defect", "defect_key": defect_key, "host_key": host_key, "defect": name}
-            self._write(atoms, None, None, kvp, data)
+        Returns:
+            The new row's id, or ``None`` for a host/defect already there.
+        """
+        if isinstance(record, HostRecord) and self.first(kind="host", host_key=record.host_key):
+            return None
+        if isinstance(record, DefectRecord) and self.first(kind="defect", defect_key=record.defect_key):
+            return None
+        kvp, data = record.row()
+        return self._write(record.atoms, getattr(record, "energy", None), getattr(record, "forces", None),
+                           kvp, data)
 
-    # --- relaxations ---------------------------------------------------------------------
     def done_trial_keys(self, settings_key: str) -> set[str]:
         """Keys of the relaxations already finished under ``settings_key``."""
         return {r.trial_key for r in self.select(kind="relaxation", settings_key=settings_key)}
-
-    def add_relaxation(self, atoms: Atoms, energy, forces, kvp: dict, data: dict) -> int:
-        """Store one finished relaxation (committed immediately)."""
-        return self._write(atoms, energy, forces, {"kind": "relaxation", **kvp}, data)
 
     def count(self, **query) -> int:
         """Number of rows matching ``query``."""

@@ -21,6 +21,7 @@ from ase.calculators.calculator import Calculator
 from ase.units import kB
 
 from defectml.errors import DefectMLError
+from defectml.records import ThermoRecord
 from defectml.store import ResultStore, content_key
 from defectml.summary import DefectSummary
 from defectml.thermo import vibrations as vib
@@ -177,7 +178,7 @@ class _Cache:
 
     def put(self, key: str, atoms: Atoms, data: dict) -> None:
         if self.store is not None:
-            self.store._write(atoms, None, None, {"kind": "thermo", "thermo_key": key}, data)
+            self.store.add(ThermoRecord(atoms, key, data))
 
 
 def _vibrations(
