@@ -22,8 +22,8 @@ from pathlib import Path
 from pymatgen.core import Structure
 
 from defectml import SearchSettings, TrialSettings, search
-from defectml.alloy import make_alloy
-from defectml.alloy_report import alloy_rows
+from defectml.search.alloy import make_alloy
+from defectml.search.alloy_report import alloy_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,8 +21,8 @@ import warnings
 from pathlib import Path
 
 from defectml import ResultStore, SearchSettings, search, summarise
-from defectml.evaluate import evaluate, parity_plot, table, to_dict
-from defectml.ingest import ingest_snb_folder
+from defectml.dft.evaluate import evaluate, parity_plot, table, to_dict
+from defectml.dft.ingest import ingest_snb_folder
 from defectml.structure_io import read_structure
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -282,16 +282,7 @@ def main() -> None:
     splits = {m: material_split(root, m, a.cutoff, work / "cache") for m in MATERIALS}
     t_graphs = time.perf_counter() - t0
     config = ModelConfig(features=a.features, layers=a.layers, cutoff=a.cutoff, virtual_node=a.virtual_node)
-    settings = TrainSettings(
-        epochs=a.epochs,
-        batch_size=a.batch_size,
-        lr=a.lr,
-        threads=a.threads,
-        noise=a.noise,
-        compile=a.compile,
-        local_weight=a.local_weight,
-        ema=a.ema,
-    )
+    settings = TrainSettings.from_options(a)  # epochs, batch size, lr, threads, noise, compile, ...
     t0 = time.perf_counter()
     paths, dropped = _train_all(a, root, work, splits, config, settings)
     joint = None

@@ -22,11 +22,11 @@ import warnings
 from pathlib import Path
 
 from defectml import SearchSettings, search
-from defectml.evaluate import structure_rmsd
-from defectml.shortlist import dft_calculator, relax_shortlist, select
+from defectml.dft.evaluate import structure_rmsd
+from defectml.dft.shortlist import dft_calculator, relax_shortlist, select
+from defectml.search.summary import summarise
 from defectml.store import ResultStore
 from defectml.structure_io import read_structure
-from defectml.summary import summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 

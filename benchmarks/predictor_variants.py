@@ -153,20 +153,7 @@ def main() -> None:
         )
         print(f"CHGNet priors ready in {time.perf_counter() - t_prior:.0f} s", flush=True)
     checkpoint = work / "variants" / f"{a.name}.pt"
-    settings = TrainSettings(
-        epochs=a.epochs,
-        lr=a.lr,
-        threads=1,
-        noise=a.noise,
-        compile=not a.no_compile,
-        init_from=a.init_from,
-        local_weight=a.local_weight,
-        weight_decay=a.weight_decay,
-        batch_size=a.batch_size,
-        ema=a.ema,
-        interpolate=a.interpolate,
-        seed=a.seed,
-    )
+    settings = TrainSettings.from_options(a, threads=1, compile=not a.no_compile)
     t0 = time.perf_counter()
     train(
         split.train,

@@ -24,8 +24,8 @@ from ase.build import make_supercell
 from pymatgen.core import Structure
 
 from defectml import ResultStore, SearchSettings, search
-from defectml.fingerprint import cosine_distances, soap_fingerprints
-from defectml.landscape import (
+from defectml.search.fingerprint import cosine_distances, soap_fingerprints
+from defectml.search.landscape import (
     DEFAULT_SOAP_THRESHOLD,
     bond_signature,
     find_minima,
@@ -33,7 +33,7 @@ from defectml.landscape import (
     new_bonds,
     quarantine,
 )
-from defectml.summary import relaxed_trial_from_row
+from defectml.search.summary import relaxed_trial_from_row
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = [0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05]

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from defectml.alloy import bond_kind, environment_defects, local_environment, make_alloy
 from defectml.cli import main
 from defectml.errors import InputError
+from defectml.search.alloy import bond_kind, environment_defects, local_environment, make_alloy
 
 
 def test_random_alloy_composition_and_seed(cdte):

@@ -9,7 +9,7 @@ set, package versions; see the README's "Reproducibility").
 import pytest
 
 from defectml import SearchSettings, TrialSettings, search
-from defectml.distort import neighbours_by_distance
+from defectml.search.distort import neighbours_by_distance
 
 
 def _search(cdte, out, model):

@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
 
-from defectml.defects import (
+from defectml.errors import InputError
+from defectml.search.defects import (
     bulk_nn_distance,
     default_charge_states,
     guess_oxidation_states,
     make_defects,
 )
-from defectml.distort import neighbours_by_distance
-from defectml.errors import InputError
+from defectml.search.distort import neighbours_by_distance
 from defectml.structure_io import to_atoms
 
 

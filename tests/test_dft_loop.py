@@ -10,10 +10,10 @@ from ase.build import bulk
 
 from defectml import ResultStore, summarise
 from defectml.cli import main
-from defectml.dft_inputs import write_inputs
-from defectml.evaluate import evaluate
-from defectml.ingest import ingest_snb_folder, read_snb_energies
-from defectml.shortlist import select
+from defectml.dft.evaluate import evaluate
+from defectml.dft.ingest import ingest_snb_folder, read_snb_energies
+from defectml.dft.inputs import write_inputs
+from defectml.dft.shortlist import select
 
 MGO = Path(__file__).resolve().parents[2] / "shared" / "data" / "snb-mgo-mg_o"
 needs_data = pytest.mark.skipif(not MGO.exists(), reason="shared MgO DFT data not present")
@@ -96,8 +96,8 @@ def test_cli_ingest_show_evaluate(tmp_path, capsys):
 
 
 def test_shortlist_selection(cdte, tmp_path):
-    from defectml.landscape import Minimum
-    from defectml.summary import DefectSummary
+    from defectml.search.landscape import Minimum
+    from defectml.search.summary import DefectSummary
 
     atoms = bulk("Cu")
     minima = [Minimum(i, f"t{i}", e, e, [f"t{i}"] + (["Unperturbed"] if i == 3 else []), atoms)
@@ -160,7 +160,7 @@ def test_gpaw_adapter_on_a_tiny_cell():
     pytest.importorskip("gpaw")
     import numpy as np
 
-    from defectml.shortlist import dft_calculator
+    from defectml.dft.shortlist import dft_calculator
 
     atoms = bulk("CdTe", "zincblende", a=6.48, cubic=True)  # 8 atoms, Γ-point
     atoms.positions[1] += [0.1, 0.0, 0.0]

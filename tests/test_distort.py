@@ -3,8 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from defectml.defects import bulk_nn_distance, make_defects
-from defectml.distort import (
+from defectml.search.defects import bulk_nn_distance, make_defects
+from defectml.search.distort import (
     TrialSettings,
     make_trials,
     mc_rattle,

@@ -8,8 +8,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from defectml import SearchSettings, TrialSettings, search
-from defectml.landscape import BasinWatch
-from defectml.relax import calculator_batch_fn, relax_batched, relax_one
+from defectml.search.landscape import BasinWatch
+from defectml.search.relax import calculator_batch_fn, relax_batched, relax_one
 
 
 def _cu_vacancies(n):
@@ -70,8 +70,8 @@ def test_batched_fire_isolates_failures():
 
 
 def test_batched_chgnet_matches_sequential(cdte):
-    from defectml.defects import make_defects
     from defectml.models import load_model
+    from defectml.search.defects import make_defects
     from defectml.structure_io import to_atoms
 
     (v,) = make_defects(cdte, "v_Cd")

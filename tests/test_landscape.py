@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from defectml.defects import make_defects
-from defectml.distort import make_dimer, neighbours_by_distance
-from defectml.landscape import (
+from defectml.search.defects import make_defects
+from defectml.search.distort import make_dimer, neighbours_by_distance
+from defectml.search.landscape import (
     RelaxedTrial,
     describe,
     find_minima,

@@ -106,6 +106,11 @@ def test_sevennet_equals_sevenns_own_calculator(name, modal):
     (e1, f1), (e2, f2) = _energy_forces(ours.calculator, atoms), _energy_forces(theirs, atoms)
     assert e1 == pytest.approx(e2, abs=1e-5) and np.allclose(f1, f2, atol=1e-5)
     assert ours.ref.head == modal
+    other = atoms.copy()
+    other.rattle(0.05, seed=9)
+    (eb, fb), (eb2, _) = ours.batch()([atoms, other])  # one batched forward pass, float32 sums
+    assert eb == pytest.approx(e1, abs=1e-3) and np.allclose(fb, f1, atol=1e-5)
+    assert eb2 == pytest.approx(_energy_forces(ours.calculator, other)[0], abs=1e-3)
 
 
 def test_sevennet_checkpoint_file_keeps_its_modal(tmp_path):

@@ -347,7 +347,7 @@ def test_search_pre_relax_option(tmp_path, copper_cif, monkeypatch, capsys):
     assert 0 < largest < 5.0
     with pytest.raises(UntrustedPrediction, match="moves an atom by"):
         predict_relaxed(model, cell, pristine, max_move=largest / 2)
-    search_module = importlib.import_module("defectml.search")  # the package exports a function "search"
+    search_module = importlib.import_module("defectml.search.pipeline")
     monkeypatch.setattr(search_module, "MAX_PREDICTED_MOVE", 1e-9)  # every prediction now "too far"
     capsys.readouterr()
     loud = [x for x in args if x != "--quiet"]

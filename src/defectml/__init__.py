@@ -13,17 +13,17 @@ The pipeline, one way: host → :func:`make_defects` → :func:`make_trials` →
             print(summary.label, m.rank, round(m.delta_e, 3), m.label)
 """
 
-from defectml.defects import Defect, make_defects
-from defectml.distort import Trial, TrialSettings, make_trials
 from defectml.errors import DefectMLError, InputError, ModelError, StoreError
-from defectml.fingerprint import SoapSettings, soap_fingerprints
-from defectml.landscape import Minimum, RelaxedTrial, find_minima
 from defectml.models import Model, load_model, wrap_calculator
-from defectml.relax import Relaxation, relax_structures
 from defectml.search import SearchResult, SearchSettings, plan, search
+from defectml.search.defects import Defect, make_defects
+from defectml.search.distort import Trial, TrialSettings, make_trials
+from defectml.search.fingerprint import SoapSettings, soap_fingerprints
+from defectml.search.landscape import Minimum, RelaxedTrial, find_minima
+from defectml.search.relax import Relaxation, relax_structures
+from defectml.search.summary import DefectSummary, summarise
 from defectml.store import ResultStore
 from defectml.structure_io import read_structure
-from defectml.summary import DefectSummary, summarise
 
 __version__ = "0.1.0"
 

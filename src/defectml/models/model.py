@@ -14,6 +14,22 @@ from pymatgen.core import Element
 from defectml.errors import ModelError
 from defectml.models.ref import BUILTIN_MODELS, ModelRef
 
+BatchFn = Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]
+
+
+def calculator_batch_fn(calculator: Calculator) -> BatchFn:
+    """A batch function that evaluates structures one by one with an ASE calculator."""
+
+    def evaluate(structures: list[Atoms]) -> list[tuple[float, np.ndarray]]:
+        out = []
+        for a in structures:
+            a = a.copy()
+            a.calc = calculator
+            out.append((float(a.get_potential_energy()), np.array(a.get_forces())))
+        return out
+
+    return evaluate
+
 
 @dataclass
 class Model:
@@ -47,8 +63,6 @@ class Model:
 
     def batch(self) -> Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]:
         """Energies and forces of many structures in one call (batched where the model can)."""
-        from defectml.relax import calculator_batch_fn
-
         return self.batch_fn or calculator_batch_fn(self.calculator)
 
     def check_elements(self, elements) -> None:

@@ -6,7 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,37 @@ class TrainSettings:
     ema: float = 0.0
     interpolate: float = 0.0
     log: list = field(default_factory=list)
+
+    @classmethod
+    def from_options(cls, options, **overrides) -> TrainSettings:
+        """The one place training settings are built: the CLI and the benchmarks call it.
+
+        Args:
+            options: An argparse namespace (or dict) whose attributes named like the fields are
+                taken (``None`` keeps the default).
+            overrides: Fields set explicitly, over ``options``.
+
+        Raises:
+            DefectMLError: a value out of range.
+        """
+        source = options if isinstance(options, dict) else vars(options)
+        names = {f.name for f in fields(cls)} - {"log"}
+        chosen = {k: source[k] for k in names if source.get(k) is not None}
+        settings = cls(**{**chosen, **overrides})
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ``DefectMLError`` for a value out of range."""
+        from defectml.errors import DefectMLError
+
+        if not 0.0 <= self.interpolate <= 1.0:
+            raise DefectMLError(
+                f"--interpolate {self.interpolate}: a fraction of the training inputs, 0 to 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise DefectMLError("--epochs and --batch-size must be at least 1 and --lr positive")
+        if self.noise < 0 or not 0.0 <= self.ema < 1.0:
+            raise DefectMLError("--noise must be non-negative and --ema in [0, 1)")
 
 
 def perturb(b: Batch, width: float) -> None:

@@ -260,7 +260,7 @@ def inherent_structures(
     """
     from ase.optimize import FIRE
 
-    from defectml.fingerprint import soap_fingerprints
+    from defectml.search.fingerprint import soap_fingerprints
 
     quenched, energies = [], []
     for f in frames:

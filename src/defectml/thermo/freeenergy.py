@@ -22,8 +22,8 @@ from ase.units import kB
 
 from defectml.errors import DefectMLError
 from defectml.records import ThermoRecord
+from defectml.search.summary import DefectSummary
 from defectml.store import ResultStore, content_key
-from defectml.summary import DefectSummary
 from defectml.thermo import vibrations as vib
 from defectml.thermo.configurational import configurational_entropy, populations
 from defectml.thermo.degeneracy import orientational_degeneracy, spin_degeneracy

@@ -8,10 +8,10 @@ import numpy as np
 from ase.build import make_supercell
 
 from defectml.errors import DefectMLError
-from defectml.landscape import local_symmetry
 from defectml.models import Model, check_key, load_model
+from defectml.search.landscape import local_symmetry
+from defectml.search.summary import summarise
 from defectml.store import ResultStore
-from defectml.summary import summarise
 from defectml.thermo.freeenergy import ThermoResult, ThermoSettings, exchanged_atoms, formation_free_energy
 from defectml.thermo.reference import elemental_mu
 

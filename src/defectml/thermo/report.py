@@ -42,7 +42,7 @@ def plot(r: ThermoResult, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return None
-    from defectml.report import save_figure
+    from defectml.search.report import save_figure
 
     t = r.temperatures
     gs = r.configs[0]

@@ -19,24 +19,24 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from pymatgen.core import Structure
 
-from defectml.defects import (
+from defectml.errors import InputError, ModelError, UntrustedPrediction
+from defectml.models import Model, ModelRef, load_model, wrap_calculator
+from defectml.records import DefectRecord, HostRecord, RelaxationRecord
+from defectml.search.defects import (
     Defect,
     bulk_nn_distance,
     guess_oxidation_states,
     make_defects,
     parse_defect_specs,
 )
-from defectml.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
-from defectml.engine import Job, ModelSpec, run_jobs
-from defectml.errors import InputError, ModelError, UntrustedPrediction
-from defectml.fingerprint import SoapSettings
-from defectml.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
-from defectml.models import Model, ModelRef, load_model, wrap_calculator
-from defectml.records import DefectRecord, HostRecord, RelaxationRecord
-from defectml.relax import CONVERGED, RelaxationFailure, relax_host
+from defectml.search.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
+from defectml.search.engine import Job, ModelSpec, run_jobs
+from defectml.search.fingerprint import SoapSettings
+from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
+from defectml.search.relax import CONVERGED, RelaxationFailure, relax_host
+from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.store import ResultStore, content_key, is_url
 from defectml.structure_io import to_atoms, to_structure
-from defectml.summary import DefectSummary, charge_label, summarise
 
 log = logging.getLogger("defectml")
 
@@ -202,7 +202,7 @@ def plan(
     """
     s = settings or SearchSettings()
     if s.sites == "environment":
-        from defectml.alloy import environment_defects
+        from defectml.search.alloy import environment_defects
 
         found = environment_defects(
             host, defects, oxidation_states=s.oxidation_states, shells=s.env_shells,

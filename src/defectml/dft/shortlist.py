@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from defectml.errors import InputError
-from defectml.landscape import Minimum
-from defectml.summary import DefectSummary
+from defectml.search.landscape import Minimum
+from defectml.search.summary import DefectSummary
 
 
 def select(summary: DefectSummary, max_per_defect: int = 5, window: float = 0.5) -> list[Minimum]:
@@ -78,7 +78,7 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
         The number of relaxations run (already stored ones are skipped).
     """
     from defectml.records import RelaxationRecord
-    from defectml.relax import relax_one
+    from defectml.search.relax import relax_one
     from defectml.store import content_key
 
     if not summary.trials:

@@ -14,8 +14,8 @@ import numpy as np
 from ase.build import make_supercell
 
 from defectml.errors import StoreError
-from defectml.fingerprint import SoapSettings
-from defectml.landscape import (
+from defectml.search.fingerprint import SoapSettings
+from defectml.search.landscape import (
     DEFAULT_PHASE_CHANGE_DROP,
     DEFAULT_SOAP_THRESHOLD,
     Minimum,

@@ -14,7 +14,8 @@ from collections import Counter
 import numpy as np
 from pymatgen.core import Element, Structure
 
-from defectml.defects import (
+from defectml.errors import InputError
+from defectml.search.defects import (
     Defect,
     default_charge_states,
     guess_oxidation_states,
@@ -22,7 +23,6 @@ from defectml.defects import (
     site_symmetry,
     supercell_matrix,
 )
-from defectml.errors import InputError
 
 
 def parse_substitution(text: str) -> tuple[str, str]:

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
-from defectml.defects import site_symmetry
-from defectml.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
-from defectml.relax import CONVERGED, IN_BASIN
+from defectml.search.defects import site_symmetry
+from defectml.search.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
+from defectml.search.relax import CONVERGED, IN_BASIN
 
 #: Default SOAP cosine-distance threshold for "same minimum". On CdTe V_Cd^0 relaxed trials of one
 #: basin lie within 1.8e-3 of each other; distinct motifs with the same bonds lie further apart.

@@ -177,3 +177,35 @@ def write_inputs(
     overrides = overrides or {}
     return {code: WRITERS[code](atoms, charge, folder / code, overrides.get(code))
             for code in codes}
+
+
+def write_trial_folders(items, out: Path) -> list[tuple[str, int, Path]]:
+    """Every trial as ``out/<defect>_<charge>/<trial>/POSCAR``, ShakeNBreak's layout.
+
+    Each defect folder gets a ``distortion_metadata.json`` (site, defect index, each trial's seed,
+    distortion and distorted atoms, and the trials dropped).
+
+    Args:
+        items: The planned defects and charges with their trials (:func:`defectml.search.plan`).
+        out: Where to write.
+
+    Returns:
+        ``(label, number of trials, folder)`` per defect and charge.
+    """
+    import json
+
+    from defectml.structure_io import to_structure
+
+    written = []
+    for it in items:
+        folder = out / it.label
+        meta = {"defect": it.defect.name, "charge": it.charge, "site": it.defect.site.tolist(),
+                "defect_index": it.defect.defect_index, "trials": {}, "dropped": it.dropped}
+        for t in it.trials:
+            (folder / t.name).mkdir(parents=True, exist_ok=True)
+            to_structure(t.atoms).to(filename=str(folder / t.name / "POSCAR"), fmt="poscar")
+            meta["trials"][t.name] = {"seed": t.seed, "distortion": t.distortion,
+                                      "distorted_indices": list(t.distorted_indices)}
+        (folder / "distortion_metadata.json").write_text(json.dumps(meta, indent=2))
+        written.append((it.label, len(it.trials), folder))
+    return written

@@ -22,7 +22,7 @@ from ase.calculators.calculator import Calculator
 
 from defectml.errors import InputError
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
-from defectml.relax import Relaxation, calculator_batch_fn, relax_batched
+from defectml.search.relax import Relaxation, calculator_batch_fn, relax_batched
 
 EXECUTORS = ("local", "dask")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from defectml.alloy import bond_kind
-from defectml.report import save_figure
+from defectml.search.alloy import bond_kind
+from defectml.search.report import save_figure
 
 
 def alloy_rows(x: float, result) -> list[dict]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from pymatgen.io.ase import AseAtomsAdaptor
 
+from defectml.search.summary import DefectSummary
 from defectml.structure_io import write_structure
-from defectml.summary import DefectSummary
 
 
 def table(summaries: list[DefectSummary]) -> str:

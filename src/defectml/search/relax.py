@@ -20,6 +20,7 @@ from ase.calculators.calculator import Calculator
 from ase.neighborlist import neighbor_list
 from ase.optimize import FIRE
 
+from defectml.models.model import BatchFn, calculator_batch_fn
 from defectml.records import Trajectory
 
 CONVERGED = "converged"
@@ -141,23 +142,6 @@ def relax_host(atoms: Atoms, calculator: Calculator, fmax: float = 0.01, max_ste
     out = work.copy()
     out.calc = None
     return out, energy
-
-
-BatchFn = Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]
-
-
-def calculator_batch_fn(calculator: Calculator) -> BatchFn:
-    """A batch function that evaluates structures one by one with an ASE calculator."""
-
-    def evaluate(structures: list[Atoms]) -> list[tuple[float, np.ndarray]]:
-        out = []
-        for a in structures:
-            a = a.copy()
-            a.calc = calculator
-            out.append((float(a.get_potential_energy()), np.array(a.get_forces())))
-        return out
-
-    return evaluate
 
 
 @dataclass

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from defectml.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
-from defectml.report import save_figure
-from defectml.shortlist import select
-from defectml.summary import DefectSummary
+from defectml.dft.shortlist import select
+from defectml.search.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
+from defectml.search.report import save_figure
+from defectml.search.summary import DefectSummary
 
 RMSD_SUCCESS = 0.1
 

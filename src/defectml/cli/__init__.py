@@ -1,0 +1,79 @@
+"""Command-line interface: ``defectml COMMAND``, one module per area, each a thin shell.
+
+:mod:`.search` (search, alloy, generate, show), :mod:`.dft` (shortlist, ingest, evaluate),
+:mod:`.thermo` (thermo, dynamics), :mod:`.predictor`; :mod:`.common` holds what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from defectml.cli import dft, predictor, search, thermo
+from defectml.cli.common import EPILOG
+from defectml.errors import DefectMLError
+
+HANDLERS = {
+    "search": search.cmd_search, "alloy": search.cmd_alloy, "generate": search.cmd_generate,
+    "show": search.cmd_show, "shortlist": dft.cmd_shortlist, "ingest": dft.cmd_ingest,
+    "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
+    "predictor": predictor.cmd_predictor,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``defectml`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="defectml",
+        description="Find the ground-state and metastable structures of point defects with a "
+                    "machine-learned interatomic potential (default CHGNet, runs offline).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for area in (search, dft, thermo, predictor):
+        area.add_parsers(sub)
+    return parser
+
+
+NEGATIVE_VALUE_OPTIONS = ("--charge", "--distortions", "--mu", "--T", "--vbm", "--fermi", "--correction")
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """Let ``--charge -2,-1`` and ``--distortions -0.4,0.4`` through argparse.
+
+    argparse takes a value such as ``-0.4,0.4`` for an option flag; joining it to its option
+    (``--distortions=-0.4,0.4``) removes the ambiguity.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in NEGATIVE_VALUE_OPTIONS and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, 130 when interrupted)."""
+    warnings.filterwarnings("ignore", module=r"(pymatgen|spglib|sevenn|dscribe|ase)(\.|$)")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(argv)
+    handler = HANDLERS[args.command]
+    try:
+        return handler(args)
+    except DefectMLError as exc:
+        print(f"defectml: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("defectml: interrupted; finished relaxations are saved, rerun to resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

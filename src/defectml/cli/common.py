@@ -1,0 +1,226 @@
+"""What the command modules share: option groups, parsers of option values, the store and run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from defectml.errors import InputError
+from defectml.search.distort import DEFAULT_DISTORTIONS, TrialSettings
+from defectml.search.fingerprint import SoapSettings
+from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
+
+EPILOG = """examples:
+  defectml search examples/CdTe.cif --defect v_Cd --charge 0 --out runs/cdte
+  defectml search host.cif --defect all --out runs/all          # every native defect, default charges
+  defectml generate examples/CdTe.cif --defect v_Cd --charge 0,-1 --out trials/   # for DFT elsewhere
+  defectml show runs/cdte
+  defectml shortlist runs/cdte --window 0.5                 # DFT inputs for the unique minima
+  defectml ingest snb_folders/ --out runs/dft               # ShakeNBreak/VASP results in
+  defectml evaluate runs/cdte --dft runs/dft                # surrogate vs DFT metrics
+"""
+
+
+def parse_charges(text: str | None) -> list[int] | None:
+    """``--charge``: 0, -2,-1,0 or -2:0 (``None``: each defect's defaults)."""
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            lo, hi = (int(x) for x in text.split(":"))
+            return list(range(min(lo, hi), max(lo, hi) + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"cannot parse --charge {text!r}: use 0, -2,-1,0 or -2:0") from None
+
+
+def parse_distortions(text: str | None) -> tuple[float, ...]:
+    """``--distortions``: -0.6:0.6:0.1 or a list (zero dropped: that is the Rattled trial)."""
+    if text is None:
+        return DEFAULT_DISTORTIONS
+    try:
+        if text.count(":") == 2:
+            lo, hi, step = (float(x) for x in text.split(":"))
+            n = int(round((hi - lo) / step)) + 1
+            values = [round(lo + i * step, 6) for i in range(n)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"cannot parse --distortions {text!r}: use -0.6:0.6:0.1 or -0.4,0.4") from None
+    return tuple(v for v in values if abs(v) > 1e-9)
+
+
+def parse_oxi(text: str | None) -> dict[str, int] | None:
+    """``--oxi``: Cd=2,Te=-2."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        try:
+            el, val = part.split("=")
+            out[el.strip()] = int(val)
+        except ValueError:
+            raise InputError(f"cannot parse --oxi {part!r}: use e.g. Cd=2,Te=-2") from None
+    return out
+
+
+def add_structure_args(p: argparse.ArgumentParser) -> None:
+    """The host, defect, charge, supercell and trial options."""
+    p.add_argument("structure", help="host crystal: CIF, POSCAR, extxyz or any ASE/pymatgen format")
+    p.add_argument("--defect", default="all",
+                   help="v_Cd (vacancy), Se_Te (Se on a Te site), Cd_i or Te_i_C3v "
+                        "(interstitial), comma-separated, or 'all' (default)")
+    p.add_argument("--charge", default=None,
+                   help="charge state(s): 0, -2,-1,0 or -2:0 (default: each defect's defaults)")
+    p.add_argument("--oxi", default=None, help="oxidation-state overrides, e.g. Cd=2,Te=-2")
+    g = p.add_argument_group("supercell")
+    g.add_argument("--min-length", type=float, default=10.0,
+                   help="minimum distance between periodic images of the defect, Å (10)")
+    g.add_argument("--max-atoms", type=int, default=500, help="largest supercell allowed (500)")
+    g.add_argument("--diagonal", action="store_true", help="only diagonal supercell matrices")
+    t = p.add_argument_group("trials")
+    t.add_argument("--distortions", default=None,
+                   help="bond-distortion factors: -0.6:0.6:0.1 (default) or a list -0.4,-0.2,0.2")
+    t.add_argument("--rattle-stdev", type=float, default=None,
+                   help="rattle standard deviation, Å (default 10%% of the bulk bond length)")
+    t.add_argument("--dimer-distance", type=float, default=2.0,
+                   help="bond length of the vacancy Dimer trial, Å (2.0)")
+    t.add_argument("--no-dimer", action="store_true", help="no Dimer trial")
+    t.add_argument("--no-rattled", action="store_true", help="no rattle-only trial")
+    t.add_argument("--all-pairs", action="store_true",
+                   help="also distort every other combination of first-shell neighbours (alloys)")
+    t.add_argument("--pair-distortions", default=None,
+                   help="factors for the --all-pairs trials (default: the --distortions)")
+    t.add_argument("--seed", type=int, default=42, help="base random seed (42)")
+    t.add_argument("--sites", choices=("symmetry", "environment"), default="symmetry",
+                   help="symmetry: inequivalent sites of an ordered host (default); environment: "
+                        "one site per local chemical environment of the cell as given (alloys)")
+    t.add_argument("--shells", type=int, default=1,
+                   help="neighbour shells that define an environment (1)")
+
+
+def trial_settings(a: argparse.Namespace) -> TrialSettings:
+    """The trial settings from the parsed options."""
+    return TrialSettings(
+        distortions=parse_distortions(a.distortions), rattle_stdev=a.rattle_stdev,
+        dimer_distance=a.dimer_distance, dimer=not a.no_dimer, rattled=not a.no_rattled,
+        all_pairs=a.all_pairs, seed=a.seed,
+        pair_distortions=parse_distortions(a.pair_distortions) if a.pair_distortions else None,
+    )
+
+
+def add_search_args(s: argparse.ArgumentParser) -> None:
+    """Model, relaxation and execution options."""
+    s.add_argument("--db", default=None,
+                   help="results database: SQLite path or postgresql:// URL (OUT/results.db)")
+    m = s.add_argument_group("model and relaxation")
+    m.add_argument("--model", default="chgnet",
+                   help="chgnet (default), sevennet-0, sevennet-mf-0, emt, or a MACE .model path")
+    m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
+    m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
+    m.add_argument("--no-relax-host", action="store_true",
+                   help="use the host cell as given instead of relaxing it with the model")
+    m.add_argument("--pre-relax", default=None, metavar="MODEL.pt",
+                   help="move every trial to a trained direct predictor's relaxed positions first "
+                        "(a,b.pt: the average of an ensemble)")
+    m.add_argument("--early-stop", action="store_true",
+                   help="stop a relaxation once it reaches the basin of an already relaxed "
+                        "minimum (same defect-site SOAP, energy within 0.05 eV)")
+    x = s.add_argument_group("execution")
+    x.add_argument("--workers", type=int, default=1,
+                   help="worker processes (1: this process); torch threads are split among them")
+    x.add_argument("--executor", choices=("local", "dask"), default="local",
+                   help="local process pool (default) or Dask distributed")
+    x.add_argument("--scheduler", default=None,
+                   help="Dask scheduler address, e.g. tcp://head:8786 (default: a LocalCluster)")
+    x.add_argument("--batch-size", type=int, default=1, help="trials per task (1)")
+
+
+def search_settings(a: argparse.Namespace, **over):
+    """The search settings from the parsed options (``over`` replaces any field)."""
+    from defectml.search import SearchSettings
+
+    kw = dict(
+        model=a.model, device=a.device, threads=a.threads, fmax=a.fmax, max_steps=a.max_steps,
+        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
+        relax_host=not a.no_relax_host, oxidation_states=parse_oxi(a.oxi),
+        trials=trial_settings(a), soap=soap(a), soap_threshold=a.soap_threshold,
+        max_drop=a.max_drop, early_stop=a.early_stop, pre_relax=a.pre_relax, sites=a.sites,
+        env_shells=a.shells,
+    )
+    kw.update(over)
+    return SearchSettings(**kw)
+
+
+def execution(a: argparse.Namespace) -> dict:
+    """Where relaxations run, from the parsed options."""
+    return {"workers": a.workers, "executor": a.executor, "scheduler": a.scheduler,
+            "batch_size": a.batch_size}
+
+
+def add_run_arg(p: argparse.ArgumentParser) -> None:
+    """``--run KEY``: which run of a store to work on."""
+    p.add_argument("--run", dest="run_key", default=None, metavar="KEY",
+                   help="which run in the store (a settings key or a unique prefix; default: the only "
+                        "one, or the one this folder's summary.json names)")
+
+
+def add_analysis_args(p: argparse.ArgumentParser) -> None:
+    """Options that decide how relaxed trials group into minima, and output options."""
+    add_run_arg(p)
+    g = p.add_argument_group("telling minima apart")
+    g.add_argument("--soap-threshold", type=float, default=DEFAULT_SOAP_THRESHOLD,
+                   help=f"SOAP cosine distance below which two relaxed trials are one minimum "
+                        f"({DEFAULT_SOAP_THRESHOLD})")
+    g.add_argument("--soap-rcut", type=float, default=5.0, help="SOAP cutoff, Å (5)")
+    g.add_argument("--soap-nmax", type=int, default=10, help="SOAP radial basis size (10)")
+    g.add_argument("--soap-lmax", type=int, default=10, help="SOAP max angular degree (10)")
+    g.add_argument("--soap-sigma", type=float, default=1.0, help="SOAP Gaussian width, Å (1.0)")
+    g.add_argument("--max-drop", type=float, default=DEFAULT_PHASE_CHANGE_DROP,
+                   help="quarantine relaxations this many eV below the median as phase changes "
+                        f"({DEFAULT_PHASE_CHANGE_DROP})")
+    p.add_argument("--json", action="store_true", help="print the JSON summary instead of a table")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+
+
+def soap(a: argparse.Namespace) -> SoapSettings:
+    """SOAP settings from the parsed options."""
+    return SoapSettings(r_cut=a.soap_rcut, n_max=a.soap_nmax, l_max=a.soap_lmax, sigma=a.soap_sigma)
+
+
+def messages(quiet: bool):
+    """A message printer (to stderr) that ``--quiet`` silences."""
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    return say
+
+
+def open_store(target: str):
+    """The store of a run folder, results.db or database URL (it must exist)."""
+    from defectml.store import ResultStore, is_url
+
+    if not is_url(target):
+        p = Path(target)
+        target = p / "results.db" if p.is_dir() else p
+        if not Path(target).exists():
+            raise InputError(f"no results database at {target}")
+    return ResultStore(target)
+
+
+def run_folder(target: str) -> Path:
+    """The folder of a run (the folder given, or the one holding the database given)."""
+    p = Path(target)
+    return p if p.is_dir() else p.parent
+
+
+def run_key(store, target: str, key: str | None, fidelity: str = "mlip") -> str:
+    """The run to work on: ``key``, else the only one, else the one the folder's summary names."""
+    from defectml.search.summary import choose_run
+    from defectml.store import is_url
+
+    return choose_run(store, key, fidelity, None if is_url(target) else run_folder(target))

@@ -1,0 +1,170 @@
+"""`defectml shortlist | ingest | evaluate`: what goes to DFT and what comes back."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from defectml.cli.common import add_analysis_args, open_store, run_folder, run_key, soap
+from defectml.errors import InputError
+
+
+def add_parsers(sub) -> None:
+    """Add this area's commands to the ``defectml`` subparsers."""
+    sl = sub.add_parser(
+        "shortlist", help="pick the unique low-energy minima and write DFT inputs for them",
+        description="From a finished search, pick the minima within --window eV of the lowest "
+                    "(at most --max-per-defect), plus the unperturbed minimum as a control, "
+                    "and write VASP, Quantum ESPRESSO and CP2K inputs for each.",
+    )
+    sl.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    sl.add_argument("--max-per-defect", type=int, default=5, help="minima per defect (5)")
+    sl.add_argument("--window", type=float, default=0.5, help="energy window, eV (0.5)")
+    sl.add_argument("--codes", default="vasp,qe,cp2k", help="vasp,qe,cp2k (all by default)")
+    sl.add_argument("--overrides", default=None,
+                    help="YAML file: {vasp: {INCAR tags}, qe: {namelist: {...}}, cp2k: {cutoff: ..}}")
+    sl.add_argument("--out", default=None, help="where to write inputs (RUN/dft)")
+    sl.add_argument("--calculator", default=None,
+                    help="also relax the shortlist here with this DFT code (gpaw; emt for tests) "
+                         "and store the results as fidelity=dft")
+    sl.add_argument("--dft-fmax", type=float, default=0.05, help="force threshold for --calculator")
+    add_analysis_args(sl)
+
+    ing = sub.add_parser(
+        "ingest", help="store DFT results (ShakeNBreak folders, VASP outputs, extxyz)",
+        description="Read DFT relaxations into a results database as fidelity='dft' rows: a "
+                    "ShakeNBreak folder (<defect>_<charge>/<trial>/CONTCAR + <defect>.yaml), a "
+                    "folder of them, or one relaxation (VASP folder or extxyz) with --defect, "
+                    "--charge and --site.",
+    )
+    ing.add_argument("path", help="ShakeNBreak folder(s), VASP folder or extxyz file")
+    ing.add_argument("--out", required=True, help="folder of the results database")
+    ing.add_argument("--db", default=None, help="database path or URL (OUT/results.db)")
+    ing.add_argument("--host", default=None, help="bulk host structure (found as *bulk* if omitted)")
+    ing.add_argument("--defect", default=None, help="defect name, for a single relaxation")
+    ing.add_argument("--charge", default=None, help="charge, for a single relaxation")
+    ing.add_argument("--site", default=None, help="defect site, fractional x,y,z (single relaxation)")
+    ing.add_argument("--trial", default=None, help="trial name (single relaxation)")
+    ing.add_argument("--theory", default=None,
+                     help="level of theory, e.g. 'vasp PBEsol encut=520' (default: from the extxyz "
+                          "info or the INCAR)")
+    ing.add_argument("--fmax", type=float, default=0.05,
+                     help="largest force (eV/Å) at the last ionic step of a converged relaxation (0.05)")
+    ing.add_argument("--quiet", "-q", action="store_true", help="no messages")
+
+    ev = sub.add_parser(
+        "evaluate", help="MLIP search vs DFT: ground-state hits, DFT savings, energy errors",
+        description="Set a search against DFT results for the same defects (ingested or "
+                    "DFT-relaxed): ground-state hit, DFT relaxations saved, energy MAEs, "
+                    "Spearman correlation, ground-state RMSD; table, JSON and parity plot.",
+    )
+    ev.add_argument("run", help="the search (folder, results.db or URL)")
+    ev.add_argument("--dft", default=None, help="the DFT results (default: the same store)")
+    ev.add_argument("--dft-run", default=None, metavar="KEY",
+                    help="which DFT run (settings key or prefix; default: the only one)")
+    ev.add_argument("--max-per-defect", type=int, default=5, help="shortlist size (5)")
+    ev.add_argument("--window", type=float, default=0.5, help="shortlist energy window, eV (0.5)")
+    ev.add_argument("--out", default=None, help="where to write evaluation.json/.png (RUN)")
+    add_analysis_args(ev)
+
+
+def cmd_shortlist(a: argparse.Namespace) -> int:
+    """`defectml shortlist`: choose minima for DFT and write their inputs."""
+    from defectml.dft.inputs import load_overrides, write_inputs
+    from defectml.dft.shortlist import dft_calculator, relax_shortlist, select
+    from defectml.search.summary import summarise
+    from defectml.structure_io import to_structure, write_structure
+
+    store = open_store(a.run)
+    summaries = summarise(store, run_key(store, a.run, a.run_key), soap=soap(a), threshold=a.soap_threshold,
+                          max_drop=a.max_drop)
+    overrides = load_overrides(a.overrides)
+    codes = [c.strip() for c in a.codes.split(",") if c.strip()]
+    out = Path(a.out) if a.out else run_folder(a.run) / "dft"
+    if a.calculator:
+        dft_calculator(a.calculator)  # an unknown or missing code fails before any work
+    doc = []
+    for s in summaries:
+        chosen = select(s, a.max_per_defect, a.window)
+        entry = {"defect": s.defect, "charge": s.charge, "n_trials": len(s.trials),
+                 "n_minima": len(s.minima), "shortlist": []}
+        for m in chosen:
+            folder = out / s.label / f"{m.rank:02d}_{m.trial.replace('%', 'pc')}"
+            write_inputs(m.atoms, s.charge, folder, codes, overrides)
+            write_structure(to_structure(m.atoms), folder / "structure")
+            entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
+                                       "delta_e_eV": round(m.delta_e, 4), "folder": str(folder),
+                                       "control": m.contains_unperturbed and m.rank != 0})
+        if a.calculator:
+            ran = relax_shortlist(store, s, chosen, lambda q: dft_calculator(a.calculator, q),
+                                  a.calculator, fmax=a.dft_fmax)
+            entry["dft_relaxed"] = ran
+        doc.append(entry)
+        n = len(chosen)
+        print(f"{s.label}: {n} of {len(s.minima)} minima -> DFT "
+              f"({n} relaxations instead of {len(s.trials)}: {1 - n / max(len(s.trials), 1):.0%} saved)")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "shortlist.json").write_text(json.dumps(doc, indent=2))
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    return 0
+
+
+def cmd_ingest(a: argparse.Namespace) -> int:
+    """`defectml ingest`: read DFT results into the store."""
+    from defectml.dft.ingest import ingest_relaxation, ingest_snb_folder
+    from defectml.store import ResultStore
+
+    out = Path(a.out)
+    store = ResultStore(a.db or out / "results.db")
+    path = Path(a.path)
+    if a.defect is not None:
+        if a.charge is None or a.site is None or a.host is None:
+            raise InputError("a single relaxation needs --defect, --charge, --site x,y,z and --host")
+        try:
+            site = [float(x) for x in a.site.split(",")]
+            charge = int(a.charge)
+        except ValueError:
+            raise InputError("--site takes x,y,z fractional coordinates, --charge an integer") from None
+        report = ingest_relaxation(store, path, a.defect, charge, Path(a.host), site, a.trial,
+                                   theory=a.theory, fmax=a.fmax)
+    else:
+        report = ingest_snb_folder(store, path, Path(a.host) if a.host else None, theory=a.theory,
+                                   fmax=a.fmax)
+    if not a.quiet:
+        print(f"stored {report.stored} DFT relaxations ({', '.join(report.defects)})",
+              file=sys.stderr)
+        if report.unconverged:
+            print(f"  {report.unconverged} not converged (max force above {a.fmax} eV/Å at the last "
+                  "step): stored as unconverged, left out of the minima", file=sys.stderr)
+        if report.unchecked:
+            print(f"  {report.unchecked} without forces in their outputs: convergence not checked",
+                  file=sys.stderr)
+        for note in report.skipped:
+            print(f"  skipped {note}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    """`defectml evaluate`: surrogate metrics, MLIP vs DFT."""
+    from defectml.dft.evaluate import evaluate, parity_plot, table, to_dict
+    from defectml.search.summary import summarise
+
+    kw = {"soap": soap(a), "threshold": a.soap_threshold, "max_drop": a.max_drop}
+    ml_store = open_store(a.run)
+    ml = summarise(ml_store, run_key(ml_store, a.run, a.run_key), **kw)
+    dft_store = open_store(a.dft or a.run)
+    dft = summarise(dft_store, run_key(dft_store, a.dft or a.run, a.dft_run, "dft"), fidelity="dft", **kw)
+    rows, summary = evaluate(ml, dft, max_per_defect=a.max_per_defect, window=a.window,
+                             soap=soap(a))
+    if not rows:
+        raise InputError("no defect and charge state is present in both the search and the DFT data")
+    out = Path(a.out) if a.out else run_folder(a.run)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = to_dict(rows, summary)
+    (out / "evaluation.json").write_text(json.dumps(doc, indent=2))
+    parity_plot(rows, out / "evaluation_parity.png")
+    print(json.dumps(doc, indent=2) if a.json else table(rows, summary), end="")
+    return 0

@@ -1,0 +1,178 @@
+"""`defectml search | alloy | generate | show`: the search and its summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from defectml.cli.common import (
+    EPILOG,
+    add_analysis_args,
+    add_search_args,
+    add_structure_args,
+    execution,
+    messages,
+    open_store,
+    parse_charges,
+    parse_oxi,
+    run_key,
+    search_settings,
+    soap,
+    trial_settings,
+)
+from defectml.errors import InputError
+
+
+def add_parsers(sub) -> None:
+    """Add this area's commands to the ``defectml`` subparsers."""
+    s = sub.add_parser(
+        "search", help="distort, relax with an MLIP, and rank the unique minima of each defect",
+        description="Generate defects and distorted trials, relax every trial with an MLIP, "
+                    "group the relaxed structures by a SOAP fingerprint of the defect site and "
+                    "rank the unique minima. Every relaxation is saved at once in "
+                    "OUT/results.db; rerunning the same command resumes.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_structure_args(s)
+    s.add_argument("--out", default="runs/defectml", help="output folder (runs/defectml)")
+    add_search_args(s)
+    add_analysis_args(s)
+
+    al = sub.add_parser(
+        "alloy", help="defects in random alloys: one search per composition and local environment",
+        description="Build random-substitution supercells (seeded) for each fraction x, group the "
+                    "defect sites by their neighbour-shell chemistry, and search one site per "
+                    "environment with bond distortions on every pair of first-shell neighbours "
+                    "(--pair-distortions, -0.6..-0.2 by default) plus the standard trials.",
+    )
+    add_structure_args(al)
+    al.add_argument("--substitute", required=True, help="OLD:NEW, e.g. Te:Se")
+    al.add_argument("--x", default="0.25,0.5,0.75", help="fractions of OLD replaced (0.25,0.5,0.75)")
+    al.add_argument("--alloy-seed", type=int, default=0, help="seed of the random substitution (0)")
+    al.add_argument("--out", default="runs/alloy", help="output folder (runs/alloy)")
+    add_search_args(al)
+    add_analysis_args(al)
+
+    g = sub.add_parser(
+        "generate", help="write the trial structures only (POSCARs), e.g. to run DFT elsewhere",
+        description="Write every trial structure as OUT/<defect>_<charge>/<trial>/POSCAR, in "
+                    "ShakeNBreak's folder layout, with distortion_metadata.json. No model used.",
+    )
+    add_structure_args(g)
+    g.add_argument("--out", default="trials", help="output folder (trials)")
+    g.add_argument("--quiet", "-q", action="store_true", help="no messages")
+
+    sh = sub.add_parser("show", help="re-print the summary of a finished (or partial) search",
+                        description="Rebuild the minima table from the results database.")
+    sh.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    sh.add_argument("--fidelity", choices=("auto", "mlip", "dft"), default="auto",
+                    help="which results: MLIP searches, DFT, or auto (MLIP if any, else DFT)")
+    add_analysis_args(sh)
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    """`defectml search`: run the search and write the outputs."""
+    from defectml.search import search
+    from defectml.search.report import table, write_outputs
+    from defectml.structure_io import read_structure
+
+    host = read_structure(a.structure)
+    say = messages(a.quiet)
+    result = search(
+        host, a.defect, parse_charges(a.charge), out=a.out, db=a.db, settings=search_settings(a),
+        progress=not a.quiet, log_fn=say, **execution(a),
+    )
+    extra = {
+        "structure": str(a.structure), "model": result.model, "model_version": result.model_version,
+        "settings_key": result.settings_key, "relaxed_this_run": result.relaxed,
+        "skipped_already_done": result.skipped, "wall_time_s": round(result.seconds, 1),
+        "dropped_trials": result.dropped,
+    }
+    doc = write_outputs(result.summaries, Path(a.out), extra)
+    if a.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(table(result.summaries), end="")
+        say(f"{result.relaxed} relaxed, {result.skipped} already done, "
+            f"{result.seconds:.0f} s; results in {a.out}/ (summary.json, results.db)")
+    return 0
+
+
+def cmd_alloy(a: argparse.Namespace) -> int:
+    """`defectml alloy`: random alloys, one search per composition, per local environment."""
+    import dataclasses
+
+    from defectml.search import search
+    from defectml.search.alloy import make_alloy, parse_substitution
+    from defectml.search.alloy_report import alloy_rows, alloy_table, plot_alloy
+    from defectml.search.report import write_outputs
+    from defectml.structure_io import read_structure, write_structure
+
+    host = read_structure(a.structure)
+    substitute = parse_substitution(a.substitute)
+    try:
+        fractions = [float(v) for v in a.x.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"cannot parse --x {a.x!r}: use e.g. 0.25,0.5") from None
+    trials = trial_settings(a)
+    trials = dataclasses.replace(trials, all_pairs=True,
+                                 pair_distortions=trials.pair_distortions
+                                 or (-0.6, -0.5, -0.4, -0.3, -0.2))
+    settings = search_settings(a, sites="environment", trials=trials)
+    say = messages(a.quiet)
+    out = Path(a.out)
+    rows = []
+    for x in fractions:
+        alloy = make_alloy(host, substitute, x, min_length=a.min_length, max_atoms=a.max_atoms,
+                           seed=a.alloy_seed)
+        folder = out / f"x_{x:g}"
+        write_structure(alloy, folder / "alloy")
+        say(f"x = {x:g}: {alloy.composition.formula} ({len(alloy)} atoms)")
+        result = search(alloy, a.defect, parse_charges(a.charge), out=folder, settings=settings,
+                        progress=not a.quiet, log_fn=say, **execution(a))
+        write_outputs(result.summaries, folder, {"x": x, "model": result.model_version})
+        rows += alloy_rows(x, result)
+    (out / "alloy_summary.json").write_text(json.dumps(rows, indent=2))
+    plot_alloy(rows, out / "energy_vs_environment.png")
+    text = alloy_table(rows)
+    (out / "alloy_summary.txt").write_text(text)
+    print(json.dumps(rows, indent=2) if a.json else text, end="")
+    return 0
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    """`defectml generate`: write trial POSCARs in ShakeNBreak's layout."""
+    from defectml.dft.inputs import write_trial_folders
+    from defectml.search import SearchSettings, plan
+    from defectml.structure_io import read_structure
+
+    host = read_structure(a.structure)
+    settings = SearchSettings(
+        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
+        oxidation_states=parse_oxi(a.oxi), trials=trial_settings(a), sites=a.sites,
+        env_shells=a.shells,
+    )
+    items = plan(host, a.defect, parse_charges(a.charge), settings)
+    say = messages(a.quiet)
+    for label, n, folder in write_trial_folders(items, Path(a.out)):
+        say(f"{label}: {n} trials -> {folder}/")
+    return 0
+
+
+def cmd_show(a: argparse.Namespace) -> int:
+    """`defectml show`: rebuild and print the summary from the store."""
+    from defectml.search.report import table
+    from defectml.search.summary import summarise
+
+    store = open_store(a.run)
+    fidelity = a.fidelity
+    if fidelity == "auto":
+        fidelity = "mlip" if store.count(kind="relaxation", fidelity="mlip") else "dft"
+    summaries = summarise(store, run_key(store, a.run, a.run_key, fidelity), soap=soap(a),
+                          threshold=a.soap_threshold, max_drop=a.max_drop, fidelity=fidelity)
+    if a.json:
+        print(json.dumps({"defects": [s.to_dict() for s in summaries]}, indent=2))
+    else:
+        print(table(summaries), end="")
+    return 0
