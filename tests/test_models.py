@@ -73,14 +73,14 @@ def test_chgnet_checkpoint_file_equals_chgnets_own_calculator(checkpoint):
     theirs = CHGNetCalculator(CHGNet.from_file(str(checkpoint)), use_device="cpu")
     (e1, f1), (e2, f2) = _energy_forces(ours.calculator, atoms), _energy_forces(theirs, atoms)
     assert e1 == pytest.approx(e2, abs=1e-5) and np.allclose(f1, f2, atol=1e-5)
-    base, _ = _energy_forces(load_model("chgnet").calculator, atoms)
+    base, _ = _energy_forces(load_model("chgnet", threads=2).calculator, atoms)
     assert abs(e1 - base) > 1e-3  # the file's own weights, not the built-in's
     assert ours.ref.family == "chgnet" and ours.name == "finetuned.pth.tar"
 
 
 def test_chgnet_r2scan_is_a_builtin_with_its_own_weights():
     atoms = _cell()
-    r2, pbe = load_model("chgnet-r2scan"), load_model("chgnet")
+    r2, pbe = load_model("chgnet-r2scan", threads=2), load_model("chgnet", threads=2)
     assert r2.key != pbe.key and "r2scan" in r2.version
     assert abs(_energy_forces(r2.calculator, atoms)[0] - _energy_forces(pbe.calculator, atoms)[0]) > 1e-3
 
@@ -119,7 +119,7 @@ def test_sevennet_checkpoint_file_keeps_its_modal(tmp_path):
 
     path = tmp_path / "checkpoint_ft.pth"
     shutil.copy(pretrained_name_to_path("7net-mf-0"), path)
-    pbe, r2 = load_model(f"{path}@PBE"), load_model(f"{path}@R2SCAN")
+    pbe, r2 = load_model(f"{path}@PBE", threads=2), load_model(f"{path}@R2SCAN", threads=2)
     assert pbe.ref.family == "sevennet" and pbe.key != r2.key and pbe.key.endswith("@PBE")
     atoms = _cell()
     assert _energy_forces(pbe.calculator, atoms)[0] != _energy_forces(r2.calculator, atoms)[0]
@@ -135,7 +135,7 @@ def test_key_follows_the_bytes_not_the_name(tmp_path, checkpoint):
     assert parse_model(str(renamed)).key != key
     builtin = parse_model("chgnet")
     assert builtin.key.startswith("chgnet-") and builtin.key != key
-    assert parse_model("chgnet").key == load_model("chgnet").key  # stable, no load needed
+    assert parse_model("chgnet").key == load_model("chgnet", threads=2).key  # stable, no load needed
 
 
 def test_ref_round_trips_through_json(checkpoint):
@@ -152,7 +152,7 @@ def test_model_card_names_the_family_and_is_kept(tmp_path, checkpoint):
     card = {"family": "chgnet", "base_model": "chgnet", "elements": ["Cd", "Te"],
             "charge_aware": False, "training_data_sha256": "abc", "metrics": {"force_mae": 0.05}}
     card_path(odd).write_text(json.dumps(card))
-    model = load_model(str(odd))
+    model = load_model(str(odd), threads=2)
     assert model.ref.family == "chgnet" and model.card == card
 
 
@@ -170,7 +170,7 @@ def test_a_file_of_another_family_is_refused_clearly(tmp_path):
     bad = tmp_path / "not_chgnet.pth.tar"
     bad.write_bytes(b"this is not a torch file")
     with pytest.raises(ModelError, match="cannot load .* as a CHGNet checkpoint"):
-        load_model(str(bad))
+        load_model(str(bad), threads=2)
 
 
 # --- a fine-tuned checkpoint through search, thermo and dynamics ---------------------------------

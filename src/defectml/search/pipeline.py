@@ -103,10 +103,10 @@ class SearchSettings:
         if self.sites not in ("symmetry", "environment"):
             raise InputError(f"sites must be 'symmetry' or 'environment', got {self.sites!r}")
 
-    def key(self, model_key: str) -> str:
-        """Content key of the settings that change relaxation results (``model_key``: the weights')."""
+    def key(self, model_key: str, host_key: str) -> str:
+        """The run's key: the host's and the model's keys and every setting that changes results."""
         return content_key(
-            model_key, self.fmax, self.max_steps, self.min_length, self.max_atoms,
+            host_key, model_key, self.fmax, self.max_steps, self.min_length, self.max_atoms,
             self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
             *(["early_stop", self.soap_threshold] if self.early_stop else []),
             *(["environment", self.env_shells] if self.sites == "environment" else []),
@@ -342,7 +342,7 @@ def _search(store, structure, foreign, defects, charges, s, calculator, progress
             f"note: {model.name} has no charge input; charged states differ only in their trial "
             "distortions (energies are those of the neutral electron count)"
         )
-    skey = s.key(model.key)
+    skey = s.key(model.key, host_key)
     done = store.done_trial_keys(skey)
     pending = []
     wanted = set()
