@@ -1,7 +1,8 @@
 """Command-line interface: ``defectml COMMAND``, one module per area, each a thin shell.
 
 :mod:`.search` (search, alloy, generate, show), :mod:`.dft` (shortlist, ingest, evaluate),
-:mod:`.thermo` (thermo, dynamics), :mod:`.predictor`; :mod:`.common` holds what they share.
+:mod:`.train` (dataset), :mod:`.thermo` (thermo, dynamics), :mod:`.predictor`; :mod:`.common`
+holds what they share.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 import warnings
 
-from defectml.cli import dft, predictor, search, thermo
+from defectml.cli import dft, predictor, search, thermo, train
 from defectml.cli.common import EPILOG
 from defectml.errors import DefectMLError
 
@@ -18,7 +19,7 @@ HANDLERS = {
     "search": search.cmd_search, "alloy": search.cmd_alloy, "generate": search.cmd_generate,
     "show": search.cmd_show, "shortlist": dft.cmd_shortlist, "ingest": dft.cmd_ingest,
     "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
-    "predictor": predictor.cmd_predictor,
+    "predictor": predictor.cmd_predictor, "dataset": train.cmd_dataset,
 }
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for area in (search, dft, thermo, predictor):
+    for area in (search, dft, train, thermo, predictor):
         area.add_parsers(sub)
     return parser
 

@@ -1,0 +1,74 @@
+"""`defectml dataset`: defect datasets for fine-tuning (extxyz splits with every label)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from defectml.errors import InputError
+
+
+def add_parsers(sub) -> None:
+    """Add this area's commands to the ``defectml`` subparsers."""
+    ds = sub.add_parser(
+        "dataset", help="defect datasets for fine-tuning: sample, clean and split DFT (or ML) frames",
+        description="Read relaxations (extxyz files, defectml stores, VASP outputs), drop frames far "
+                    "above their relaxation's minimum or with absurd forces, sample frames (evenly "
+                    "spaced per relaxation by default, or DIRECT / farthest-point on CHGNet features), "
+                    "and write OUT/{train,val,test}.extxyz with energy, forces, stress, charge, "
+                    "functional, host and defect in each frame, split so that a relaxation, defect or "
+                    "host stays on one side; OUT/dataset.json says what went where.",
+    )
+    ds.add_argument("sources", nargs="+",
+                    help="extxyz files, stores (results.db or its folder), VASP folders")
+    ds.add_argument("--out", required=True, help="output folder")
+    ds.add_argument("--sample", choices=("all", "even", "fps", "direct"), default="even",
+                    help="even: N evenly spaced frames per relaxation (default, the seed paper's MS); "
+                         "direct / fps: over all frames on CHGNet crystal features; all")
+    ds.add_argument("--per-relaxation", type=int, default=10, help="frames per relaxation for even (10)")
+    ds.add_argument("--total", type=int, default=None,
+                    help="frames for direct/fps (default: --per-relaxation x relaxations)")
+    ds.add_argument("--energy-window", type=float, default=5.0,
+                    help="drop frames more than this (eV) above their relaxation's lowest (5)")
+    ds.add_argument("--max-force", type=float, default=50.0,
+                    help="drop frames with a larger force, eV/Å (50)")
+    ds.add_argument("--split-by", choices=("relaxation", "defect", "host"), default="defect",
+                    help="keep each relaxation / defect (all charges) / host on one side (defect)")
+    ds.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test shares (0.8,0.1,0.1)")
+    ds.add_argument("--hold-out", action="append", default=[], metavar="KIND:NAME",
+                    help="put a group in test: host:SrTiO3, defect:ZnS/vac_S (repeatable)")
+    ds.add_argument("--bulk", choices=("train", "split", "drop"), default="train",
+                    help="the hosts' bulk frames: all in train (default), split like the rest, or drop")
+    ds.add_argument("--charge", type=int, default=None, help="supercell charge of VASP-folder sources")
+    ds.add_argument("--theory", default=None, help="level of theory of VASP-folder sources (default: INCAR)")
+    ds.add_argument("--seed", type=int, default=0)
+    ds.add_argument("--quiet", "-q", action="store_true")
+
+
+def cmd_dataset(a: argparse.Namespace) -> int:
+    """`defectml dataset`: read, clean, sample, split, write."""
+    from defectml.train.dataset import SplitSettings, build_dataset, read_source
+
+    try:
+        fractions = tuple(float(x) for x in a.fractions.split(","))
+    except ValueError:
+        raise InputError(f"--fractions must be three numbers like 0.8,0.1,0.1, not {a.fractions!r}") from None
+    splits = SplitSettings(by=a.split_by, fractions=fractions, hold_out=tuple(a.hold_out), bulk=a.bulk,
+                           seed=a.seed)
+    splits.validate()  # before reading anything
+    sets = [fs for src in a.sources for fs in read_source(src, charge=a.charge, functional=a.theory)]
+    report = build_dataset(sets, Path(a.out), method=a.sample, per_relaxation=a.per_relaxation,
+                           total=a.total, energy_window=a.energy_window, max_force=a.max_force,
+                           splits=splits)
+    if not a.quiet:
+        for name, c in report.counts.items():
+            print(f"{name}: {c['frames']} frames from {c['relaxations']} relaxations "
+                  f"({', '.join(sorted(c['hosts']))}) -> {report.files[name]}", file=sys.stderr)
+        dropped = report.cleaned
+        if dropped["above_window"] or dropped["absurd_forces"]:
+            print(f"cleaned: {dropped['above_window']} frames above the energy window, "
+                  f"{dropped['absurd_forces']} with absurd forces", file=sys.stderr)
+    print(json.dumps({"files": report.files, "sha256": report.sha256}, indent=2))
+    return 0

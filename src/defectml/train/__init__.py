@@ -1,0 +1,1 @@
+"""The learning stage: DFT results in, datasets out (:mod:`.dataset`), for fine-tuned models."""
