@@ -1,7 +1,7 @@
 """Command-line interface: ``defectml COMMAND``, one module per area, each a thin shell.
 
 :mod:`.search` (search, alloy, generate, show), :mod:`.dft` (shortlist, ingest, evaluate),
-:mod:`.train` (dataset), :mod:`.thermo` (thermo, dynamics), :mod:`.predictor`; :mod:`.common`
+:mod:`.train` (dataset, finetune), :mod:`.thermo` (thermo, dynamics), :mod:`.predictor`; :mod:`.common`
 holds what they share.
 """
 
@@ -20,6 +20,7 @@ HANDLERS = {
     "show": search.cmd_show, "shortlist": dft.cmd_shortlist, "ingest": dft.cmd_ingest,
     "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
     "predictor": predictor.cmd_predictor, "dataset": train.cmd_dataset,
+    "finetune": train.cmd_finetune,
 }
 
 

@@ -1,4 +1,4 @@
-"""`defectml dataset`: defect datasets for fine-tuning (extxyz splits with every label)."""
+"""`defectml dataset | finetune`: defect datasets, and models fine-tuned on them."""
 
 from __future__ import annotations
 
@@ -46,6 +46,39 @@ def add_parsers(sub) -> None:
     ds.add_argument("--seed", type=int, default=0)
     ds.add_argument("--quiet", "-q", action="store_true")
 
+    ft = sub.add_parser(
+        "finetune", help="fine-tune an MLIP on a defect dataset (the package's own trainer)",
+        description="Fine-tune a CHGNet model (built-in or a weights file: a warm start) on "
+                    "DATA/train.extxyz with chgnet's Trainer, early-stopped on DATA/val.extxyz; "
+                    "write OUT (weights, atomically) and OUT.card.json. A killed run resumes. "
+                    "search, thermo and dynamics take the result as --model OUT.",
+    )
+    ft.add_argument("data", help="a `defectml dataset` folder (train.extxyz, val.extxyz) or a train extxyz")
+    ft.add_argument("--val", default=None, help="validation extxyz (default: DATA/val.extxyz)")
+    ft.add_argument("--out", required=True, help="weights file to write, NAME.pth.tar")
+    ft.add_argument("--base", default="chgnet",
+                    help="model to start from: chgnet (default), chgnet-0.2.0, chgnet-r2scan or a "
+                         "CHGNet .pth.tar")
+    ft.add_argument("--epochs", type=int, default=30, help="at most this many epochs (30)")
+    ft.add_argument("--lr", type=float, default=1e-4, help="initial learning rate, cosine decay (1e-4)")
+    ft.add_argument("--batch-size", type=int, default=4, help="frames per step (4)")
+    ft.add_argument("--energy-weight", type=float, default=1.0, help="loss weight of energies (1)")
+    ft.add_argument("--force-weight", type=float, default=1.0, help="loss weight of forces (1)")
+    ft.add_argument("--stress-weight", type=float, default=0.1, help="loss weight of stresses (0.1)")
+    ft.add_argument("--patience", type=int, default=5,
+                    help="stop after this many epochs without a better validation error (5)")
+    ft.add_argument("--energies", choices=("anchored", "absolute"), default="anchored",
+                    help="anchored (default): one constant shift per host/functional/defect/charge group "
+                         "to the base model's mean, so a charge-blind model learns DFT's energy "
+                         "differences within a charge state; absolute: the DFT totals as they are")
+    ft.add_argument("--refit-refs", choices=("auto", "yes", "no"), default="auto",
+                    help="with --energies absolute: refit per-element reference energies first "
+                         "(auto: when the functional is not the base's)")
+    ft.add_argument("--seed", type=int, default=0, help="random seed (several seeds make a committee)")
+    ft.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ft.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
+    ft.add_argument("--quiet", "-q", action="store_true")
+
 
 def cmd_dataset(a: argparse.Namespace) -> int:
     """`defectml dataset`: read, clean, sample, split, write."""
@@ -71,4 +104,26 @@ def cmd_dataset(a: argparse.Namespace) -> int:
             print(f"cleaned: {dropped['above_window']} frames above the energy window, "
                   f"{dropped['absurd_forces']} with absurd forces", file=sys.stderr)
     print(json.dumps({"files": report.files, "sha256": report.sha256}, indent=2))
+    return 0
+
+
+def cmd_finetune(a: argparse.Namespace) -> int:
+    """`defectml finetune`: the dataset's train split in, a keyed weights file and its card out."""
+    from defectml.train.finetune import FinetuneSettings, finetune
+
+    settings = FinetuneSettings.from_options(a)
+    data = Path(a.data)
+    train = data / "train.extxyz" if data.is_dir() else data
+    val = Path(a.val) if a.val else (data / "val.extxyz" if data.is_dir() else None)
+    if val is None:
+        raise InputError("give --val VAL.extxyz (or a dataset folder with train.extxyz and val.extxyz)")
+    for f in (train, val):
+        if not f.is_file():
+            raise InputError(f"no such file: {f}")
+    say = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
+    result = finetune(train, val, Path(a.out), settings, log=say)
+    m = result.card["metrics"]
+    print(json.dumps({"weights": str(result.weights), "best_epoch": m["best_epoch"],
+                      "val_base": m["val_base"], "val_after_refit": m["val_after_refit"],
+                      "val_best": m["val_best"]}, indent=2))
     return 0

@@ -312,16 +312,20 @@ def direct_sample(x: np.ndarray, n: int, seed: int = 0) -> list[int]:
     return sorted(chosen)
 
 
+def bare_structures(frames: list[Atoms]):
+    """The frames as pymatgen structures with nothing but species, positions and cell."""
+    from defectml.structure_io import to_structure
+
+    return [to_structure(Atoms(f.numbers, f.positions, cell=f.cell, pbc=True)) for f in frames]
+
+
 def chgnet_descriptors(frames: list[Atoms], model: str = "chgnet", batch_size: int = 16) -> np.ndarray:
     """One vector per frame: the CHGNet crystal feature (its pooled atom features)."""
-    from pymatgen.io.ase import AseAtomsAdaptor
-
     from defectml.models import load_model
 
     net = load_model(model).calculator.model
-    pmg = [AseAtomsAdaptor.get_structure(Atoms(f.numbers, f.positions, cell=f.cell, pbc=True))
-           for f in frames]
-    preds = net.predict_structure(pmg, task="e", return_crystal_feas=True, batch_size=batch_size)
+    preds = net.predict_structure(bare_structures(frames), task="e", return_crystal_feas=True,
+                                  batch_size=batch_size)
     preds = preds if isinstance(preds, list) else [preds]
     return np.array([p["crystal_fea"] for p in preds])
 

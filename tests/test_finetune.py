@@ -1,0 +1,114 @@
+"""Fine-tuning CHGNet with its own trainer: anchored labels, keyed output with a card, resume."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import write
+
+from defectml.cli import main
+from defectml.errors import InputError, ModelError
+from defectml.models import load_model, parse_model
+from defectml.train.finetune import FinetuneSettings, anchored_energies, finetune
+
+
+def _frames(n, charge, seed, defect="v_Cu_0"):
+    """A small Cu vacancy cell, rattled less and less: EMT energies and forces as 'DFT' labels."""
+    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
+    del base[0]
+    out = []
+    for i in range(n):
+        a = base.copy()
+        a.rattle(0.08 * (n - i) / n, seed=seed)
+        a.calc = EMT()
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        a.info.update(host="Cu", functional="EMT", defect=defect, charge=charge, run_id=f"r{seed}",
+                      ionic_step=i)
+        out.append(a)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    write(d / "train.extxyz", _frames(4, 0, 1) + _frames(4, 1, 2, "v_Cu_1"))
+    write(d / "val.extxyz", _frames(3, 0, 3))
+    return d
+
+
+def test_anchoring_keeps_differences_within_a_group_and_shifts_each_group_once():
+    frames = _frames(3, 0, 1) + _frames(3, 1, 2, "v_Cu_1")
+    dft = np.array([f.get_potential_energy() for f in frames])
+    predicted = dft + np.array([5.0, 5.2, 4.8, -3.0, -3.1, -2.9])  # one offset per charge state
+    labels, shifts = anchored_energies(frames, predicted)
+    for part in (slice(0, 3), slice(3, 6)):  # DFT's differences inside a group, the model's mean
+        assert np.allclose(np.diff(labels[part]), np.diff(dft[part]))
+        assert np.isclose(labels[part].mean(), predicted[part].mean())
+    assert len(shifts) == 2
+
+
+def test_finetune_writes_keyed_weights_and_a_card_that_search_models_read(data, tmp_path):
+    out = tmp_path / "ft.pth.tar"
+    s = FinetuneSettings(epochs=2, batch_size=2, threads=2, patience=5)
+    result = finetune(data / "train.extxyz", data / "val.extxyz", out, s)
+    card = json.loads((tmp_path / "ft.pth.tar.card.json").read_text())
+    assert card == result.card and card["family"] == "chgnet"
+    assert card["base_key"] == parse_model("chgnet").key
+    assert card["elements"] == ["Cu"] and card["energies"] == "anchored" and not card["charge_aware"]
+    assert set(card["training_data_sha256"]) == {"train", "val"} and card["metrics"]["epochs_run"] == 2
+    assert len(result.history) == 2 and all(np.isfinite(h["val"]["f"]) for h in result.history)
+    model = load_model(str(out), threads=2)
+    assert model.card == card and model.key != parse_model("chgnet").key  # its own weights, its own key
+    atoms = _frames(1, 0, 9)[0]
+    atoms.calc = model.calculator
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+def test_a_killed_finetune_resumes_where_it_stopped(data, tmp_path, monkeypatch):
+    from chgnet.trainer import Trainer
+
+    out = tmp_path / "ft.pth.tar"
+    s = FinetuneSettings(epochs=3, batch_size=4, threads=2)
+    real = Trainer._train
+    calls = {"n": 0}
+
+    def dies_in_epoch_two(self, loader, epoch, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self, loader, epoch, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "_train", dies_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(data / "train.extxyz", data / "val.extxyz", out, s)
+    assert not out.exists()  # nothing half-written
+    monkeypatch.setattr(Trainer, "_train", real)
+    result = finetune(data / "train.extxyz", data / "val.extxyz", out, s)
+    assert result.resumed_from == 1 and [h["epoch"] for h in result.history] == [1, 2, 3]
+
+
+def test_bad_finetune_input_gives_one_line(data, tmp_path, capsys):
+    with pytest.raises(ModelError, match="not supported yet"):
+        finetune(data / "train.extxyz", data / "val.extxyz", tmp_path / "x.pth.tar",
+                 FinetuneSettings(base="emt"))
+    with pytest.raises(InputError, match="NAME.pth.tar"):
+        finetune(data / "train.extxyz", data / "val.extxyz", tmp_path / "x.pt")
+    (tmp_path / "empty.extxyz").write_text("")
+    cases = [
+        ([str(data / "train.extxyz"), "--val", str(tmp_path / "empty.extxyz")], "cannot read"),
+        ([str(data / "train.extxyz")], "give --val"),
+        ([str(data), "--base", "nope"], "unknown model 'nope'"),
+        ([str(data), "--epochs", "0"], "must be at least 1"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["finetune", *args, "--out", str(tmp_path / "y.pth.tar"), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    assert not (tmp_path / "y.pth.tar").exists()
