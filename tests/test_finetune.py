@@ -112,3 +112,29 @@ def test_bad_finetune_input_gives_one_line(data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
     assert not (tmp_path / "y.pth.tar").exists()
+
+
+def test_model_metrics_are_exact_for_the_model_that_made_the_labels(tmp_path, capsys):
+    """EMT frames judged by EMT: zero errors, and its relaxation test ends on DFT's end point."""
+    from defectml.search.relax import relax_one
+
+    start = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    del start[0]
+    start.rattle(0.1, seed=4)
+    r = relax_one(start, EMT(), fmax=0.01)
+    frames = [r.trajectory.frame(i, start.numbers) for i in range(len(r.trajectory))]
+    for i, f in enumerate(frames):
+        f.info.update(host="Cu", functional="EMT", defect="v_Cu_0", charge=0, run_id="emt", ionic_step=i)
+    write(tmp_path / "emt.extxyz", frames)
+    assert main(["model-metrics", "emt", str(tmp_path / "emt.extxyz"), "--relax", "--fmax", "0.01",
+                 "--out", str(tmp_path / "m")]) == 0
+    doc = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    overall = doc["errors"]["overall"]
+    assert overall["frames"] == len(frames) and overall["force"]["mae"] < 1e-6
+    assert overall["relative_energy_per_atom"]["mae"] < 1e-9 and doc["relaxation_test"]["within_0.1A"] == 1.0
+    assert doc["relaxation_test"]["relaxations"][0]["rmsd_A"] < 1e-3
+    assert (tmp_path / "m" / "parity.png").stat().st_size > 10_000
+    assert main(["model-metrics", "chgnet", str(tmp_path / "emt.extxyz"), "--threads", "2",
+                 "--out", str(tmp_path / "c")]) == 0
+    other = json.loads((tmp_path / "c" / "metrics.json").read_text())["errors"]["overall"]
+    assert other["force"]["mae"] > 1e-3 and set(other) >= {"energy_per_atom", "relative_energy_per_atom"}

@@ -1,8 +1,8 @@
 """Command-line interface: ``defectml COMMAND``, one module per area, each a thin shell.
 
 :mod:`.search` (search, alloy, generate, show), :mod:`.dft` (shortlist, ingest, evaluate),
-:mod:`.train` (dataset, finetune), :mod:`.thermo` (thermo, dynamics), :mod:`.predictor`; :mod:`.common`
-holds what they share.
+:mod:`.train` (dataset, finetune, model-metrics), :mod:`.thermo` (thermo, dynamics),
+:mod:`.predictor`; :mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ HANDLERS = {
     "show": search.cmd_show, "shortlist": dft.cmd_shortlist, "ingest": dft.cmd_ingest,
     "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
     "predictor": predictor.cmd_predictor, "dataset": train.cmd_dataset,
-    "finetune": train.cmd_finetune,
+    "finetune": train.cmd_finetune, "model-metrics": train.cmd_model_metrics,
 }
 
 

@@ -79,6 +79,25 @@ def add_parsers(sub) -> None:
     ft.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
     ft.add_argument("--quiet", "-q", action="store_true")
 
+    mm = sub.add_parser(
+        "model-metrics", help="a model against DFT frames: errors by host and charge, parity plot, "
+                              "relaxation test",
+        description="Energy (per atom, and relative within each relaxation), force and stress MAE/RMSE "
+                    "overall, per host and per charge, a parity plot, and with --relax the relaxation "
+                    "test: from each DFT relaxation's first frame, relax with the model and compare "
+                    "with DFT's end point (RMSD, energy).",
+    )
+    mm.add_argument("model", help="built-in name or weights file (as --model of search)")
+    mm.add_argument("data", nargs="+",
+                    help="extxyz files, a `defectml dataset` folder (its test.extxyz), stores")
+    mm.add_argument("--out", default=None,
+                    help="folder for metrics.json and parity.png (default: print only)")
+    mm.add_argument("--relax", action="store_true", help="also the relaxation test")
+    mm.add_argument("--fmax", type=float, default=0.05, help="force threshold of the relaxation test (0.05)")
+    mm.add_argument("--no-stress", action="store_true", help="skip stresses (one batched pass per frame)")
+    mm.add_argument("--device", default="cpu")
+    mm.add_argument("--threads", type=int, default=None)
+
 
 def cmd_dataset(a: argparse.Namespace) -> int:
     """`defectml dataset`: read, clean, sample, split, write."""
@@ -126,4 +145,33 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     print(json.dumps({"weights": str(result.weights), "best_epoch": m["best_epoch"],
                       "val_base": m["val_base"], "val_after_refit": m["val_after_refit"],
                       "val_best": m["val_best"]}, indent=2))
+    return 0
+
+
+def cmd_model_metrics(a: argparse.Namespace) -> int:
+    """`defectml model-metrics`: errors, parity plot and (with --relax) the relaxation test."""
+    from defectml.models import load_model
+    from defectml.train import metrics
+    from defectml.train.dataset import read_source
+
+    model = load_model(a.model, a.device, a.threads)
+    paths = [Path(d) / "test.extxyz" if (Path(d) / "test.extxyz").is_file() else Path(d) for d in a.data]
+    sets = [fs for p in paths for fs in read_source(p)]
+    model.check_elements({s for fs in sets for f in fs.frames for s in f.get_chemical_symbols()})
+    rows = metrics.predict(model, sets, stress=not a.no_stress)
+    doc = {"model": model.name, "model_key": model.key, "data": [str(p) for p in paths],
+           "errors": metrics.grouped_errors(rows)}
+    if a.relax:
+        tests = metrics.relaxation_test(model, sets, fmax=a.fmax)
+        doc["relaxation_test"] = {"within_0.1A": metrics.within(tests), "relaxations": tests}
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(doc, indent=2))
+        metrics.parity_plot(rows, out / "parity.png", f"{model.name} on {len(rows)} frames")
+    e = doc["errors"]["overall"]
+    print(f"{model.name}: {e['frames']} frames; force MAE {e['force']['mae'] * 1000:.0f} meV/Å, relative "
+          f"energy MAE {e['relative_energy_per_atom']['mae'] * 1000:.1f} meV/atom"
+          + (f"; relaxations within 0.1 Å of DFT: {doc['relaxation_test']['within_0.1A']:.0%}"
+             if a.relax and doc["relaxation_test"]["within_0.1A"] is not None else ""))
     return 0
