@@ -32,6 +32,27 @@ def copper_cif(tmp_path, copper) -> Path:
     return path
 
 
+def emt_labelled_frames(n: int, seed: int, amplitude: float = 0.1, repeat=(2, 2, 2)) -> list:
+    """A Cu vacancy cell rattled less and less: n frames labelled with EMT energies and forces
+    (a stand-in for a DFT relaxation's ionic steps)."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(repeat)
+    del base[0]
+    frames = []
+    for i in range(n):
+        a = base.copy()
+        a.rattle(amplitude * (n - i) / n, seed=seed)
+        a.calc = EMT()
+        e, f = a.get_potential_energy(), a.get_forces()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f)
+        a.info["ionic_step"] = i
+        frames.append(a)
+    return frames
+
+
 EMT_VACANCY_SEARCH = ["--defect", "v_Cu", "--charge", "0", "--model", "emt", "--quiet"]
 
 

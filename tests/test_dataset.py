@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from ase.build import bulk
-from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
+from conftest import emt_labelled_frames
 
 from defectml import SearchSettings, TrialSettings, search
 from defectml.cli import main
@@ -33,18 +33,7 @@ needs_data = pytest.mark.skipif(not SHARED.exists(), reason="shared defect-dft d
 
 def _relaxation(run_id, host="Cu", defect="v_Cu_0", n=6, charge=0, seed=0):
     """A real EMT 'relaxation': n frames of a rattled Cu vacancy cell moving toward its minimum."""
-    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
-    del base[0]
-    frames = []
-    for i in range(n):
-        a = base.copy()
-        a.rattle(0.1 * (n - i) / n, seed=seed)
-        a.calc = EMT()
-        e, f = a.get_potential_energy(), a.get_forces()
-        a.calc = SinglePointCalculator(a, energy=e, forces=f)
-        a.info["ionic_step"] = i
-        frames.append(a)
-    return FrameSet(run_id, host, defect, charge, "EMT", frames, "test")
+    return FrameSet(run_id, host, defect, charge, "EMT", emt_labelled_frames(n, seed), "test")
 
 
 def test_evenly_spaced_keeps_first_and_last():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
-from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import write
+from conftest import emt_labelled_frames
 
 from defectml.cli import main
 from defectml.errors import InputError, ModelError
@@ -19,19 +19,10 @@ from defectml.train.finetune import FinetuneSettings, anchored_energies, finetun
 
 def _frames(n, charge, seed, defect="v_Cu_0"):
     """A small Cu vacancy cell, rattled less and less: EMT energies and forces as 'DFT' labels."""
-    base = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 1))
-    del base[0]
-    out = []
-    for i in range(n):
-        a = base.copy()
-        a.rattle(0.08 * (n - i) / n, seed=seed)
-        a.calc = EMT()
-        e, f = a.get_potential_energy(), a.get_forces()
-        a.calc = SinglePointCalculator(a, energy=e, forces=f)
-        a.info.update(host="Cu", functional="EMT", defect=defect, charge=charge, run_id=f"r{seed}",
-                      ionic_step=i)
-        out.append(a)
-    return out
+    frames = emt_labelled_frames(n, seed, amplitude=0.08, repeat=(2, 2, 1))
+    for a in frames:
+        a.info.update(host="Cu", functional="EMT", defect=defect, charge=charge, run_id=f"r{seed}")
+    return frames
 
 
 @pytest.fixture(scope="module")

@@ -316,10 +316,9 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     model = base.calculator.model
     do_refit = s.energies == "absolute" and (
         s.refit_refs == "yes" or (s.refit_refs == "auto" and needs_refit(train_frames, ref.source)))
-    if s.energies == "anchored":  # with the base model, before any training (a resume reuses them)
-        base_model = model if state is None else load_model(ref, s.device, s.threads).calculator.model
-        train_e, anchors = anchored_energies(train_frames, predicted_energies(base_model, train_frames))
-        val_e, _ = anchored_energies(val_frames, predicted_energies(base_model, val_frames))
+    if s.energies == "anchored":  # with the untouched base model (a resume trains a loaded copy)
+        train_e, anchors = anchored_energies(train_frames, predicted_energies(model, train_frames))
+        val_e, _ = anchored_energies(val_frames, predicted_energies(model, val_frames))
     else:
         train_e = np.array([f.get_potential_energy() for f in train_frames])
         val_e, anchors = np.array([f.get_potential_energy() for f in val_frames]), {}
