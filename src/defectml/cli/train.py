@@ -1,4 +1,4 @@
-"""`defectml dataset | finetune`: defect datasets, and models fine-tuned on them."""
+"""`defectml dataset | finetune | model-metrics`: defect datasets, models fine-tuned on them, their errors."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 
-from defectml.train.dataset import FrameSet
+from defectml.train.dataset import FrameSet, atom_chunks
 
 
 @dataclass
@@ -40,11 +40,12 @@ class Predicted:
     e_rel_model: float = 0.0
 
 
-def predict(model, sets: list[FrameSet], stress: bool = True, batch: int = 8) -> list[Predicted]:
+def predict(model, sets: list[FrameSet], stress: bool = True, max_atoms: int = 256) -> list[Predicted]:
     """The model's energy and forces on every frame (batched), and its stress where DFT has one.
 
     With ``stress``, frames that carry a DFT stress go through the model's calculator (energy,
-    forces and stress in one pass); the others through its batched prediction.
+    forces and stress in one pass); the others through its batched prediction, in batches of at
+    most ``max_atoms`` atoms.
     """
     out = []
     for fs in sets:
@@ -56,8 +57,8 @@ def predict(model, sets: list[FrameSet], stress: bool = True, batch: int = 8) ->
                 a.calc = model.calculator
                 results[i] = (float(a.get_potential_energy()), a.get_forces(), a.get_stress(voigt=True))
         rest = [i for i in range(len(bare)) if not has_s[i]]
-        for start in range(0, len(rest), batch):
-            idx = rest[start:start + batch]
+        for chunk in atom_chunks([bare[i] for i in rest], max_atoms):
+            idx = [rest[j] for j in chunk]
             for i, (e, f) in zip(idx, model.batch()([bare[i] for i in idx]), strict=True):
                 results[i] = (e, f, None)
         rows = []
