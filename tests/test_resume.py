@@ -47,3 +47,37 @@ def test_kill_and_resume(tmp_path, copper_cif):
     assert len(rows) == 15 and len(set(keys)) == 15  # nothing done twice
     after = {r.trial_key: (r.id, r.mtime) for r in rows}
     assert all(after[k] == v for k, v in before.items())  # nothing finished was rewritten
+
+
+def test_sigterm_says_what_is_kept_and_exits_143(tmp_path, copper_cif):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "defectml", "search", str(copper_cif), "--out", str(out), *ARGS]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _count(out / "results.db") < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "search finished before it could be terminated"
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143 and "terminated (SIGTERM); finished relaxations are saved" in err
+    assert "Traceback" not in err and _count(out / "results.db") >= 1
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(emt_vacancy_run):
+    proc = subprocess.Popen([sys.executable, "-m", "defectml", "show", str(emt_vacancy_run), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` that has already gone when defectml writes
+    err = proc.communicate(timeout=120)[1].decode()
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_version_and_one_unique_minimum(emt_vacancy_run, capsys):
+    from defectml.cli import main
+
+    assert main(["show", str(emt_vacancy_run)]) == 0
+    assert "1 unique minimum)" in capsys.readouterr().out
+    try:
+        main(["--version"])
+    except SystemExit as stop:
+        assert stop.code == 0
+    assert capsys.readouterr().out.strip() == "defectml 0.1.0"

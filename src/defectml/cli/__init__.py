@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine-learned interatomic potential (default CHGNet, runs offline).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from defectml import __version__
+
+    parser.add_argument("--version", action="version", version=f"defectml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for area in (search, dft, train, thermo, predictor):
         area.add_parsers(sub)
@@ -59,13 +62,32 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's time limit, ``kill``).
+
+    A ``BaseException``, like ``KeyboardInterrupt``: the relaxer's ``except Exception`` (one bad
+    model call must not end a search) must not swallow it.
+    """
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for bad input, 130 when interrupted)."""
+    """Entry point; returns the exit code (2 bad input, 130 interrupted, 143 terminated)."""
+    import os
+    import signal
+
     warnings.filterwarnings("ignore", module=r"(pymatgen|spglib|sevenn|dscribe|ase)(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning)
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
     handler = HANDLERS[args.command]
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         return handler(args)
     except DefectMLError as exc:
@@ -75,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         print("defectml: interrupted; finished relaxations are saved, rerun to resume",
               file=sys.stderr)
         return 130
+    except Terminated:
+        print("defectml: terminated (SIGTERM); finished relaxations are saved, rerun to resume",
+              file=sys.stderr)
+        return 143
+    except BrokenPipeError:  # `defectml show --json | head`: the reader left; nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

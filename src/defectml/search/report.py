@@ -18,7 +18,7 @@ def table(summaries: list[DefectSummary]) -> str:
     for s in summaries:
         n_ok = sum(t.status == "converged" for t in s.trials)
         lines.append(f"{s.label}  ({s.model}; {len(s.trials)} trials, {n_ok} converged, "
-                     f"{len(s.minima)} unique minima)")
+                     f"{len(s.minima)} unique minim{'um' if len(s.minima) == 1 else 'a'})")
         lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<{width}} trials")
         for m in s.minima:
             names = ", ".join(_short(t) for t in m.trials)
