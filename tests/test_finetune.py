@@ -85,7 +85,7 @@ def test_a_killed_finetune_resumes_where_it_stopped(data, tmp_path, monkeypatch)
 
 
 def test_bad_finetune_input_gives_one_line(data, tmp_path, capsys):
-    with pytest.raises(ModelError, match="not supported yet"):
+    with pytest.raises(ModelError, match="is not supported"):
         finetune(data / "train.extxyz", data / "val.extxyz", tmp_path / "x.pth.tar",
                  FinetuneSettings(base="emt"))
     with pytest.raises(InputError, match="NAME.pth.tar"):

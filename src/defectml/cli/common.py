@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from defectml.errors import InputError
+from defectml.models.ref import BUILTIN_MODELS
 from defectml.search.distort import DEFAULT_DISTORTIONS, TrialSettings
 from defectml.search.fingerprint import SoapSettings
 from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
@@ -116,7 +117,9 @@ def add_search_args(s: argparse.ArgumentParser) -> None:
                    help="results database: SQLite path or postgresql:// URL (OUT/results.db)")
     m = s.add_argument_group("model and relaxation")
     m.add_argument("--model", default="chgnet",
-                   help="chgnet (default), sevennet-0, sevennet-mf-0, emt, or a MACE .model path")
+                   help=f"built-in: {', '.join(BUILTIN_MODELS)} (chgnet by default; NAME@HEAD picks a "
+                        "SevenNet head); or a weights file: CHGNet .pth.tar, SevenNet .pth[@HEAD], "
+                        "MACE .model")
     m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     m.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
     m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")

@@ -17,55 +17,61 @@ def add_parsers(sub) -> None:
     """Add this area's commands to the ``defectml`` subparsers."""
     th = sub.add_parser(
         "thermo", help="formation free energies and concentrations vs temperature",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Every term of g_f(T) for the minima of a finished search: formation energy, "
                     "spin/orientational degeneracy, harmonic or quasi-harmonic vibrations (phonopy + the "
                     "MLIP), configurational entropy, optional electronic entropy from a DOS, and the "
                     "anharmonic route by thermodynamic integration (--ti).")
     th.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
     th.add_argument("--T", dest="temperatures", default="300:1200:50",
-                    help="temperatures: start:stop:step or a comma list (K)")
+                    help="temperatures (K): start:stop:step or a comma list")
     th.add_argument("--defect", default=None, help="only this defect (e.g. v_Cd)")
     th.add_argument("--charge", type=int, default=None, help="only this charge state")
     th.add_argument("--mu", default="", help="chemical potentials, e.g. Cd=-1.2,Te=-3.1 (eV/atom); "
                     "missing ones: element-rich limit from the model")
-    th.add_argument("--vib", choices=("none", "harmonic", "qha"), default="harmonic")
-    th.add_argument("--window", type=float, default=0.5, help="configurations within this of the lowest (eV)")
+    th.add_argument("--vib", choices=("none", "harmonic", "qha"), default="harmonic",
+                    help="vibrational free energy: none, harmonic phonons, or quasi-harmonic "
+                         "(volume-dependent)")
+    th.add_argument("--window", type=float, default=0.5,
+                    help="configurations within this many eV of the lowest")
     th.add_argument("--mesh", type=int, default=4, help="q-mesh n (n x n x n) for supercell free energies")
-    th.add_argument("--displacement", type=float, default=0.01, help="phonopy displacement (A)")
+    th.add_argument("--displacement", type=float, default=0.01, help="phonopy displacement (Å)")
     th.add_argument("--model", default=None, help="MLIP for phonons/TI (default: the search's model)")
     th.add_argument("--ti", action="store_true", help="also the anharmonic route (thermodynamic integration)")
     th.add_argument("--ti-t0", type=float, default=300.0, help="Frenkel-Ladd temperature (K)")
     th.add_argument("--ti-t1", type=float, default=None, help="reversible scaling up to this T (K)")
-    th.add_argument("--ti-repeats", type=int, default=4)
+    th.add_argument("--ti-repeats", type=int, default=4, help="independent TI switches averaged")
     th.add_argument("--ti-steps", type=int, default=1000, help="MD steps per switch")
     th.add_argument("--vbm", type=float, default=None, help="host VBM (eV) for charged defects")
     th.add_argument("--fermi", type=float, default=None, help="Fermi level above the VBM (eV)")
-    th.add_argument("--correction", type=float, default=None, help="charge correction (eV)")
+    th.add_argument("--correction", type=float, default=None,
+                    help="charge correction (eV); none: no correction")
     th.add_argument("--dos", default=None, help="defect minus bulk electronic entropy from DOS files: "
                     "DEFECT.dat:EF_DEFECT,BULK.dat:EF_BULK (energy, states/eV)")
     th.add_argument("--out", default=None, help="output folder (default RUN/thermo)")
-    th.add_argument("--quiet", action="store_true")
+    th.add_argument("--quiet", action="store_true", help="no progress messages")
     add_run_arg(th)
 
     dy = sub.add_parser("dynamics", help="MD of a defect minimum: hops, bonds, inherent structures, NEB",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Langevin MD (NVT, or NPT with --pressure) of a defect's lowest minimum "
                                     "with the MLIP, trajectory analysis (defect site and hops, neighbour "
                                     "distances, bond orientation), optional inherent-structure quenching and "
                                     "an NEB barrier + transition-state rate to another minimum.")
     dy.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
-    dy.add_argument("--defect", required=True)
-    dy.add_argument("--charge", type=int, default=0)
-    dy.add_argument("--T", dest="temperature", type=float, default=300.0, help="K")
-    dy.add_argument("--steps", type=int, default=2000)
-    dy.add_argument("--timestep", type=float, default=2.0, help="fs")
+    dy.add_argument("--defect", required=True, help="the defect whose lowest minimum is run (e.g. v_Cd)")
+    dy.add_argument("--charge", type=int, default=0, help="its charge state")
+    dy.add_argument("--T", dest="temperature", type=float, default=300.0, help="temperature (K)")
+    dy.add_argument("--steps", type=int, default=2000, help="MD steps")
+    dy.add_argument("--timestep", type=float, default=2.0, help="time step (fs)")
     dy.add_argument("--interval", type=int, default=20, help="steps between frames")
     dy.add_argument("--pressure", type=float, default=None, help="bar (NPT); default NVT")
     dy.add_argument("--quench", type=int, default=0, help="inherent structures from this many frames")
     dy.add_argument("--neb-to", type=int, default=None, help="NEB from minimum 0 to this minimum rank")
-    dy.add_argument("--model", default=None)
-    dy.add_argument("--seed", type=int, default=0)
+    dy.add_argument("--model", default=None, help="MLIP (default: the search's model)")
+    dy.add_argument("--seed", type=int, default=0, help="random seed of the velocities and thermostat")
     dy.add_argument("--out", default=None, help="output folder (default RUN/dynamics/<defect>)")
-    dy.add_argument("--quiet", action="store_true")
+    dy.add_argument("--quiet", action="store_true", help="no progress messages")
     add_run_arg(dy)
 
 

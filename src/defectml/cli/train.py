@@ -1,4 +1,4 @@
-"""`defectml dataset | finetune | model-metrics`: defect datasets, models fine-tuned on them, their errors."""
+"""`defectml dataset | finetune | model-metrics | learning-curve`: datasets, fine-tuned models, errors."""
 
 from __future__ import annotations
 
@@ -43,41 +43,25 @@ def add_parsers(sub) -> None:
                     help="the hosts' bulk frames: all in train (default), split like the rest, or drop")
     ds.add_argument("--charge", type=int, default=None, help="supercell charge of VASP-folder sources")
     ds.add_argument("--theory", default=None, help="level of theory of VASP-folder sources (default: INCAR)")
-    ds.add_argument("--seed", type=int, default=0)
-    ds.add_argument("--quiet", "-q", action="store_true")
+    ds.add_argument("--seed", type=int, default=0, help="random seed of the split and sampling (0)")
+    ds.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
     ft = sub.add_parser(
         "finetune", help="fine-tune an MLIP on a defect dataset (the package's own trainer)",
-        description="Fine-tune a CHGNet model (built-in or a weights file: a warm start) on "
-                    "DATA/train.extxyz with chgnet's Trainer, early-stopped on DATA/val.extxyz; "
-                    "write OUT (weights, atomically) and OUT.card.json. A killed run resumes. "
-                    "search, thermo and dynamics take the result as --model OUT.",
+        description="Fine-tune a CHGNet or SevenNet model (built-in or a weights file: a warm start) "
+                    "on DATA/train.extxyz with the package's own trainer, early-stopped on "
+                    "DATA/val.extxyz; write OUT (weights, atomically) and OUT.card.json. A killed run "
+                    "resumes. search, thermo and dynamics take the result as --model OUT. Strategies: "
+                    "standard; replay (original-domain frames mixed in: crystals labelled by the base "
+                    "model, i.e. self-distillation, not DFT); multihead (SevenNet with heads: a new "
+                    "head learns the defects while the base head keeps the replay frames).",
     )
     ft.add_argument("data", help="a `defectml dataset` folder (train.extxyz, val.extxyz) or a train extxyz")
     ft.add_argument("--val", default=None, help="validation extxyz (default: DATA/val.extxyz)")
-    ft.add_argument("--out", required=True, help="weights file to write, NAME.pth.tar")
-    ft.add_argument("--base", default="chgnet",
-                    help="model to start from: chgnet (default), chgnet-0.2.0, chgnet-r2scan or a "
-                         "CHGNet .pth.tar")
-    ft.add_argument("--epochs", type=int, default=30, help="at most this many epochs (30)")
-    ft.add_argument("--lr", type=float, default=1e-4, help="initial learning rate, cosine decay (1e-4)")
-    ft.add_argument("--batch-size", type=int, default=4, help="frames per step (4)")
-    ft.add_argument("--energy-weight", type=float, default=1.0, help="loss weight of energies (1)")
-    ft.add_argument("--force-weight", type=float, default=1.0, help="loss weight of forces (1)")
-    ft.add_argument("--stress-weight", type=float, default=0.1, help="loss weight of stresses (0.1)")
-    ft.add_argument("--patience", type=int, default=5,
-                    help="stop after this many epochs without a better validation error (5)")
-    ft.add_argument("--energies", choices=("anchored", "absolute"), default="anchored",
-                    help="anchored (default): one constant shift per host/functional/defect/charge group "
-                         "to the base model's mean, so a charge-blind model learns DFT's energy "
-                         "differences within a charge state; absolute: the DFT totals as they are")
-    ft.add_argument("--refit-refs", choices=("auto", "yes", "no"), default="auto",
-                    help="with --energies absolute: refit per-element reference energies first "
-                         "(auto: when the functional is not the base's)")
-    ft.add_argument("--seed", type=int, default=0, help="random seed (several seeds make a committee)")
-    ft.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    ft.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
-    ft.add_argument("--quiet", "-q", action="store_true")
+    ft.add_argument("--out", required=True,
+                    help="weights file to write: NAME.pth.tar (CHGNet) or NAME.pth (SevenNet)")
+    add_training_options(ft)
+    ft.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
     mm = sub.add_parser(
         "model-metrics", help="a model against DFT frames: errors by host and charge, parity plot, "
@@ -95,8 +79,58 @@ def add_parsers(sub) -> None:
     mm.add_argument("--relax", action="store_true", help="also the relaxation test")
     mm.add_argument("--fmax", type=float, default=0.05, help="force threshold of the relaxation test (0.05)")
     mm.add_argument("--no-stress", action="store_true", help="skip stresses (one batched pass per frame)")
-    mm.add_argument("--device", default="cpu")
-    mm.add_argument("--threads", type=int, default=None)
+    mm.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    mm.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
+
+    lc = sub.add_parser(
+        "learning-curve", help="fine-tune on growing shares of the training relaxations; test errors",
+        description="How much DFT does a system need: fine-tune (every finetune option applies) on "
+                    "nested, seeded shares of DS/train.extxyz's relaxations, early-stopped on "
+                    "DS/val.extxyz, and report DS/test.extxyz's force and relative-energy MAE per "
+                    "share (the base model at 0) in OUT/learning_curve.{json,png}. Each point is a "
+                    "resumable finetune run in OUT.",
+    )
+    lc.add_argument("data", help="a `defectml dataset` folder (train, val and test .extxyz)")
+    lc.add_argument("--out", required=True, help="work and output folder")
+    lc.add_argument("--shares", default="0.25,0.5,1", help="shares of the training relaxations (0.25,0.5,1)")
+    add_training_options(lc)
+    lc.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+
+
+def add_training_options(p) -> None:
+    """The fine-tuning options (``finetune`` and ``learning-curve`` share them)."""
+    p.add_argument("--base", default="chgnet",
+                    help="model to start from: chgnet (default), chgnet-0.2.0, chgnet-r2scan, sevennet-0, "
+                         "sevennet-l3i5, sevennet-mf-0 (its PBE head; @R2SCAN for the other) or a "
+                         "weights file")
+    p.add_argument("--strategy", choices=("standard", "replay", "multihead"), default="standard",
+                    help="standard (default): defect frames only; replay: plus original-domain frames; "
+                         "multihead: a new SevenNet head for the defects, the base head kept on replay")
+    p.add_argument("--replay", default=None, metavar="EXTXYZ",
+                    help="replay frames (default: crystals of the data's elements labelled by the "
+                         "base model)")
+    p.add_argument("--replay-variants", type=int, default=2,
+                    help="strained, rattled structures per replay prototype (2)")
+    p.add_argument("--head", default="defect",
+                    help="name of the new head with --strategy multihead (defect)")
+    p.add_argument("--epochs", type=int, default=30, help="at most this many epochs (30)")
+    p.add_argument("--lr", type=float, default=1e-4, help="initial learning rate, cosine decay (1e-4)")
+    p.add_argument("--batch-size", type=int, default=4, help="frames per step (4)")
+    p.add_argument("--energy-weight", type=float, default=1.0, help="loss weight of energies (1)")
+    p.add_argument("--force-weight", type=float, default=1.0, help="loss weight of forces (1)")
+    p.add_argument("--stress-weight", type=float, default=0.1, help="loss weight of stresses (0.1)")
+    p.add_argument("--patience", type=int, default=5,
+                    help="stop after this many epochs without a better validation error (5)")
+    p.add_argument("--energies", choices=("anchored", "absolute"), default="anchored",
+                    help="anchored (default): one constant shift per host/functional/defect/charge group "
+                         "to the base model's mean, so a charge-blind model learns DFT's energy "
+                         "differences within a charge state; absolute: the DFT totals as they are")
+    p.add_argument("--refit-refs", choices=("auto", "yes", "no"), default="auto",
+                    help="with --energies absolute: refit per-element reference energies first "
+                         "(auto: when the functional is not the base's)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (several seeds make a committee)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (all cores)")
 
 
 def cmd_dataset(a: argparse.Namespace) -> int:
@@ -174,4 +208,29 @@ def cmd_model_metrics(a: argparse.Namespace) -> int:
           f"energy MAE {e['relative_energy_per_atom']['mae'] * 1000:.1f} meV/atom"
           + (f"; relaxations within 0.1 Å of DFT: {doc['relaxation_test']['within_0.1A']:.0%}"
              if a.relax and doc["relaxation_test"]["within_0.1A"] is not None else ""))
+    return 0
+
+
+def cmd_learning_curve(a: argparse.Namespace) -> int:
+    """`defectml learning-curve`: finetune on nested shares of the training relaxations."""
+    from defectml.train.finetune import FinetuneSettings
+    from defectml.train.learning_curve import learning_curve, plot
+
+    settings = FinetuneSettings.from_options(a)
+    try:
+        shares = [float(x) for x in a.shares.split(",") if x]
+    except ValueError:
+        raise InputError(f"--shares must be numbers like 0.25,0.5,1, not {a.shares!r}") from None
+    data = Path(a.data)
+    splits = [data / f"{n}.extxyz" for n in ("train", "val", "test")]
+    for f in splits:
+        if not f.is_file():
+            raise InputError(f"{data} is not a dataset folder: no {f.name} (`defectml dataset` makes one)")
+    say = (lambda m: None) if a.quiet else (lambda m: print(m, file=sys.stderr))
+    out = Path(a.out)
+    doc = learning_curve(*splits, out, shares, settings, log=say)
+    plot(doc, out / "learning_curve.png", f"{settings.base} ({settings.strategy}) on {data.name}")
+    points = [{"share": p["share"], "frames": p["frames"], "force_mae": p["errors"]["force"]["mae"]}
+              for p in doc["points"]]
+    print(json.dumps({"base_force_mae": doc["base"]["force"]["mae"], "points": points}, indent=2))
     return 0

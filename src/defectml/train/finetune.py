@@ -1,14 +1,26 @@
 """Fine-tuning a universal MLIP on defect data with the package's own trainer.
 
 CHGNet: chgnet's ``Trainer`` does every step (its loss with the energy/force/stress weights,
-Adam, cosine schedule, its train and validation passes); this module only feeds it the
-dataset's frames, stops early when the validation error stops falling, checkpoints every epoch
-(a killed run resumes), and writes the best weights atomically with a model card beside them, so
-``search``, ``thermo`` and ``dynamics`` take the result as ``--model PATH``.
+Adam, cosine schedule, its train and validation passes). SevenNet: sevenn's ``Trainer`` (its
+loss definitions, optimiser and ``run_one_epoch``) on sevenn's own graphs, with sevenn's
+``append_modal`` for a new head. This module only feeds them the dataset's frames, stops early
+when the validation error stops falling, checkpoints every epoch (a killed run resumes), and
+writes the best weights atomically with a model card beside them, so ``search``, ``thermo`` and
+``dynamics`` take the result as ``--model PATH``.
+
+Strategies (the substitutional-defects paper's question: learn defects without forgetting):
+
+* ``standard``: the defect frames only;
+* ``replay``: plus original-domain frames (:mod:`defectml.train.original_domain`): crystals
+  labelled by the frozen base model (self-distillation, not DFT) and the data's bulk frames;
+* ``multihead`` (SevenNet): a new head (sevenn modal, ``--head``, default ``defect``) learns the
+  defect frames while the base model's head keeps learning the replay frames, the way MACE's
+  multi-head fine-tuning keeps its pretraining head. Predict with ``OUT@defect``.
 
 Units: CHGNet trains on energy per atom (eV/atom), forces (eV/Å) and, through its
 ``StructureData``, VASP-style stresses in kBar (it multiplies them by −0.1 to GPa); the dataset's
-stresses are ASE's (eV/Å³, tensile positive) and are converted here.
+stresses are ASE's (eV/Å³, tensile positive) and are converted here. sevenn reads ASE's units
+from the frames itself.
 
 Energy labels. A charge-blind model cannot learn a charged cell's total energy (it carries a
 charge-dependent offset: the electrons' chemical potential), and DFT energies of another
@@ -18,9 +30,9 @@ MAE 143 → 241 meV/Å in three epochs). So by default (``energies="anchored"``)
 frames of one host, functional, defect and charge state gets one constant shift that brings its
 mean to the base model's: energy differences within a charge state (which trial is lower, the
 relaxation's energy profile) stay DFT's; nothing else is asked of the model. With
-``energies="absolute"`` the DFT totals are fitted as they are, and ``refit_refs`` first shifts
-CHGNet's per-element reference energies by the least-squares fit of its per-atom error (when the
-functional differs, by default).
+``energies="absolute"`` the DFT totals are fitted as they are, and (CHGNet) ``refit_refs`` first
+shifts CHGNet's per-element reference energies by the least-squares fit of its per-atom error
+(when the functional differs, by default).
 """
 
 from __future__ import annotations
@@ -32,17 +44,23 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
+from ase.calculators.singlepoint import SinglePointCalculator
 
 from defectml.errors import InputError, ModelError
 
 #: Functionals each base model was trained on (energies shift per element for any other).
-BASE_FUNCTIONALS = {"chgnet": ("PBE",), "chgnet-0.2.0": ("PBE",), "chgnet-r2scan": ("R2SCAN", "r2SCAN")}
+BASE_FUNCTIONALS = {"chgnet": ("PBE",), "chgnet-0.2.0": ("PBE",), "chgnet-r2scan": ("R2SCAN", "r2SCAN"),
+                    "sevennet-0": ("PBE",), "sevennet-l3i5": ("PBE",), "sevennet-mf-0": ("PBE", "R2SCAN")}
+STRATEGIES = ("standard", "replay", "multihead")
+#: File suffix of each family's weights.
+SUFFIX = {"chgnet": ".pth.tar", "sevennet": ".pth"}
 
 
 @dataclass
@@ -65,6 +83,11 @@ class FinetuneSettings:
         refit_refs: With absolute energies: ``auto`` (when the functional differs from the
             base's), ``yes`` or ``no``.
         seed: Weights' and batches' random seed (a committee: several seeds).
+        strategy: ``standard``, ``replay`` or ``multihead`` (see the module).
+        replay: An extxyz of replay frames; ``None``: drawn from
+            :mod:`defectml.train.original_domain` and labelled by the base model.
+        replay_variants: With ``replay=None``: structures per replay prototype.
+        head: With ``multihead``: the new head's (sevenn modal's) name.
         device: ``cpu`` or ``cuda``.
         threads: Torch CPU threads.
     """
@@ -80,6 +103,10 @@ class FinetuneSettings:
     energies: str = "anchored"
     refit_refs: str = "auto"
     seed: int = 0
+    strategy: str = "standard"
+    replay: str | None = None
+    replay_variants: int = 2
+    head: str = "defect"
     device: str = "cpu"
     threads: int | None = None
 
@@ -102,10 +129,18 @@ class FinetuneSettings:
             raise InputError(f"--energies must be anchored or absolute, not {self.energies!r}")
         if self.refit_refs not in ("auto", "yes", "no"):
             raise InputError(f"--refit-refs must be auto, yes or no, not {self.refit_refs!r}")
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"--strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.replay and self.strategy == "standard":
+            raise InputError("--replay is for --strategy replay or multihead")
+        if self.replay_variants < 1:
+            raise InputError("--replay-variants must be at least 1")
+        if not self.head or not self.head.replace("_", "").replace("-", "").isalnum():
+            raise InputError(f"--head must be a plain name (letters, digits, - or _), not {self.head!r}")
 
     def key(self, data_keys: list[str]) -> str:
         """What decides the result: these settings (less device/threads) and the data's hashes."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("device", "threads")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("device", "threads", "replay")}
         return hashlib.sha256(json.dumps([d, data_keys], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -191,16 +226,15 @@ def group_of(frame: Atoms) -> tuple:
 
 
 def predicted_energies(model, frames: list[Atoms]) -> np.ndarray:
-    """The model's total energies (eV) of the frames, batched."""
-    from defectml.train.dataset import atom_chunks, bare_structures
+    """A loaded model's (:class:`~defectml.models.Model`) total energies (eV) of the frames, batched."""
+    from defectml.train.dataset import atom_chunks
 
-    pred = []
-    for idx in atom_chunks(frames):
-        with contextlib.redirect_stdout(io.StringIO()):
-            p = model.predict_structure(bare_structures([frames[i] for i in idx]), task="e",
-                                        batch_size=len(idx))
-        pred += p if isinstance(p, list) else [p]
-    return np.array([float(p["e"]) * len(f) for p, f in zip(pred, frames, strict=True)])
+    bare = [Atoms(f.numbers, f.positions, cell=f.cell, pbc=True) for f in frames]
+    out = np.empty(len(frames))
+    for idx in atom_chunks(bare):
+        for i, (e, _) in zip(idx, model.batch()([bare[i] for i in idx]), strict=True):
+            out[i] = e
+    return out
 
 
 def anchored_energies(frames: list[Atoms], predicted: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -229,8 +263,8 @@ def needs_refit(frames: list[Atoms], base: str) -> bool:
     return not all(any(t.lower() in fn.lower().split() or fn == t for t in trained_on) for fn in functionals)
 
 
-def refit_composition(model, frames: list[Atoms]) -> dict[str, float]:
-    """Shift CHGNet's per-element reference energies to fit ``frames``; return the shifts.
+def refit_composition(base, frames: list[Atoms]) -> dict[str, float]:
+    """Shift a loaded CHGNet's per-element reference energies to fit ``frames``; return the shifts.
 
     The shift is the least-squares fit of the model's per-atom energy error against composition
     (eV/atom of each element), truncated to the well-determined directions.
@@ -239,14 +273,14 @@ def refit_composition(model, frames: list[Atoms]) -> dict[str, float]:
     from pymatgen.core import Element
 
     n = np.array([len(f) for f in frames])
-    err = (np.array([f.get_potential_energy() for f in frames]) - predicted_energies(model, frames)) / n
+    err = (np.array([f.get_potential_energy() for f in frames]) - predicted_energies(base, frames)) / n
     zs = sorted({int(z) for f in frames for z in f.numbers})
     x = np.array([[np.mean(f.numbers == z) for z in zs] for f in frames])  # composition fractions
     # Defect cells barely change the composition, so the fit is nearly degenerate (GaN: Ga and N
     # fractions move by 1/32). Directions with singular values under 5% of the largest are cut:
     # the shift goes to the composition the data pins down, split evenly where it does not.
     shift = np.linalg.lstsq(x, err, rcond=0.05)[0]
-    weight = model.composition_model.fc.weight
+    weight = base.calculator.model.composition_model.fc.weight
     with torch.no_grad():
         for z, d in zip(zs, shift, strict=True):
             weight[0, z - 1] += float(d)
@@ -267,6 +301,290 @@ def _write_json(path: Path, doc: dict) -> None:
     os.replace(tmp, path)
 
 
+class _ChgnetBackend:
+    """chgnet's ``Trainer`` on CHGNet's ``StructureData`` (one output head)."""
+
+    family = "chgnet"
+
+    def __init__(self, base, s: FinetuneSettings, targets: str, resume: Path | None):
+        from chgnet.trainer import Trainer
+
+        self.s, self.stress = s, targets == "efs"
+        with contextlib.redirect_stdout(io.StringIO()):  # chgnet prints as it builds, loads and checks
+            if resume is None:
+                self.trainer = Trainer(model=base.calculator.model, targets=targets,
+                                       energy_loss_ratio=s.energy_weight, force_loss_ratio=s.force_weight,
+                                       stress_loss_ratio=s.stress_weight, optimizer="Adam",
+                                       scheduler="CosLR", criterion="MSE", epochs=s.epochs,
+                                       learning_rate=s.lr, use_device=s.device, print_freq=10**9,
+                                       torch_seed=s.seed, data_seed=s.seed)
+            else:
+                self.trainer = Trainer.load(str(resume))
+        # as chgnet's Trainer.train does: the composition model (reference energies) stays fixed
+        for param in self.trainer.model.composition_model.parameters():
+            param.requires_grad = False
+
+    def load_data(self, train: tuple, val: tuple, replay: tuple) -> None:
+        """The (frames, energy labels) to train on, validate on and replay (one head: replay joins train)."""
+        s = self.s
+        joined = (train[0] + replay[0], np.concatenate([train[1], replay[1]]))
+        self.train_loader = _loader(chgnet_dataset(*joined, self.stress), s.batch_size, True, s.seed)
+        self.val_loader = _loader(chgnet_dataset(*val, self.stress), s.batch_size, False, s.seed)
+
+    def validate(self) -> dict:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return {k: float(v) for k, v in self.trainer._validate(self.val_loader).items()}
+
+    def train_epoch(self, epoch: int) -> dict:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return {k: float(v) for k, v in self.trainer._train(self.train_loader, epoch).items()}
+
+    def save_weights(self, path: Path, epoch: int) -> None:
+        _atomic_save({"model": self.trainer.model.as_dict()}, path)
+
+    def save_state(self, path: Path, epoch: int) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.trainer.save(filename=str(tmp))
+        os.replace(tmp, path)
+
+    def heads(self) -> tuple[list[str] | None, str | None]:
+        return None, None
+
+
+class _SevennetBackend:
+    """sevenn's ``Trainer`` on sevenn's graphs; a new head by sevenn's ``append_modal``.
+
+    Frames are tagged with the head (sevenn modal) they train: the defect frames with the base
+    model's head (``standard``, ``replay``) or the new one (``multihead``), replay frames always
+    with the base model's head. A model without heads (SevenNet-0) takes no tags.
+    """
+
+    family = "sevennet"
+
+    def __init__(self, base, s: FinetuneSettings, targets: str, frames: list[Atoms], resume: Path | None,
+                 work: Path, run_key: str):
+        import sevenn._keys as KEY
+        from sevenn.error_recorder import ErrorRecorder
+        from sevenn.train.loss import ForceLoss, PerAtomEnergyLoss, StressLoss
+        from sevenn.train.trainer import Trainer
+        from sevenn.util import load_checkpoint
+
+        self.KEY, self.run_key = KEY, run_key
+        quiet = contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO())
+        with warnings.catch_warnings(), quiet[0], quiet[1]:  # sevenn and PyG print as they load and build
+            warnings.simplefilter("ignore")
+            cp = load_checkpoint(str(resume or base.ref.weights_path))
+            config = cp.config
+            base_head = base.ref.head
+            if s.strategy == "multihead" and resume is None:
+                model, config = self._append_head(cp, s.head, base_head, frames, work)
+            else:
+                model = cp.build_model()
+        self.modal_map = config.get(KEY.MODAL_MAP) if config.get(KEY.USE_MODALITY) else None
+        self.base_head = base_head if self.modal_map else None
+        self.train_head = s.head if s.strategy == "multihead" else self.base_head
+        stress = targets == "efs"
+        config.update({
+            KEY.OPTIMIZER: "adam", KEY.OPTIM_PARAM: {"lr": s.lr}, KEY.SCHEDULER: "cosineannealinglr",
+            KEY.SCHEDULER_PARAM: {"T_max": s.epochs}, KEY.LOSS: "mse", KEY.LOSS_PARAM: {},
+            KEY.FORCE_WEIGHT: s.force_weight, KEY.STRESS_WEIGHT: s.stress_weight / 100.0,  # GPa -> kbar
+            KEY.IS_TRAIN_STRESS: stress, KEY.DEVICE: s.device, KEY.IS_DDP: False,
+            KEY.USE_WEIGHT: False,  # sevennet-mf-0 was trained with per-dataset weights; ours are equal
+            KEY.ERROR_RECORD: [["Energy", "MAE"], ["Force", "MAE"]] + ([["Stress", "MAE"]] if stress else []),
+        })
+        self.config = config
+        self.trainer = Trainer.from_config(model, config)
+        # sevenn's energy loss weighs 1; ours may not (its stress loss is in kbar: 1/100 of GPa²)
+        weights = {PerAtomEnergyLoss: s.energy_weight, ForceLoss: s.force_weight,
+                   StressLoss: s.stress_weight / 100.0}
+        self.trainer.loss_functions = [(ld, weights.get(type(ld), w))
+                                       for ld, w in self.trainer.loss_functions]
+        if resume is not None:
+            self.trainer.load_state_dicts(None, cp.optimizer_state_dict, cp.scheduler_state_dict)
+        self.recorder = ErrorRecorder.from_config(config)
+        self.s, self.stress, self.work = s, stress, work
+
+    def load_data(self, train: tuple, val: tuple, replay: tuple) -> None:
+        """The (frames, energy labels) to train and validate the trained head on, and to replay."""
+        import torch
+        from torch_geometric.loader import DataLoader
+
+        cutoff, s = self.config[self.KEY.CUTOFF], self.s
+        graphs = self._graphs(*train, cutoff, self.stress, self.train_head)
+        if replay[0]:
+            graphs += self._graphs(*replay, cutoff, self.stress, self.base_head)
+        g = torch.Generator().manual_seed(s.seed)
+        self.train_loader = DataLoader(graphs, batch_size=s.batch_size, shuffle=True, generator=g)
+        self.val_loader = DataLoader(self._graphs(*val, cutoff, self.stress, self.train_head),
+                                     batch_size=s.batch_size)
+
+    def start_model(self):
+        """The trained head as it starts (a new head: as ``append_modal`` made it), as a loaded model.
+
+        Saved once in the work folder, so a resumed run anchors its labels on the same energies.
+        """
+        from defectml.models import load_model
+
+        path = self.work / "start.pth"
+        if not path.is_file():
+            self.save_weights(path, 0)
+        return load_model(f"sevennet:{path}@{self.train_head}" if self.train_head else f"sevennet:{path}",
+                          self.s.device, self.s.threads)
+
+    @staticmethod
+    def _append_head(cp, head: str, base_head: str, frames: list[Atoms], work: Path):
+        """A new head by sevenn's ``append_modal``: shared layers as they are, shifted like ``base_head``."""
+        import copy
+
+        import sevenn._keys as KEY
+        import torch
+        from ase.io import write
+        from sevenn.model_build import build_E3_equivariant_model
+
+        src = cp.config
+        dst = copy.deepcopy(src)
+        for k in [k for k in dst if k.endswith("set_path") or k == KEY.SAVE_DATASET]:
+            dst.pop(k)
+        dst.pop(KEY.MODAL_MAP, None)
+        stats = work / "append_modal"
+        stats.mkdir(parents=True, exist_ok=True)
+        # sevenn computes a new head's statistics from a file of its frames (the shift and scale
+        # are then set to the base head's, below)
+        write(stats / "frames.extxyz", frames[:50])
+        files = [{"file": str(stats / "frames.extxyz")}]
+        dst[KEY.LOAD_TRAINSET] = [{"data_modality": head, "file_list": files}]
+        if dst.get(KEY.USE_MODAL_WISE_SHIFT):
+            dst[KEY.SHIFT] = "elemwise_reference_energies"
+        if dst.get(KEY.USE_MODAL_WISE_SCALE):
+            dst[KEY.SCALE] = "force_rms"
+        state = cp.append_modal(dst, original_modal_name=base_head, working_dir=str(stats))
+        dst.pop(KEY.LOAD_TRAINSET, None)
+        # The new head's per-element energy shift: the base head's (a defect cell's composition
+        # barely differs from its host's, so a shift fitted to it is ill-posed; anchored labels
+        # sit on the base head's energies anyway).
+        new, old = dst[KEY.MODAL_MAP][head], dst[KEY.MODAL_MAP][base_head]
+        for key, modal_wise in ((KEY.SHIFT, dst.get(KEY.USE_MODAL_WISE_SHIFT)),
+                                (KEY.SCALE, dst.get(KEY.USE_MODAL_WISE_SCALE))):
+            if modal_wise:
+                dst[key][head] = list(dst[key][base_head])
+                name = f"rescale_atomic_energy.{'shift' if key == KEY.SHIFT else 'scale'}"
+                with torch.no_grad():
+                    state[name][new] = state[name][old].clone()
+        model = build_E3_equivariant_model(dst)
+        model.load_state_dict(state, strict=True)
+        return model, dst
+
+    def _graphs(self, frames: list[Atoms], energies: np.ndarray, cutoff: float, stress: bool,
+                head: str | None) -> list:
+        from sevenn.atom_graph_data import AtomGraphData
+        from sevenn.train.dataload import atoms_to_graph
+
+        out = []
+        for f, e in zip(frames, energies, strict=True):
+            a = Atoms(f.numbers, f.positions, cell=f.cell, pbc=True)
+            results = {"energy": float(e), "forces": np.array(f.get_forces())}
+            if stress:
+                results["stress"] = np.array(f.get_stress(voigt=True))
+            a.calc = SinglePointCalculator(a, **results)
+            g = AtomGraphData.from_numpy_dict(
+                atoms_to_graph(a, cutoff, transfer_info=False, y_from_calc=True))
+            if head is not None:
+                g[self.KEY.DATA_MODALITY] = head
+            out.append(g)
+        return out
+
+    def _errors(self) -> dict:
+        cur = self.recorder.get_current()
+        self.recorder.epoch_forward()  # resets the running averages
+        out = {"e": float(cur["Energy_MAE"]["value"]), "f": float(cur["Force_MAE"]["value"])}
+        if "Stress_MAE" in cur:
+            out["s"] = float(cur["Stress_MAE"]["value"]) / 10.0  # kbar -> GPa, as chgnet reports
+        return out
+
+    def validate(self) -> dict:
+        self.trainer.run_one_epoch(self.val_loader, is_train=False, error_recorder=self.recorder)
+        return self._errors()
+
+    def train_epoch(self, epoch: int) -> dict:
+        self.trainer.run_one_epoch(self.train_loader, is_train=True, error_recorder=self.recorder)
+        self.trainer.scheduler_step()
+        return self._errors()
+
+    def _checkpoint(self, epoch: int, with_optimizer: bool) -> dict:
+        # sevenn's checkpoint layout (its calculator and load_checkpoint read it); "hash" and
+        # "time" are fixed by the run so that equal weights give equal bytes, hence equal keys
+        cp = self.trainer.get_checkpoint_dict()
+        return {"config": self.config, "epoch": epoch, "model_state_dict": cp["model_state_dict"],
+                "optimizer_state_dict": cp["optimizer_state_dict"] if with_optimizer else None,
+                "scheduler_state_dict": cp["scheduler_state_dict"] if with_optimizer else None,
+                "time": f"defectml run {self.run_key}", "hash": self.run_key}
+
+    def save_weights(self, path: Path, epoch: int) -> None:
+        _atomic_save(self._checkpoint(epoch, False), path)
+
+    def save_state(self, path: Path, epoch: int) -> None:
+        _atomic_save(self._checkpoint(epoch, True), path)
+
+    def heads(self) -> tuple[list[str] | None, str | None]:
+        return (list(self.modal_map), self.train_head) if self.modal_map else (None, None)
+
+
+def check_heads(ref, s: FinetuneSettings) -> None:
+    """Raise before any work if the strategy and ``ref``'s heads (SevenNet modals) do not fit."""
+    if ref.family != "sevennet":
+        return
+    try:
+        import sevenn._keys as KEY
+        from sevenn.util import load_checkpoint
+    except ImportError:
+        raise ModelError(f"fine-tuning {ref.label} needs sevenn: pip install 'defectml[sevennet]'") from None
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        config = load_checkpoint(str(ref.weights_path)).config
+    modal_map = config.get(KEY.MODAL_MAP) if config.get(KEY.USE_MODALITY) else None
+    if modal_map and ref.head is None:
+        raise ModelError(f"{ref.label} has heads ({', '.join(modal_map)}): name one, "
+                         f"e.g. --base {ref.source}@{next(iter(modal_map))}")
+    if modal_map and ref.head not in modal_map:
+        raise ModelError(f"{ref.label} has no head {ref.head!r} (heads: {', '.join(modal_map)})")
+    if s.strategy == "multihead":
+        if not modal_map:
+            raise ModelError(f"--strategy multihead needs a SevenNet with heads (sevennet-mf-0); "
+                             f"{ref.label} has one")
+        if s.head in modal_map:
+            raise InputError(f"--head {s.head}: {ref.label} already has a head of that name "
+                             f"({', '.join(modal_map)})")
+
+
+def _replay_frames(base, s: FinetuneSettings, elements: set[str], work: Path,
+                   log) -> tuple[list[Atoms], dict]:
+    """The replay frames (a file's, or base-labelled crystals cached in ``work``) and their description."""
+    from ase.io import write
+
+    from defectml.train.original_domain import CrystalSettings, base_labelled
+
+    if s.replay:
+        frames = read_frames(s.replay)
+        base.check_elements({sym for f in frames for sym in f.get_chemical_symbols()})
+        return frames, {"source": str(s.replay), "sha256": _sha256(s.replay), "frames": len(frames)}
+    cached = work / "replay.extxyz"
+    if cached.is_file():
+        frames = read_frames(cached)
+    else:
+        log(f"labelling replay crystals with {base.name} (self-distillation: these labels are the base "
+            "model's, not DFT)")
+        frames = base_labelled(base, "replay", CrystalSettings(variants=s.replay_variants, seed=s.seed),
+                               elements=elements)
+        tmp = cached.with_name(".replay.tmp.extxyz")
+        write(tmp, frames)
+        os.replace(tmp, cached)
+    return frames, {"source": "crystals labelled by the base model (self-distillation, not DFT)",
+                    "prototypes": sorted({f.info["host"].split(":", 1)[1] for f in frames}),
+                    "frames": len(frames)}
+
+
 def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSettings | None = None,
              log: Callable[[str], None] = lambda m: None) -> FinetuneResult:
     """Fine-tune ``s.base`` on the ``train`` frames, early-stopped on ``val``; write ``out``.
@@ -274,7 +592,7 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     Args:
         train: extxyz of training frames (``defectml dataset`` writes them).
         val: extxyz of validation frames (early stopping and the card's metrics).
-        out: The weights file to write (``.pth.tar``); its card goes beside it.
+        out: The weights file to write (CHGNet ``.pth.tar``, SevenNet ``.pth``); its card goes beside it.
         s: Settings.
         log: Progress messages.
 
@@ -282,11 +600,10 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
         The weights, the card and the per-epoch history.
 
     Raises:
-        InputError: empty or unreadable data. ModelError: a base model that cannot be fine-tuned
-            here, or elements it does not cover.
+        InputError: empty or unreadable data, a bad output name. ModelError: a base model that
+            cannot be fine-tuned here (or not with this strategy), or elements it does not cover.
     """
     import torch
-    from chgnet.trainer import Trainer
 
     from defectml.models import load_model, parse_model, set_threads
     from defectml.models.ref import card_path
@@ -294,70 +611,80 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     s = s or FinetuneSettings()
     s.validate()
     out = Path(out)
-    if not out.name.endswith(".pth.tar"):
-        raise InputError(f"--out {out}: CHGNet weights are written as NAME.pth.tar")
     ref = parse_model(s.base, s.device)
-    if ref.family != "chgnet":
-        raise ModelError(f"fine-tuning {ref.label} ({ref.family}) is not supported yet: use a CHGNet base "
-                         "(chgnet, chgnet-0.2.0, chgnet-r2scan or a CHGNet .pth.tar)")
+    if ref.family not in SUFFIX:
+        raise ModelError(f"fine-tuning {ref.label} ({ref.family}) is not supported: start from a CHGNet "
+                         "(chgnet, chgnet-0.2.0, chgnet-r2scan, a .pth.tar) or a SevenNet (sevennet-0, "
+                         "sevennet-l3i5, sevennet-mf-0, a .pth) model")
+    if not out.name.endswith(SUFFIX[ref.family]):
+        raise InputError(f"--out {out}: {ref.family} weights are written as NAME{SUFFIX[ref.family]}")
+    if s.strategy == "multihead" and ref.family != "sevennet":
+        raise ModelError(f"--strategy multihead needs a SevenNet base with heads (sevennet-mf-0); "
+                         f"{ref.label} has one output head: use --strategy replay")
     train_frames, val_frames = read_frames(train), read_frames(val)
+    check_heads(ref, s)
     base = load_model(ref, s.device, s.threads)
-    base.check_elements({sym for f in train_frames + val_frames for sym in f.get_chemical_symbols()})
+    elements = {sym for f in train_frames + val_frames for sym in f.get_chemical_symbols()}
+    base.check_elements(elements)
     set_threads(s.threads, s.device)
     torch.manual_seed(s.seed)
-    with_stress = all(f.calc is not None and "stress" in f.calc.results for f in train_frames + val_frames)
-    targets = "efs" if with_stress and s.stress_weight > 0 else "ef"
-    data_keys = [_sha256(train), _sha256(val)]
-    run_key = s.key(data_keys + [ref.key])
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    state_path, last_path, best_path = work / "state.json", work / "last.pth.tar", work / "best.pth.tar"
+    replay_frames, replay_info = ([], None) if s.strategy == "standard" else \
+        _replay_frames(base, s, elements, work, log)
+    everything = train_frames + val_frames + replay_frames
+    with_stress = all(f.calc is not None and f.calc.results.get("stress") is not None for f in everything)
+    targets = "efs" if with_stress and s.stress_weight > 0 else "ef"
+    data_keys = [_sha256(train), _sha256(val)] + ([_sha256(s.replay)] if s.replay else [])
+    run_key = s.key(data_keys + [ref.key])
+    state_path = work / "state.json"
+    last_path, best_path = work / f"last{SUFFIX[ref.family]}", work / f"best{SUFFIX[ref.family]}"
     state = json.loads(state_path.read_text()) if state_path.exists() else None
     if state is not None and state.get("run_key") != run_key:
         log(f"{work} holds another run (other data or settings): starting afresh")
         state = None
 
-    model = base.calculator.model
-    do_refit = s.energies == "absolute" and (
+    do_refit = s.energies == "absolute" and ref.family == "chgnet" and (
         s.refit_refs == "yes" or (s.refit_refs == "auto" and needs_refit(train_frames, ref.source)))
-    if s.energies == "anchored":  # with the untouched base model (a resume trains a loaded copy)
-        train_e, anchors = anchored_energies(train_frames, predicted_energies(model, train_frames))
-        val_e, _ = anchored_energies(val_frames, predicted_energies(model, val_frames))
+    if s.energies == "absolute" and ref.family != "chgnet" and s.refit_refs == "yes":
+        raise InputError("--refit-refs yes is for CHGNet bases (its per-element reference energies)")
+    fresh = state is None
+    shifts: dict = {} if fresh else state["refit_shifts"]
+    if fresh and do_refit:
+        shifts = refit_composition(base, train_frames)
+    if ref.family == "chgnet":
+        backend = _ChgnetBackend(base, s, targets, None if fresh else last_path)
     else:
-        train_e = np.array([f.get_potential_energy() for f in train_frames])
-        val_e, anchors = np.array([f.get_potential_energy() for f in val_frames]), {}
-    stress = targets == "efs"
-    train_loader = _loader(chgnet_dataset(train_frames, train_e, stress), s.batch_size, True, s.seed)
-    val_loader = _loader(chgnet_dataset(val_frames, val_e, stress), s.batch_size, False, s.seed)
-    with contextlib.redirect_stdout(io.StringIO()):  # chgnet prints as it builds, loads and checks
-        if state is None:
-            trainer = Trainer(model=model, targets=targets, energy_loss_ratio=s.energy_weight,
-                              force_loss_ratio=s.force_weight, stress_loss_ratio=s.stress_weight,
-                              optimizer="Adam", scheduler="CosLR", criterion="MSE", epochs=s.epochs,
-                              learning_rate=s.lr, use_device=s.device, print_freq=10**9,
-                              torch_seed=s.seed, data_seed=s.seed)
-            base_mae = {k: float(v) for k, v in trainer._validate(val_loader).items()}
-            shifts = refit_composition(model, train_frames) if do_refit else {}
-            refit_mae = {k: float(v) for k, v in trainer._validate(val_loader).items()} if do_refit else None
-            state = {"run_key": run_key, "epoch": 0, "best": None, "best_epoch": None, "stale": 0,
-                     "history": [], "val_base": base_mae, "val_after_refit": refit_mae,
-                     "refit_shifts": shifts}
-            fresh = True
-        else:
-            trainer = Trainer.load(str(last_path))
-            shifts = state["refit_shifts"]
-            fresh = False
+        backend = _SevennetBackend(base, s, targets, train_frames, None if fresh else last_path, work,
+                                   run_key)
+    if s.energies == "anchored":
+        # on the head being trained as it starts: the untouched base model, or a new head as
+        # sevenn appends it (a resume trains a loaded copy; the start is kept)
+        start = backend.start_model() if s.strategy == "multihead" else base
+        train_e, anchors = anchored_energies(train_frames, predicted_energies(start, train_frames))
+        val_e, _ = anchored_energies(val_frames, predicted_energies(start, val_frames))
+        # replay frames train the base model's head: anchored on it
+        replay_e = anchored_energies(replay_frames, predicted_energies(base, replay_frames))[0] \
+            if replay_frames else np.array([])
+    else:
+        train_e, val_e = (np.array([f.get_potential_energy() for f in fs])
+                          for fs in (train_frames, val_frames))
+        replay_e, anchors = np.array([f.get_potential_energy() for f in replay_frames]), {}
+    backend.load_data((train_frames, train_e), (val_frames, val_e), (replay_frames, replay_e))
     if fresh:
+        # the base's validation error (after the refit, where there is one; for a new head: the
+        # head as sevenn's append_modal starts it)
+        base_mae = backend.validate()
+        state = {"run_key": run_key, "epoch": 0, "best": None, "best_epoch": None, "stale": 0,
+                 "history": [], "val_base": base_mae, "val_after_refit": base_mae if do_refit else None,
+                 "refit_shifts": shifts}
         log(f"base {ref.label}: validation MAE energy {base_mae['e'] * 1000:.1f} meV/atom, forces "
             f"{base_mae.get('f', float('nan')) * 1000:.0f} meV/Å; training on {len(train_frames)} frames "
-            f"({targets}), {len(val_frames)} to validate")
-        if refit_mae is not None:
+            + (f"+ {len(replay_frames)} replay " if replay_frames else "")
+            + f"({targets}, {s.strategy}), {len(val_frames)} to validate")
+        if do_refit:
             listed = ", ".join(f"{k} {v:+.3f}" for k, v in shifts.items())
-            log(f"per-element reference energies refit ({listed} eV/atom): validation energy MAE "
-                f"{refit_mae['e'] * 1000:.1f} meV/atom")
-    # as chgnet's Trainer.train does: the composition model (reference energies) stays fixed
-    for param in trainer.model.composition_model.parameters():
-        param.requires_grad = False
+            log(f"per-element reference energies refit ({listed} eV/atom)")
 
     def score(mae: dict) -> float:
         # Anchored labels pin each group's mean to the base model: on groups never trained on,
@@ -374,25 +701,20 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
         if state["stale"] >= s.patience:
             break
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            tr = trainer._train(train_loader, epoch)
-            va = trainer._validate(val_loader)
-        tr, va = ({k: float(v) for k, v in d.items()} for d in (tr, va))
-        if not np.isfinite(va["e"]):
-            raise ModelError(f"fine-tuning diverged at epoch {epoch + 1} (validation loss not finite); "
+        tr = backend.train_epoch(epoch)
+        va = backend.validate()
+        if not np.isfinite(va["e"]) or not np.isfinite(va.get("f", 0.0)):
+            raise ModelError(f"fine-tuning diverged at epoch {epoch + 1} (validation error not finite); "
                              f"the best weights so far are in {best_path}")
         seconds = time.perf_counter() - t0
         state["history"].append({"epoch": epoch + 1, "train": tr, "val": va, "seconds": seconds})
         if state["best"] is None or score(va) < state["best"]:
             state.update(best=score(va), best_epoch=epoch, stale=0)
-            _atomic_save({"model": trainer.model.as_dict()}, best_path)
+            backend.save_weights(best_path, epoch + 1)
         else:
             state["stale"] += 1
         state["epoch"] = epoch + 1
-        with contextlib.redirect_stdout(io.StringIO()):
-            tmp = last_path.with_name(".last.tmp")
-            trainer.save(filename=str(tmp))
-            os.replace(tmp, last_path)
+        backend.save_state(last_path, epoch + 1)
         _write_json(state_path, state)
         log(f"epoch {epoch + 1}/{s.epochs}: val energy {va['e'] * 1000:.1f} meV/atom, forces "
             f"{va.get('f', float('nan')) * 1000:.0f} meV/Å ({seconds:.0f} s)"
@@ -400,10 +722,12 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     if state["best_epoch"] is None:
         raise ModelError("no epoch finished; nothing to write")
     best = state["history"][state["best_epoch"]]
+    heads, default_head = backend.heads()
     card = {
-        "family": "chgnet", "base_model": ref.label, "base_key": ref.key,
+        "family": ref.family, "base_model": ref.label, "base_key": ref.key,
         "elements": sorted({sym for f in train_frames for sym in f.get_chemical_symbols()}),
-        "heads": None, "charge_aware": False, "strategy": "standard",
+        "heads": heads, "default_head": default_head, "base_head": ref.head,
+        "charge_aware": False, "strategy": s.strategy, "replay": replay_info,
         "training_data_sha256": {"train": data_keys[0], "val": data_keys[1]},
         "functionals": sorted({str(f.info.get("functional", "")) for f in train_frames}),
         "targets": targets, "energies": s.energies, "anchor_shifts_eV": anchors,
