@@ -199,17 +199,18 @@ def write_results(a, work: Path, frames: dict) -> None:
            "--exclude-host)" if a.exclude_host else "") + ". At most "
         f"{a.epochs} epochs (patience {a.patience}), lr {a.lr}, batch {a.batch_size}, anchored energies.", "",
         "| model | strategy | held-out force MAE (meV/Å) | base | change | relative energy MAE (meV/atom) "
-        "| base | relaxations within 0.1 Å | base | original-domain error change | s/epoch (CPU) "
-        "| epochs (best) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| base | relaxations within 0.1 Å | base | original-domain error change | validation forces, "
+        "base → best (meV/Å) | s/epoch (CPU) | epochs (best) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for model, by in heldout.items():
         for strategy, e in by.items():
             lines.append(
                 f"| {model} | {strategy} | {e['force_mae'] * 1000:.0f} | {e['force_mae_base'] * 1000:.0f} | "
-                f"{pct(e['force_mae_change'])} | {e['relative_energy_mae_per_atom'] * 1000:.1f} | "
-                f"{e['relative_energy_mae_per_atom_base'] * 1000:.1f} | {frac(e['relax_within_0.1A'])} | "
+                f"{pct(e['force_mae_change'])} | {e['relative_energy_mae_per_atom'] * 1000:.3f} | "
+                f"{e['relative_energy_mae_per_atom_base'] * 1000:.3f} | {frac(e['relax_within_0.1A'])} | "
                 f"{frac(e['relax_within_0.1A_base'])} | {pct(e['original_domain_error_change'])} | "
+                f"{e['val_base']['f'] * 1000:.0f} → {e['val_best']['f'] * 1000:.0f} | "
                 f"{e['cpu_seconds_per_epoch']:.0f} | {e['epochs_run']} ({e['best_epoch']}) |")
     lines += ["", " ".join((
         "Original domain (force MAE, meV/Å, before → after): base-labelled crystals never trained on",

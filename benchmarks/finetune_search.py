@@ -42,7 +42,8 @@ def main() -> None:
     work = Path(a.work)
     bulk = next(fs for fs in read_extxyz(DATA / "ZnS.extxyz.gz") if fs.defect == "bulk").frames[0]
     host = to_structure(bulk).get_primitive_structure()
-    results = {}
+    previous = Path(a.out) / "finetune_search.json"  # searches of other models, kept
+    results = json.loads(previous.read_text())["results"] if previous.is_file() else {}
     for spec in a.models.split(","):
         spec = spec.format(work=work)
         if "/" in spec and not Path(spec.split("@")[0]).is_file():
@@ -57,6 +58,11 @@ def main() -> None:
                          "n_converged": summary["n_converged"], "minima": summary["minima"]}
         print(f"{name}: {len(summary['minima'])} minima, "
               f"{[m['label'] for m in summary['minima']]}", flush=True)
+        write(a, results)
+
+
+def write(a, results: dict) -> None:
+    """JSON and Markdown of the searches so far."""
     doc = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, {a.threads} torch threads",
            "host": "ZnS (defect-dft bulk cell, primitive)", "defect": "v_S", "charge": 0, "results": results}
     out = Path(a.out)
@@ -69,7 +75,7 @@ def main() -> None:
     for name, r in results.items():
         ms = r["minima"]
         others = "; ".join(f"{m['delta_e_eV']:+.3f}: {m['label']}" for m in ms[1:]) or "none"
-        lowest = f"{ms[0]['label']} (trials {', '.join(ms[0]['trials'])})" if ms else "none"
+        lowest = f"{ms[0]['label']} ({len(ms[0]['trials'])} trials)" if ms else "none"
         lines.append(f"| {name} | {r['n_trials']} ({r['n_converged']}) | {len(ms)} | {lowest} | {others} | "
                      f"{r['seconds']:.0f} |")
     (out / "finetune_search.md").write_text("\n".join(lines) + "\n")

@@ -381,6 +381,13 @@ class _SevennetBackend:
                 model, config = self._append_head(cp, s.head, base_head, frames, work)
             else:
                 model = cp.build_model()
+        # The weights written below are the built model's, in this sevenn's layout; a checkpoint
+        # keeping an older "version" would have them converted again on loading (sevenn's
+        # backward-compatibility patch), scrambling them: seen as a 0.21 eV/Å force drift after
+        # a fine-tune at lr 1e-12 of SevenNet-0 (written by sevenn 0.9).
+        import sevenn
+
+        config["version"] = sevenn.__version__
         self.modal_map = config.get(KEY.MODAL_MAP) if config.get(KEY.USE_MODALITY) else None
         self.base_head = base_head if self.modal_map else None
         self.train_head = s.head if s.strategy == "multihead" else self.base_head
