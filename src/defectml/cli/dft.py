@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from defectml.cli.common import add_analysis_args, open_store, run_folder, run_key, soap
+from defectml.cli.common import add_analysis_args, add_run_arg, open_store, run_folder, run_key, soap
 from defectml.errors import InputError
 
 
@@ -68,6 +68,62 @@ def add_parsers(sub) -> None:
     ev.add_argument("--window", type=float, default=0.5, help="shortlist energy window, eV (0.5)")
     ev.add_argument("--out", default=None, help="where to write evaluation.json/.png (RUN)")
     add_analysis_args(ev)
+
+    lp = sub.add_parser(
+        "loop", help="the active loop: DFT where the model is unsure, learn from it, repeat",
+        description="From a finished search: each round picks --k trials per defect and charge for "
+                    "DFT (by --rule), asks the oracle, fine-tunes a committee of models from the last "
+                    "one on every DFT answer so far, re-relaxes every trial with it and scores each "
+                    "minimum by the committee's spread. A defect is finished when its DFT lowest has "
+                    "not changed for --patience rounds, the model's lowest minimum holds DFT and no "
+                    "untrusted minimum lies within --window; or when --budget DFT relaxations are "
+                    "spent. Oracles: replay:DIR (a finished ShakeNBreak DFT search, answered by trial "
+                    "name, for benchmarks), folder:DIR (VASP inputs written there; run them, then run "
+                    "the loop again to read the results), calculator:gpaw|xtb|emt (relaxed here; xtb "
+                    "is GFN1-xTB, a stand-in for DFT). Every round is stored; a killed loop resumes.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    lp.add_argument("run", help="the search (folder, results.db or URL)")
+    lp.add_argument("--oracle", required=True,
+                    help="replay:DIR, folder:DIR or calculator:NAME (gpaw, xtb, emt)")
+    lp.add_argument("--out", default=None, help="loop state and models (default: RUN/loop)")
+    lp.add_argument("--defect", default=None,
+                    help="only these defect labels, comma-separated (e.g. Mg_O_0,Mg_O_+2; default: all)")
+    lp.add_argument("--k", type=int, default=2, help="DFT relaxations per defect and charge per round")
+    lp.add_argument("--rule", choices=("lowest", "unvisited", "uncertain", "mix"), default="mix",
+                    help="which trials go to DFT: lowest predicted energy; one per minimum without DFT; "
+                         "the most uncertain such minima; or alternately the last two")
+    lp.add_argument("--budget", type=int, default=None, help="DFT relaxations in all (default: no limit)")
+    lp.add_argument("--max-rounds", type=int, default=6, help="rounds at most")
+    lp.add_argument("--patience", type=int, default=1, help="rounds the DFT lowest must stay unchanged")
+    lp.add_argument("--tolerance", type=float, default=0.05,
+                    help="a new DFT lowest counts as a change when this much lower, eV")
+    lp.add_argument("--window", type=float, default=0.5,
+                    help="minima within this many eV of the lowest must hold DFT or be trusted")
+    lp.add_argument("--threshold", type=float, default=0.05,
+                    help="committee force spread (eV/Å) above which a minimum is untrusted")
+    lp.add_argument("--committee", type=int, default=3, help="models per round (1: no trust score)")
+    lp.add_argument("--base", default=None,
+                    help="model round 1 starts from (default: the search's model; CHGNet or SevenNet)")
+    lp.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs at most, per round")
+    lp.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
+    lp.add_argument("--energy-weight", type=float, default=10.0,
+                    help="loss weight of energies (a 1 eV defect energy is ~5 meV/atom in 200 atoms)")
+    lp.add_argument("--strategy", choices=("standard", "replay"), default="standard",
+                    help="fine-tuning strategy (replay: base-labelled crystals mixed in)")
+    lp.add_argument("--frames-per-relaxation", type=int, default=5,
+                    help="trajectory frames learnt per DFT relaxation, besides its end point")
+    lp.add_argument("--fmax", type=float, default=0.05, help="force threshold of every relaxation, eV/Å")
+    lp.add_argument("--max-steps", type=int, default=1500, help="step limit of the MLIP relaxations")
+    lp.add_argument("--oracle-steps", type=int, default=300, help="step limit of a calculator oracle")
+    lp.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+                    help="relax every trial to the end (default: stop in a known basin)")
+    lp.add_argument("--seed", type=int, default=0, help="committee seeds and hold-out draws")
+    lp.add_argument("--device", default="cpu", help="cpu or cuda")
+    lp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    add_run_arg(lp)
+    lp.add_argument("--json", action="store_true", help="print the loop's record as JSON")
+    lp.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
 
 
 def cmd_shortlist(a: argparse.Namespace) -> int:
@@ -168,3 +224,49 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     parity_plot(rows, out / "evaluation_parity.png")
     print(json.dumps(doc, indent=2) if a.json else table(rows, summary), end="")
     return 0
+
+
+def cmd_loop(a: argparse.Namespace) -> int:
+    """`defectml loop`: the active loop on a finished search."""
+    from defectml.cli.common import messages
+    from defectml.dft.loop import LoopSettings, run_loop
+    from defectml.dft.oracle import parse_oracle
+
+    s = LoopSettings.from_options(a)  # bad numbers fail before anything is opened
+    oracle = parse_oracle(a.oracle, a.fmax, a.oracle_steps)
+    store = open_store(a.run)
+    key = run_key(store, a.run, a.run_key)
+    only = {x.strip() for x in a.defect.split(",") if x.strip()} if a.defect else None
+    out = Path(a.out) if a.out else run_folder(a.run) / "loop"
+    say = messages(a.quiet)
+    result = run_loop(store, key, oracle, s, out, only=only, log=say, progress=not a.quiet)
+    if a.json:
+        print(json.dumps(json.loads((out / "loop.json").read_text()), indent=2))
+    else:
+        print(loop_table(result))
+    if result.status == "waiting":
+        print(f"waiting for {len(result.pending)} DFT result(s):", file=sys.stderr)
+        for p in result.pending:
+            print(f"  {p}", file=sys.stderr)
+        print("put vasprun.xml/OUTCAR (or result.extxyz) there, then run the same command again",
+              file=sys.stderr)
+    return 0
+
+
+def loop_table(result) -> str:
+    """Rounds, picks and where each defect stands, for people."""
+    lines = [f"loop {result.status}: {result.reason} ({result.dft_relaxations} DFT relaxations asked)"]
+    for rd in result.rounds:
+        asked = "; ".join(f"{lb}: {', '.join(p)}" for lb, p in rd.get("picks", {}).items() if p)
+        lines.append(f"round {rd['round']}: asked {asked or 'nothing'}")
+        for lb, it in rd.get("items", {}).items():
+            low = it.get("dft_lowest")
+            best = f"DFT lowest {low['trial']} {low['energy_eV']:.3f} eV" if low else "no DFT answer"
+            lines.append(f"  {lb}: {best}; {'finished: ' if it['finished'] else ''}{it['reason']}")
+            for m in it.get("minima", [])[:6]:
+                spread = m["trust"]["force"]
+                trust = "no committee" if spread is None else f"spread {spread * 1000:.0f} meV/Å"
+                flag = " UNTRUSTED" if m["untrusted"] and not m["visited"] else ""
+                lines.append(f"    {m['delta_e_eV']:+.3f} eV  {m['label']:<32} "
+                             f"{'DFT' if m['visited'] else '   '}  {trust}{flag}")
+    return "\n".join(lines)
