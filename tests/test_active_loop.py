@@ -214,6 +214,14 @@ def test_loop_learns_from_an_oracle_stores_every_round_and_resumes(chgnet_vacanc
                if r.get("energy") is not None)
     minima = rd["items"]["v_Cu_0"]["minima"]
     assert any(m["visited"] for m in minima)
+    # show: the loop's landscape carries its committee spread; the universal model's cannot
+    from defectml.search.report import table
+    from defectml.search.summary import summarise
+
+    scored = table(summarise(store, rd["ml_key"]))
+    assert "meV/Å" in scored and "spread" in scored and "not scored" not in scored
+    assert "a universal model cannot score itself" in table(summarise(store, key))
+    assert summarise(store, rd["ml_key"])[0].to_dict()["minima"][0]["trust"]["members"] == 2
     # resume with a larger round limit: round 1 is not redone (same models, same DFT row)
     mtimes = [Path(m).stat().st_mtime for m in rd["models"]]
     second = run_loop(store, key, oracle, LoopSettings(k=1, rule="lowest", committee=2, epochs=1,
@@ -248,3 +256,16 @@ def test_loop_cli_bad_input(emt_vacancy_run, capsys):
     code = main(["loop", str(emt_vacancy_run), "--oracle", "calculator:emt", "--base", "chgnet",
                  "--defect", "v_Zn_0"])
     assert code == 2 and "v_Zn_0: not in run" in capsys.readouterr().err
+
+
+def test_xtb_oracle_is_a_real_calculation_with_the_cell_charge():
+    pytest.importorskip("tblite")
+    atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    oracle = parse_oracle("calculator:xtb", fmax=0.1, max_steps=3)
+    assert "stand-in" in oracle.theory
+    neutral, charged = oracle.ask([Request("bulk", 0, "A", atoms), Request("bulk", 1, "A", atoms)])[0]
+    assert neutral.status != "failed" and charged.status != "failed", (neutral.reason, charged.reason)
+    assert len(neutral.frames) >= 2 and neutral.frames[-1].get_forces().shape == (8, 3)
+    # one electron fewer: another energy on the same structure
+    assert abs(neutral.frames[0].get_potential_energy() - charged.frames[0].get_potential_energy()) > 1.0

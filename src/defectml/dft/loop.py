@@ -79,6 +79,8 @@ class LoopSettings:
         base: The model round 1 starts from (default: the search's model).
         epochs, lr, energy_weight, force_weight, batch_size, train_patience, strategy: Fine-tuning
             settings (energy weighted up: a 1 eV defect energy is ~5 meV/atom in a 200-atom cell).
+        max_batch_atoms: Fewer frames per training batch when they are large (a batch of 216-atom
+            MgO cells costs CHGNet several GB each): at most this many atoms, at least one frame.
         frames_per_relaxation: Trajectory frames learnt per DFT relaxation (besides its end point).
         holdout: Share of DFT relaxations held back for early stopping (with four or more).
         fmax, max_steps: The MLIP relaxations' force threshold (eV/Å) and step limit.
@@ -102,6 +104,7 @@ class LoopSettings:
     energy_weight: float = 10.0
     force_weight: float = 1.0
     batch_size: int = 4
+    max_batch_atoms: int = 256
     train_patience: int = 5
     strategy: str = "standard"
     frames_per_relaxation: int = 5
@@ -144,11 +147,12 @@ class LoopSettings:
             d.pop(name)
         return content_key(d)
 
-    def finetune(self, base: str, seed: int):
-        """The fine-tuning settings of one round."""
+    def finetune(self, base: str, seed: int, n_atoms: int = 0):
+        """The fine-tuning settings of one round (frames of ``n_atoms`` atoms)."""
         from defectml.train.finetune import FinetuneSettings
 
-        return FinetuneSettings(base=base, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+        batch = min(self.batch_size, max(1, self.max_batch_atoms // max(n_atoms, 1)))
+        return FinetuneSettings(base=base, epochs=self.epochs, lr=self.lr, batch_size=batch,
                                 energy_weight=self.energy_weight, force_weight=self.force_weight,
                                 patience=self.train_patience, strategy=self.strategy, seed=seed,
                                 device=self.device, threads=self.threads)
@@ -469,7 +473,8 @@ class _Loop:
                 write(tmp, part, format="extxyz")
                 os.replace(tmp, path)
         paths = train_committee(folder / "train.extxyz", folder / "val.extxyz", folder / "models",
-                                self.s.finetune(base, self.s.seed), self.s.committee, log=self.log)
+                                self.s.finetune(base, self.s.seed, max(len(f) for f in frames)),
+                                self.s.committee, log=self.log)
         return paths, {"frames": len(train), "val_frames": len(val), "relaxations": len(ids),
                        "validation": note}
 

@@ -38,6 +38,7 @@ class RelaxedTrial:
     reason: str = ""
     steps: int = 0
     basin_of: str | None = None
+    trust: dict | None = None  # a committee's spread on it (``defectml.train.committee.Trust``)
 
     def centre(self) -> np.ndarray:
         """Defect-site position in the relaxed structure (the defect atom follows its atom)."""

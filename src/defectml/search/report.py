@@ -22,13 +22,24 @@ def table(summaries: list[DefectSummary]) -> str:
         lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<{width}} trials")
         for m in s.minima:
             names = ", ".join(_short(t) for t in m.trials)
-            lines.append(f"  {m.rank:>2}  {m.delta_e:>+8.3f}  {m.label:<{width}} {names}")
+            lines.append(f"  {m.rank:>2}  {m.delta_e:>+8.3f}  {m.label:<{width}} {names}{_trust(s, m)}")
         for t, reason in s.quarantined:
             lines.append(f"   !  quarantined {t.name}: {reason}")
         if not s.minima:
             lines.append("      no converged relaxation to rank")
         lines.append("")
+    if summaries and not any(s.scored for s in summaries):
+        lines.append("trust: not scored (one model, not a committee: a universal model cannot score "
+                     "itself; `defectml loop` trains committees that do)")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _trust(s: DefectSummary, m) -> str:
+    t = s.trust(m)
+    if t is None:
+        return ""
+    flag = "  UNTRUSTED" if s.untrusted(m) else ""
+    return f"  [spread {t['force'] * 1000:.0f} meV/Å{flag}]"
 
 
 def _short(trial: str) -> str:
@@ -109,7 +120,8 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
                     fontsize=8)
     ax.axhline(0.0, color="grey", ls="--", lw=1, label="Unperturbed")
     for m in summary.minima[:10]:
-        ax.scatter([], [], color=cmap(m.rank % 10), label=f"#{m.rank}: {m.label}")
+        flag = " (untrusted)" if summary.untrusted(m) else ""
+        ax.scatter([], [], color=cmap(m.rank % 10), label=f"#{m.rank}: {m.label}{flag}")
     ax.set_xlabel("Bond distortion (%)")
     ax.set_ylabel("Energy relative to unperturbed (eV)")
     ax.set_title(f"{summary.label} ({summary.model})")

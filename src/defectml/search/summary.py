@@ -49,6 +49,23 @@ class DefectSummary:
         """Folder label, e.g. ``v_Cd_0``."""
         return charge_label(self.defect, self.charge)
 
+    def trust(self, minimum: Minimum) -> dict | None:
+        """The committee spread on a minimum's representative relaxation (``None``: no committee)."""
+        t = next((t.trust for t in self.trials if t.name == minimum.trial), None)
+        return t if t and t.get("force") is not None else None
+
+    def untrusted(self, minimum: Minimum, threshold: float | None = None) -> bool | None:
+        """Whether a minimum's committee spread exceeds ``threshold`` (``None``: cannot say)."""
+        from defectml.train.committee import DEFAULT_THRESHOLD
+
+        t = self.trust(minimum)
+        return None if t is None else t["force"] > (DEFAULT_THRESHOLD if threshold is None else threshold)
+
+    @property
+    def scored(self) -> bool:
+        """Whether a committee scored these relaxations."""
+        return any(t.trust and t.trust.get("force") is not None for t in self.trials)
+
     def to_dict(self) -> dict:
         """JSON-ready summary (structures as file names are added by the report)."""
         return {
@@ -68,6 +85,8 @@ class DefectSummary:
                     "symmetry": m.symmetry,
                     "bonds": [{"pair": f"{a}-{b}", "length_A": d} for a, b, d in m.bonds],
                     "contains_unperturbed": m.contains_unperturbed,
+                    "trust": self.trust(m),
+                    "untrusted": self.untrusted(m),
                 }
                 for m in self.minima
             ],
@@ -203,4 +222,5 @@ def relaxed_trial_from_row(row) -> RelaxedTrial:
         reason=row.data.get("reason", ""),
         steps=int(row.steps),
         basin_of=row.data.get("basin_of"),
+        trust=row.data.get("trust"),
     )
