@@ -54,9 +54,11 @@ def test_members_resample_relaxations_and_member_zero_keeps_all():
 
 
 # --- picking and stopping ---------------------------------------------------------------------
-def _summary(energies: dict[str, float], minima: list[list[str]]) -> DefectSummary:
+def _summary(energies: dict[str, float], minima: list[list[str]],
+             distortions: dict[str, float] | None = None) -> DefectSummary:
     atoms = Atoms("H", [[0, 0, 0]], cell=[5, 5, 5], pbc=True)
-    trials = [RelaxedTrial(n, "converged", e, atoms, np.zeros(3), None) for n, e in energies.items()]
+    trials = [RelaxedTrial(n, "converged", e, atoms, np.zeros(3), None, (distortions or {}).get(n))
+              for n, e in energies.items()]
     ms = []
     for rank, names in enumerate(sorted(minima, key=lambda g: min(energies[n] for n in g))):
         rep = min(names, key=lambda n: energies[n])
@@ -82,6 +84,15 @@ def test_rules_pick_what_they_say():
     # without a committee, "uncertain" falls back to the unvisited order
     assert choose(s, {}, set(), 2, "uncertain") == ["A", "C"]
     assert choose(s, trust, set(ENERGIES), 2, "mix") == []
+
+
+def test_a_model_that_folds_every_trial_into_one_minimum_still_gets_k_diverse_picks():
+    e = {"Unperturbed": -1.0, "Bond_Distortion_-30.0%": -0.99, "Bond_Distortion_60.0%": -0.98,
+         "Rattled": -0.97}
+    d = {"Bond_Distortion_-30.0%": -0.3, "Bond_Distortion_60.0%": 0.6, "Rattled": 0.0}
+    s = _summary(e, [list(e)], d)
+    assert choose(s, {}, set(), 2, "mix") == ["Unperturbed", "Bond_Distortion_60.0%"]
+    assert choose(s, {}, {"Unperturbed", "Bond_Distortion_60.0%"}, 1, "mix") == ["Bond_Distortion_-30.0%"]
 
 
 def test_dft_lowest_history():

@@ -31,6 +31,9 @@ Rules for picking (``rule``):
   committee, as ``unvisited``);
 * ``mix``: alternately ``unvisited`` and ``uncertain``.
 
+When a rule yields fewer than ``k`` (a model that misses a reconstruction folds most trials into
+one minimum), the rest are the trials whose bond distortion lies farthest from every one asked.
+
 State lives in ``OUT/loop.json`` (the rounds, their picks, models and assessments) and the store
 (every relaxation, keyed). A killed loop resumes at the step it was in: answers already stored are
 not asked again, committee members already written are not retrained, relaxations already
@@ -196,10 +199,21 @@ def choose(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], k: 
         order = [t for pair in zip(unvisited, uncertain, strict=True) for t in pair]
     picked: list[str] = []
     for t in order:
-        if t not in picked:
-            picked.append(t)
         if len(picked) == k:
             break
+        if t not in picked:
+            picked.append(t)
+    # Fewer than k from the rule (the model folds most trials into few minima, which is what a
+    # model that misses a reconstruction does): fill up with the trials whose bond distortion is
+    # farthest from every one asked or picked, ShakeNBreak's reason for trying many distortions.
+    distortion = {t.name: t.distortion or 0.0 for t in summary.trials}
+    rest = [n for n in askable(energy) if n not in picked]
+    while len(picked) < k and rest:
+        seen = [distortion.get(n, 0.0) for n in (*asked, *picked) if not n.startswith(DFT_PREFIX)]
+        far = max(rest, key=lambda n: (min((abs(distortion[n] - d) for d in seen), default=0.0),
+                                       -energy[n]))
+        picked.append(far)
+        rest.remove(far)
     return picked
 
 
