@@ -221,9 +221,9 @@ def live(work: Path, threads: int | None, log) -> dict:
            "oracle": "tblite GFN1-xTB (a stand-in for DFT)", "search_seconds": round(search_s, 1),
            "loop_seconds": round(time.perf_counter() - t0, 1), "status": r.status, "reason": r.reason,
            "dft_relaxations": r.dft_relaxations,
-           "rounds": [{"round": rd["round"], "picks": rd.get("picks"), "oracle_seconds": rd.get("oracle_seconds"),
-                       "training": rd.get("training"), "assessment": {k: v["reason"] for k, v in
-                                                                     rd.get("items", {}).items()}}
+           "rounds": [{"round": rd["round"], "picks": rd.get("picks"),
+                       "oracle_seconds": rd.get("oracle_seconds"), "training": rd.get("training"),
+                       "assessment": {k: v["reason"] for k, v in rd.get("items", {}).items()}}
                       for rd in r.rounds]}
     cache.write_text(json.dumps(doc, indent=2, default=str))
     return doc
@@ -275,22 +275,23 @@ def markdown(doc: dict) -> str:
         lines.append("")
     cal = doc.get("calibration")
     if cal:
+        ew = cal["energy_within_relaxation"]
         lines += ["## Trust score calibration (GaN, held-out frames)", "",
                   f"{cal['train']}; tested on {cal['test']}.", "",
                   f"- force spread vs force error per frame: Spearman {_f(cal['force']['spearman'])}, "
                   f"Pearson {_f(cal['force']['pearson'])} (n = {cal['force']['n']})",
                   f"- energy spread vs relative-energy error within relaxations: Spearman "
-                  f"{_f(cal['energy_within_relaxation']['spearman'])} (n = {cal['energy_within_relaxation']['n']})",
-                  f"- median force spread {cal['force_spread_eV_A']['median'] * 1000:.1f} meV/Å; median force "
-                  f"error {cal['force_mae_eV_A']['median'] * 1000:.0f} meV/Å", ""]
+                  f"{_f(ew['spearman'])} (n = {ew['n']})",
+                  f"- median force spread {cal['force_spread_eV_A']['median'] * 1000:.1f} meV/Å; "
+                  f"median force error {cal['force_mae_eV_A']['median'] * 1000:.0f} meV/Å", ""]
     lv = doc.get("live")
     if lv:
         lines += ["## A live loop", "", f"{lv['defect']} in {lv['host']}, oracle {lv['oracle']}: "
                   f"{lv['status']} after {lv['dft_relaxations']} oracle relaxations ({lv['reason']}); "
                   f"search {lv['search_seconds']:.0f} s, loop {lv['loop_seconds']:.0f} s.", ""]
         for rd in lv["rounds"]:
-            lines.append(f"- round {rd['round']}: asked {rd['picks']}; oracle {rd['oracle_seconds'] or 0:.0f} s; "
-                         f"{rd['assessment']}")
+            lines.append(f"- round {rd['round']}: asked {rd['picks']}; "
+                         f"oracle {rd['oracle_seconds'] or 0:.0f} s; {rd['assessment']}")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -317,8 +318,9 @@ def main() -> None:
         for q in [int(x) for x in a.charges.split(",")]:
             doc = mgo_charge(q, work / "mgo", a.threads, log)
             merge("mgo", {str(q): doc})
-            log(f"{doc['label']}: loop found GS {doc['loop_found_gs']} after {doc['loop_dft_relaxations']} "
-                f"(stopped after {doc['loop_dft_relaxations_until_stop']}); shortlist {doc['shortlist_found_gs']}")
+            log(f"{doc['label']}: loop found GS {doc['loop_found_gs']} after "
+                f"{doc['loop_dft_relaxations']} (stopped after {doc['loop_dft_relaxations_until_stop']}); "
+                f"shortlist {doc['shortlist_found_gs']}")
     elif a.part == "calibration":
         merge("calibration", calibration(work, a.threads, log))
     else:

@@ -256,6 +256,22 @@ def test_loop_cli_folder_oracle_waits_for_results(chgnet_vacancy_run, tmp_path, 
     assert "waiting for 1 DFT result" in err and str(tmp_path / "dft" / "v_Cu_0") in err
     state = json.loads((out / "loop.json").read_text())
     assert state["status"]["status"] == "waiting" and not state["rounds"][0].get("answered")
+    # the user runs the calculation there; the same command reads it and goes on
+    from ase.io import read, write
+
+    (pending,) = [p for p in (tmp_path / "dft" / "v_Cu_0").iterdir()]
+    relaxed = read(pending / "start.extxyz")
+    relaxed.calc = EMT()
+    relaxed.get_forces()
+    write(pending / "result.extxyz", relaxed)
+    code = main(["loop", str(run), "--run", key, "--oracle", f"folder:{tmp_path / 'dft'}", "--k", "1",
+                 "--rule", "lowest", "--committee", "1", "--epochs", "1", "--max-rounds", "1",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round 1: asked v_Cu_0: " + pending.name in printed and "no committee" in printed
+    state = json.loads((out / "loop.json").read_text())
+    assert state["rounds"][0]["answered"] and state["status"]["status"] in ("stopped", "finished")
 
 
 def test_loop_cli_bad_input(emt_vacancy_run, capsys):

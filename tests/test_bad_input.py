@@ -21,7 +21,7 @@ def test_bad_structure_file(tmp_path, capsys, content):
     path = tmp_path / "host.cif"
     if content is not None:
         path.write_text(content)
-    code, err = _run(capsys, "search", str(path), "--out", str(tmp_path / "o"), *EMT)
+    code, err = _run(capsys, "search", str(path), "--defect", "v_Cu", "--out", str(tmp_path / "o"), *EMT)
     assert code == 2 and len(err) == 1 and err[0].startswith("defectml: error:")
 
 
@@ -47,7 +47,7 @@ def test_substituent_not_covered_by_model(tmp_path, capsys, copper_cif):
 
 
 def test_unknown_model(tmp_path, capsys, copper_cif):
-    code, err = _run(capsys, "search", str(copper_cif), "--model", "nonsense",
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--model", "nonsense",
                      "--out", str(tmp_path / "o"), "--quiet")
     assert code == 2 and "unknown model 'nonsense'" in err[0]
 
@@ -59,7 +59,7 @@ def test_impossible_charge(tmp_path, capsys, copper_cif):
 
 
 def test_unparsable_charge(tmp_path, capsys, copper_cif):
-    code, err = _run(capsys, "search", str(copper_cif), "--charge", "one",
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--charge", "one",
                      "--out", str(tmp_path / "o"), *EMT)
     assert code == 2 and "cannot parse --charge" in err[0]
 
@@ -100,7 +100,7 @@ def test_non_ase_sqlite_database(tmp_path, capsys, copper_cif):
     con.execute("CREATE TABLE other (x)")
     con.commit()
     con.close()
-    code, err = _run(capsys, "search", str(copper_cif), "--out", str(out), *EMT)
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--out", str(out), *EMT)
     assert code == 2 and "not an ASE database" in err[0] or "corrupted" in err[0]
 
 
@@ -121,3 +121,28 @@ def test_error_after_work_keeps_finished_results(tmp_path, capsys, copper_cif):
                      "--out", str(out), *EMT)
     assert code == 2
     assert ResultStore(out / "results.db").count(kind="relaxation") == before > 0
+
+
+def test_overlapping_atoms_are_refused_before_any_work(tmp_path, capsys):
+    from pymatgen.core import Lattice, Structure
+
+    cif = tmp_path / "bad.cif"
+    Structure(Lattice.cubic(3.61), ["Cu", "Cu"], [[0, 0, 0], [0.02, 0, 0]]).to(filename=str(cif))
+    out = tmp_path / "o"
+    code, err = _run(capsys, "search", str(cif), "--defect", "v_Cu", "--out", str(out), *EMT)
+    assert code == 2 and len(err) == 1 and "overlapping atoms" in err[0] and "0.07 Å apart" in err[0]
+    assert not out.exists()  # refused before a folder or database was made
+
+
+def test_search_needs_defect_named(tmp_path, capsys, copper_cif):
+    with pytest.raises(SystemExit) as exc:
+        main(["search", str(copper_cif), "--out", str(tmp_path / "o"), *EMT])
+    assert exc.value.code == 2 and "--defect" in capsys.readouterr().err
+
+
+def test_supercell_too_large_is_refused_before_the_host_is_relaxed(tmp_path, capsys, copper_cif):
+    out = tmp_path / "o"
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--min-length", "1000",
+                     "--out", str(out), "--model", "emt", "--quiet")
+    assert code == 2 and len(err) == 1 and "no supercell" in err[0]
+    assert not out.exists()

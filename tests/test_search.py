@@ -134,3 +134,20 @@ def test_model_element_coverage():
     chgnet.check_elements({"Cd", "Te", "Pu"})
     with pytest.raises(__import__("defectml").ModelError, match="Am"):
         chgnet.check_elements({"Am"})
+
+
+def test_the_plan_is_printed_and_the_supercell_is_in_the_summary(tmp_path, copper_cif, capsys):
+    from defectml.cli import main
+
+    out = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--charge", "0", "--model", "emt",
+                 "--min-length", "7", "--distortions", "-0.3,0.3", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    # a metal's vacancy has no excess electrons: no bond-distortion trials, three in all
+    assert "plan: 1 defect(s), 1 defect charge state(s), 3 relaxation(s) with emt" in err
+    assert ("v_Cu: charges 0; 3 trials each; supercell [[-2 -2 2], [-2 2 -2], [2 -2 -2]] (31 atoms, "
+            "periodic images 7.18 Å apart)") in err
+    assert "first relaxation:" in err and "may take about" in err
+    (entry,) = json.loads((out / "summary.json").read_text())["defects"]
+    assert entry["supercell"] == {"matrix": [[-2, -2, 2], [-2, 2, -2], [2, -2, -2]], "atoms": 31,
+                                  "min_image_distance_A": 7.179}

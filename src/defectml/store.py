@@ -74,10 +74,21 @@ class ResultStore:
     """
 
     def __init__(self, target: str | Path):
-        import ase.db
-
         self.target = str(target)
         self._locked = False
+        # a new SQLite file seen while another process is still creating its tables: wait for it
+        for attempt in range(20):
+            try:
+                self._open(target)
+                break
+            except StoreError as exc:
+                if attempt == 19 or is_url(target) or not _being_created(str(exc)):
+                    raise
+                time.sleep(0.25)
+
+    def _open(self, target: str | Path) -> None:
+        import ase.db
+
         if not is_url(target):
             path = Path(target)
             try:
@@ -225,6 +236,11 @@ class ResultStore:
 _LOCKS: dict[Path, list] = {}  # lock file -> [open file, holders in this process]
 
 
+def _being_created(message: str) -> bool:
+    """Whether an open failed because another process has not finished creating the tables."""
+    return "no such table" in message or "no tables yet" in message
+
+
 def _lock_path(db: Path) -> Path:
     return db.with_name(db.name + ".lock")
 
@@ -281,6 +297,8 @@ def _check_sqlite(path: Path) -> None:
             con.execute("PRAGMA quick_check").fetchone()
         finally:
             con.close()
+        if not tables:
+            raise sqlite3.DatabaseError("no tables yet")
         if "systems" not in tables:
             raise sqlite3.DatabaseError("no ASE 'systems' table")
     except (sqlite3.DatabaseError, OSError) as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from ase import Atoms
 from pymatgen.core import Structure
 from pymatgen.io.ase import AseAtomsAdaptor
@@ -68,6 +69,38 @@ def read_structure(path: str | Path) -> Structure:
     return structure
 
 
+#: Two host atoms closer than this (Å) are one site written twice, not a crystal (the shortest
+#: real bond, H-H in H2, is 0.74 Å; in solids no pair comes near 0.5 Å).
+MIN_HOST_DISTANCE = 0.5
+
+
+def check_host(structure: Structure, where: str = "the host") -> None:
+    """Refuse a host with overlapping atoms (a duplicated site, a bad CIF or supercell).
+
+    Raises:
+        InputError: naming the closest pair and its distance.
+    """
+    if len(structure) < 2:
+        return
+    d = structure.distance_matrix
+    np.fill_diagonal(d, np.inf)
+    i, j = np.unravel_index(np.argmin(d), d.shape)
+    if d[i, j] < MIN_HOST_DISTANCE:
+        raise InputError(
+            f"{where} has overlapping atoms: {structure[i].specie} {i} and {structure[j].specie} {j} are "
+            f"{d[i, j]:.2f} Å apart (below {MIN_HOST_DISTANCE} Å: a site written twice?); fix the structure"
+        )
+
+
+def image_distance(cell) -> float:
+    """The shortest distance (Å) between a point and its periodic images in ``cell``."""
+    import itertools
+
+    m = np.asarray(cell, dtype=float)
+    shifts = [n for n in itertools.product(range(-2, 3), repeat=3) if any(n)]
+    return float(min(np.linalg.norm(np.asarray(n) @ m) for n in shifts))
+
+
 def write_structure(structure: Structure, stem: Path) -> list[Path]:
     """Write ``structure`` as ``<stem>.cif`` and ``<stem>.vasp`` (POSCAR) and return the paths."""
     stem.parent.mkdir(parents=True, exist_ok=True)
@@ -77,3 +110,34 @@ def write_structure(structure: Structure, stem: Path) -> list[Path]:
     s.to(filename=str(cif), fmt="cif")
     s.to(filename=str(poscar), fmt="poscar")
     return [cif, poscar]
+
+
+def write_atomic(path: Path, write) -> Path:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
+
+    A killed process leaves the old file or the new one, never half of one (resumes read them).
+    """
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, doc) -> Path:
+    """Write ``doc`` as indented JSON, atomically (numpy scalars as numbers, paths as text)."""
+    import json
+
+    def default(obj):
+        return str(obj) if isinstance(obj, Path) else float(obj)
+
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2, default=default)))
+
+
+def write_frames(path: Path, frames: list[Atoms]) -> Path:
+    """Write frames (with their single-point results) as extxyz, atomically."""
+    from ase.io import write
+
+    return write_atomic(path, lambda tmp: write(tmp, frames, format="extxyz"))

@@ -69,9 +69,10 @@ def parse_oxi(text: str | None) -> dict[str, int] | None:
 def add_structure_args(p: argparse.ArgumentParser) -> None:
     """The host, defect, charge, supercell and trial options."""
     p.add_argument("structure", help="host crystal: CIF, POSCAR, extxyz or any ASE/pymatgen format")
-    p.add_argument("--defect", default="all",
+    p.add_argument("--defect", required=True,
                    help="v_Cd (vacancy), Se_Te (Se on a Te site), Cd_i or Te_i_C3v "
-                        "(interstitial), comma-separated, or 'all' (default)")
+                        "(interstitial), comma-separated, or 'all' (every vacancy, antisite and native "
+                        "interstitial: often hundreds of relaxations, so say it)")
     p.add_argument("--charge", default=None,
                    help="charge state(s): 0, -2,-1,0 or -2:0 (default: each defect's defaults)")
     p.add_argument("--oxi", default=None, help="oxidation-state overrides, e.g. Cd=2,Te=-2")

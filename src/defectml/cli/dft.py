@@ -258,7 +258,8 @@ def loop_table(result) -> str:
     lines = [f"loop {result.status}: {result.reason} ({result.dft_relaxations} DFT relaxations asked)"]
     for rd in result.rounds:
         asked = "; ".join(f"{lb}: {', '.join(p)}" for lb, p in rd.get("picks", {}).items() if p)
-        lines.append(f"round {rd['round']}: asked {asked or 'nothing'}")
+        shown = f" (its landscape: defectml show RUN --run {rd['ml_key']})" if rd.get("ml_key") else ""
+        lines.append(f"round {rd['round']}: asked {asked or 'nothing'}{shown}")
         for lb, it in rd.get("items", {}).items():
             low = it.get("dft_lowest")
             best = f"DFT lowest {low['trial']} {low['energy_eV']:.3f} eV" if low else "no DFT answer"

@@ -44,7 +44,6 @@ stored are not redone. A folder oracle whose results are not there yet stops the
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -54,11 +53,13 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from defectml.dft.oracle import Request
 from defectml.errors import InputError, ModelError
 from defectml.records import RelaxationRecord, Trajectory
 from defectml.search.relax import CONVERGED, FAILED, UNCONVERGED
 from defectml.search.summary import DefectSummary, summarise
 from defectml.store import ResultStore, content_key
+from defectml.structure_io import write_frames, write_json
 from defectml.train.committee import DEFAULT_THRESHOLD, NO_COMMITTEE, Trust
 
 RULES = ("lowest", "unvisited", "uncertain", "mix")
@@ -272,8 +273,8 @@ def assess(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], dft
     lowest_visited = bool(minima) and visited(minima[0], asked)
     dft_lowest = {"trial": lowest[0], "energy_eV": lowest[1]} if lowest else None
     if not choose(summary, trust, asked, 1, s.rule):
-        return Assessment(True, f"nothing left to ask by rule {s.rule}: every minimum of the model "
-                          "holds DFT", dft_lowest, stable, untrusted, lowest_visited, rows)
+        return Assessment(True, "nothing left to ask: every trial has DFT", dft_lowest, stable,
+                          untrusted, lowest_visited, rows)
     if lowest is not None and stable >= s.patience and not untrusted and lowest_visited:
         return Assessment(True, f"converged: DFT lowest ({lowest[0]}) unchanged for {stable} round(s), "
                           "the model's lowest minimum has DFT, no untrusted minimum in the window",
@@ -314,22 +315,6 @@ def _model_spec(ref) -> str:
     return f"{ref.family}:{ref.source}" + (f"@{ref.head}" if ref.head else "")
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=_json))
-    os.replace(tmp, path)
-
-
-def _json(obj):
-    if isinstance(obj, np.integer | np.floating):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not serialisable: {type(obj).__name__}")
-
-
 class _Loop:
     """One loop over one search run (state in ``out/loop.json``)."""
 
@@ -361,6 +346,7 @@ class _Loop:
                                "start_model": _model_spec(self.start_ref), "rounds": [],
                                "finished": {}}
         self.starts = {label: self._trial_starts(x) for label, x in self.items.items()}
+        self._landscapes: dict[tuple[str, str], tuple[DefectSummary, dict[str, Trust]]] = {}
 
     def _start_ref(self, summary: DefectSummary):
         from defectml.models.ref import check_key, parse_model
@@ -391,7 +377,7 @@ class _Loop:
         return out
 
     def save(self) -> None:
-        _write_json(self.state_path, self.state)
+        write_json(self.state_path, self.state)
 
     # --- DFT rows ---------------------------------------------------------------------------
     def dft_rows(self, summary: DefectSummary | None = None) -> list:
@@ -460,8 +446,6 @@ class _Loop:
         return frames
 
     def train(self, round_no: int, base: str) -> tuple[list[Path], dict]:
-        from ase.io import write
-
         from defectml.train.committee import train_committee
 
         folder = self.out / f"round_{round_no:02d}"
@@ -481,11 +465,8 @@ class _Loop:
         note = (f"{len(held)} of {len(ids)} DFT relaxations held back for early stopping" if held else
                 f"validation = training frames ({len(ids)} DFT relaxations: too few to hold any back)")
         for name, part in (("train", train), ("val", val)):
-            path = folder / f"{name}.extxyz"
-            if not path.exists():
-                tmp = path.with_name(f".{path.name}.tmp")
-                write(tmp, part, format="extxyz")
-                os.replace(tmp, path)
+            if not (folder / f"{name}.extxyz").exists():
+                write_frames(folder / f"{name}.extxyz", part)
         paths = train_committee(folder / "train.extxyz", folder / "val.extxyz", folder / "models",
                                 self.s.finetune(base, self.s.seed, max(len(f) for f in frames)),
                                 self.s.committee, log=self.log)
@@ -510,6 +491,8 @@ class _Loop:
         """The landscape of one defect under ``ml_key`` (round 0: the search) and its trust scores."""
         if ml_key == self.run_key:
             return summary, {}
+        if (summary.label, ml_key) in self._landscapes:
+            return self._landscapes[(summary.label, ml_key)]
         found = summarise(self.store, ml_key, only={(summary.defect_key, summary.charge)})
         if not found:
             return summary, {}
@@ -519,6 +502,7 @@ class _Loop:
             t = row.data.get("trust")
             if t:
                 trust[row.trial] = Trust(t.get("force"), t.get("energy"), int(t.get("members", 1)))
+        self._landscapes[(summary.label, ml_key)] = found[0], trust
         return found[0], trust
 
     # --- one round ---------------------------------------------------------------------------
@@ -553,8 +537,8 @@ class _Loop:
                     summ, trust = self.landscape(self.items[lb], prev_key)
                     chosen = choose(summ, trust, self.asked(self.items[lb]), s.k, s.rule)
                     if not chosen:
-                        st["finished"][lb] = {"round": r - 1, "reason": f"nothing left to ask by rule "
-                                              f"{s.rule}: every minimum of the model holds DFT"}
+                        st["finished"][lb] = {"round": r - 1,
+                                              "reason": "nothing left to ask: every trial has DFT"}
                         self.log(f"{lb}: finished, {st['finished'][lb]['reason']}")
                         continue
                     if left is not None:
@@ -586,8 +570,6 @@ class _Loop:
                         if t in have:
                             continue
                         start = ml[t].atoms if t in ml else self.starts[lb][t]
-                        from defectml.dft.oracle import Request
-
                         requests.append(Request(summ.defect, summ.charge, t, _bare(start),
                                                 self.starts[lb].get(t)))
                 t0 = time.perf_counter()
@@ -622,6 +604,7 @@ class _Loop:
             t0 = time.perf_counter()
             for lb in active:
                 self.relax(committee, self.items[lb], ml_key, r)
+                self._landscapes.pop((lb, ml_key), None)
             rd["relax_seconds"] = round(rd.get("relax_seconds", 0.0) + time.perf_counter() - t0, 1)
             # assess
             rd.setdefault("items", {})

@@ -36,7 +36,7 @@ from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_TH
 from defectml.search.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.store import ResultStore, content_key, is_url
-from defectml.structure_io import to_atoms, to_structure
+from defectml.structure_io import check_host, image_distance, to_atoms, to_structure
 
 log = logging.getLogger("defectml")
 
@@ -227,6 +227,31 @@ def plan(
     return items
 
 
+def _matrix_text(m) -> str:
+    m = np.asarray(m, dtype=int)
+    if np.count_nonzero(m - np.diag(np.diagonal(m))) == 0:
+        return "x".join(str(v) for v in np.diagonal(m))
+    return "[" + ", ".join("[" + " ".join(str(v) for v in row) + "]" for row in m) + "]"
+
+
+def describe_plan(items: list[DefectCharge], model_name: str) -> str:
+    """What a search is about to do: defects x charges x trials, and each supercell."""
+    by_defect: dict[str, list[DefectCharge]] = {}
+    for it in items:
+        by_defect.setdefault(it.defect.name, []).append(it)
+    n = sum(len(it.trials) for it in items)
+    lines = [f"plan: {len(by_defect)} defect(s), {len(items)} defect charge state(s), {n} relaxation(s) "
+             f"with {model_name}"]
+    for name, its in by_defect.items():
+        d = its[0].defect
+        charges = ",".join(f"{it.charge:+d}" if it.charge else "0" for it in its)
+        trials = "/".join(sorted({str(len(it.trials)) for it in its}))
+        lines.append(f"  {name}: charges {charges}; {trials} trials each; supercell "
+                     f"{_matrix_text(d.sc_matrix)} ({len(d.supercell)} atoms, periodic images "
+                     f"{image_distance(d.supercell.lattice.matrix):.2f} Å apart)")
+    return "\n".join(lines)
+
+
 def _foreign_elements(defects: str, host: Structure) -> set[str]:
     """Elements the defect request adds to the host."""
     out = set()
@@ -313,7 +338,11 @@ def search(
     s = settings or SearchSettings()
     s.validate()
     structure = to_structure(host)
+    check_host(structure)
     foreign = _foreign_elements(defects, structure)  # also validates the defect specs early
+    # defects, charges and supercell sizes checked on the host as given, before any work (the
+    # model's host relaxation changes the lattice by a little, not what is possible)
+    plan(structure, defects, charges, s)
     target = db or Path(out) / "results.db"
     if not is_url(target):
         _check_out(Path(out))
@@ -335,6 +364,7 @@ def _search(store, structure, foreign, defects, charges, s, calculator, progress
     model.check_elements({sp.symbol for sp in structure.composition.elements} | foreign)
     relaxed_host, host_key = _host(store, structure, model, s, log_fn)
     items = plan(relaxed_host, defects, charges, s)
+    log_fn(describe_plan(items, model.name))
     if s.pre_relax:
         pre_relax_trials(items, s.pre_relax, log_fn)
     if any(it.charge != 0 for it in items) and not model.charge_aware:
@@ -362,7 +392,7 @@ def _search(store, structure, foreign, defects, charges, s, calculator, progress
     if skipped:
         log_fn(f"resuming: {skipped} relaxations already in the store, {len(pending)} to do")
     spec = ModelSpec(model.ref, s.device, s.threads, calculator)
-    _relax_pending(store, pending, model, spec, s, skey, progress, execution)
+    _relax_pending(store, pending, model, spec, s, skey, progress, execution, log_fn)
     summaries = summarise(
         store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted
     )
@@ -408,7 +438,7 @@ def _watches(store, pending, s: SearchSettings, skey: str) -> dict:
 
 
 def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSettings, skey: str,
-                   progress: bool, execution: dict):
+                   progress: bool, execution: dict, log_fn: Callable[[str], None] = log.info):
     """Relax the pending trials on the chosen executor, storing each result as it finishes."""
     from tqdm.auto import tqdm
 
@@ -431,4 +461,17 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
             job.watch.add(t.name, r.atoms, r.energy)
         bar.set_postfix_str(f"{it.label} {t.name}", refresh=False)
         bar.update(1)
+        if bar.n == 1 and len(jobs) > 1:
+            left = r.seconds * (len(jobs) - 1) / max(1, execution.get("workers", 1))
+            with tqdm.external_write_mode():
+                log_fn(f"first relaxation: {r.steps} steps in {r.seconds:.0f} s; the other "
+                       f"{len(jobs) - 1} may take about {_duration(left)} at that pace")
     bar.close()
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

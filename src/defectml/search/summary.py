@@ -23,6 +23,7 @@ from defectml.search.landscape import (
     find_minima,
 )
 from defectml.store import ResultStore
+from defectml.structure_io import image_distance
 
 
 def charge_label(name: str, charge: int) -> str:
@@ -43,6 +44,7 @@ class DefectSummary:
     settings_key: str = ""
     model_ref: dict | None = None  # the stored ModelRef (None: ingested DFT, or an old store)
     defect_key: str = ""
+    supercell: dict | None = None  # matrix, atoms, shortest periodic-image distance (Å)
 
     @property
     def label(self) -> str:
@@ -72,6 +74,7 @@ class DefectSummary:
             "defect": self.defect,
             "charge": self.charge,
             "model": self.model,
+            "supercell": self.supercell,
             "n_trials": len(self.trials),
             "n_converged": sum(t.status == "converged" for t in self.trials),
             "minima": [
@@ -201,9 +204,13 @@ def summarise(
             trials, bulk=bulk, oxidation_states=oxi,
             threshold=threshold, soap=soap, max_drop=max_drop,
         )
+        cell = defect_row.toatoms().cell
+        supercell = {"matrix": np.asarray(defect_row.data["sc_matrix"]).tolist(),
+                     "atoms": int(defect_row.natoms),
+                     "min_image_distance_A": round(image_distance(cell), 3)}
         summaries.append(
             DefectSummary(defect_row.defect, charge, group[0].model, trials, minima, bad, key,
-                          group[0].data.get("model_ref"), defect_key)
+                          group[0].data.get("model_ref"), defect_key, supercell)
         )
     summaries.sort(key=lambda s: (s.defect, s.charge))
     return summaries

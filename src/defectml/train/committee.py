@@ -17,7 +17,6 @@ errors on held-out DFT frames (Spearman's rho); the score is a ranking, not an e
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -153,9 +152,8 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
     Returns:
         The members' weights files, member 0 first.
     """
-    from ase.io import write
-
     from defectml.models import parse_model
+    from defectml.structure_io import write_frames, write_json
     from defectml.train.finetune import SUFFIX, finetune, read_frames
 
     if members < 1:
@@ -174,13 +172,10 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
         if i > 0:
             data = out_dir / f"member_{i}.train.extxyz"
             if not data.exists():
-                picked = member_frames(frames, i, settings.seed)
-                tmp = data.with_name(f".{data.name}.tmp")
-                write(tmp, picked, format="extxyz")
-                tmp.replace(data)
+                write_frames(data, member_frames(frames, i, settings.seed))
         log(f"committee member {i + 1}/{members}")
         finetune(data, val, path, replace(settings, seed=settings.seed + i), log=log)
-    (out_dir / "committee.json").write_text(json.dumps({"members": [p.name for p in paths]}, indent=2))
+    write_json(out_dir / "committee.json", {"members": [p.name for p in paths]})
     return paths
 
 

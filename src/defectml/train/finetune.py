@@ -54,6 +54,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from defectml.errors import InputError, ModelError
+from defectml.structure_io import write_json
 
 #: Functionals each base model was trained on (energies shift per element for any other).
 BASE_FUNCTIONALS = {"chgnet": ("PBE",), "chgnet-0.2.0": ("PBE",), "chgnet-r2scan": ("R2SCAN", "r2SCAN"),
@@ -292,12 +293,6 @@ def _atomic_save(obj, path: Path) -> None:
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, default=float))
     os.replace(tmp, path)
 
 
@@ -722,7 +717,7 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
             state["stale"] += 1
         state["epoch"] = epoch + 1
         backend.save_state(last_path, epoch + 1)
-        _write_json(state_path, state)
+        write_json(state_path, state)
         log(f"epoch {epoch + 1}/{s.epochs}: val energy {va['e'] * 1000:.1f} meV/atom, forces "
             f"{va.get('f', float('nan')) * 1000:.0f} meV/Å ({seconds:.0f} s)"
             + (" *" if state["stale"] == 0 else ""))
@@ -749,5 +744,5 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.copyfile(best_path, tmp)
     os.replace(tmp, out)  # the weights appear whole or not at all
-    _write_json(card_path(out), card)
+    write_json(card_path(out), card)
     return FinetuneResult(out, card, state["history"], resumed_from)
