@@ -146,3 +146,60 @@ def test_supercell_too_large_is_refused_before_the_host_is_relaxed(tmp_path, cap
                      "--out", str(out), "--model", "emt", "--quiet")
     assert code == 2 and len(err) == 1 and "no supercell" in err[0]
     assert not out.exists()
+
+
+def test_a_run_that_fails_before_storing_anything_leaves_nothing(tmp_path, capsys, copper_cif, copper):
+    from ase.calculators.emt import EMT
+
+    from defectml import search
+    from defectml.errors import DefectMLError
+
+    out = tmp_path / "o"
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--model", "nonsense",
+                     "--out", str(out))
+    assert code == 2 and not out.exists()
+
+    class Broken(EMT):
+        def calculate(self, *args, **kw):
+            raise RuntimeError("the model broke")
+
+    with pytest.raises(DefectMLError, match="host relaxation"):
+        search(copper, "v_Cu", [0], out=out, calculator=Broken(), progress=False)
+    assert not out.exists()  # the folder and results.db it made are gone again
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(DefectMLError):
+        search(copper, "v_Cu", [0], out=kept, calculator=Broken(), progress=False)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]  # a folder it did not make stays
+
+
+def test_show_reads_a_finished_run_in_a_folder_it_cannot_write(emt_vacancy_run, copper_cif, capsys,
+                                                                monkeypatch):
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if mode & os.W_OK else real(p, mode))
+    assert main(["show", str(emt_vacancy_run)]) == 0
+    assert "v_Cu_0" in capsys.readouterr().out
+    code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--charge", "0",
+                     "--model", "emt", "--out", str(emt_vacancy_run))
+    assert code == 2 and len(err) == 1 and "not writable" in err[0] and "reading its results works" in err[0]
+
+
+def test_no_minus_zero_in_tables():
+    from defectml.search.report import signed
+
+    assert signed(-0.00004) == "+0.000" and signed(-0.0012) == "-0.001" and signed(0.25) == "+0.250"
+
+
+def test_chgnet_warnings_do_not_reach_an_api_user():
+    import subprocess
+    import sys
+
+    code = ("from ase.build import bulk\nfrom defectml.models import load_model\n"
+            "a = bulk('Cu', 'fcc', a=3.61, cubic=True)\na.calc = load_model('chgnet', threads=1).calculator\n"
+            "a.get_forces()\nprint('ok')")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ok" in run.stdout, run.stderr
+    assert "Warning" not in run.stderr, run.stderr

@@ -91,14 +91,15 @@ class ResultStore:
 
         if not is_url(target):
             path = Path(target)
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise StoreError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
-            if not os.access(path.parent, os.W_OK):
-                raise StoreError(f"output folder is not writable: {path.parent}")
             if path.exists() and path.stat().st_size > 0:
-                _check_sqlite(path)
+                _check_sqlite(path)  # an existing store is read wherever it is (a writer checks in lock)
+            else:
+                try:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                except OSError as exc:
+                    raise StoreError(f"cannot create output folder {path.parent}: {exc.strerror}") from None
+                if not os.access(path.parent, os.W_OK):
+                    raise StoreError(f"output folder is not writable: {path.parent}")
         try:
             # No ASE lock file: a run killed mid-write would leave it behind and block the next
             # run forever; SQLite and PostgreSQL do their own locking.
@@ -161,6 +162,10 @@ class ResultStore:
         if self._locked:
             return
         if not is_url(self.target):
+            folder = Path(self.target).parent
+            if not os.access(folder, os.W_OK):
+                raise StoreError(f"output folder is not writable: {folder} (reading its results works; "
+                                 "choose another --out to write)")
             _acquire(Path(self.target))
         self._locked = True
         try:

@@ -151,7 +151,7 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
             write_inputs(m.atoms, s.charge, folder, codes, overrides)
             write_structure(to_structure(m.atoms), folder / "structure")
             entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
-                                       "delta_e_eV": round(m.delta_e, 4), "folder": str(folder),
+                                       "delta_e_eV": round(m.delta_e, 4) + 0.0, "folder": str(folder),
                                        "control": m.contains_unperturbed and m.rank != 0})
         if a.calculator:
             ran = relax_shortlist(store, s, chosen, lambda q: dft_calculator(a.calculator, q),
@@ -255,6 +255,8 @@ def cmd_loop(a: argparse.Namespace) -> int:
 
 def loop_table(result) -> str:
     """Rounds, picks and where each defect stands, for people."""
+    from defectml.search.report import signed
+
     lines = [f"loop {result.status}: {result.reason} ({result.dft_relaxations} DFT relaxations asked)"]
     for rd in result.rounds:
         asked = "; ".join(f"{lb}: {', '.join(p)}" for lb, p in rd.get("picks", {}).items() if p)
@@ -268,6 +270,6 @@ def loop_table(result) -> str:
                 spread = m["trust"]["force"]
                 trust = "no committee" if spread is None else f"spread {spread * 1000:.0f} meV/Å"
                 flag = " UNTRUSTED" if m["untrusted"] and not m["visited"] else ""
-                lines.append(f"    {m['delta_e_eV']:+.3f} eV  {m['label']:<32} "
+                lines.append(f"    {signed(m['delta_e_eV'])} eV  {m['label']:<32} "
                              f"{'DFT' if m['visited'] else '   '}  {trust}{flag}")
     return "\n".join(lines)

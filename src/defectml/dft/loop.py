@@ -266,7 +266,7 @@ def assess(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], dft
         seen = visited(m, asked)
         flag = t.untrusted(s.threshold)
         rows.append({"rank": m.rank, "trial": m.trial, "energy_eV": round(m.energy, 4),
-                     "delta_e_eV": round(m.delta_e, 4), "label": m.label, "trials": m.trials,
+                     "delta_e_eV": round(m.delta_e, 4) + 0.0, "label": m.label, "trials": m.trials,
                      "visited": seen, "trust": t.to_dict(), "untrusted": flag})
         if not seen and m.energy - top <= s.window and flag is not False:
             untrusted.append(m.trial)

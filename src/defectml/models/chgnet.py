@@ -15,9 +15,15 @@ from defectml.models.ref import ModelRef
 
 def load(ref: ModelRef) -> Model:
     """Load CHGNet weights (built-in or a checkpoint such as chgnet's Trainer writes)."""
+    import warnings
+
     import chgnet
     from chgnet.model import CHGNet
     from chgnet.model.dynamics import CHGNetCalculator
+
+    # chgnet's own UserWarnings (a tensor converted to a scalar on every call) say nothing to a
+    # user of defectml's API; only chgnet's are silenced, nothing else of the process
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"chgnet(\.|$)")
 
     class ForcesOnlyCHGNetCalculator(CHGNetCalculator):
         """CHGNet without the stress (a second backward pass) unless stress is asked for.

@@ -290,6 +290,9 @@ def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, 
             atoms.calc = None
     except RelaxationFailure as exc:
         raise ModelError(f"host relaxation with {model.name} failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the model itself crashed on the host
+        raise ModelError(f"host relaxation with {model.name} failed: the model raised "
+                         f"{type(exc).__name__}: {exc}") from None
     store.add(HostRecord(atoms, energy, host_key, model.name, oxi, model.key,
                          {"model_version": model.version, "model_ref": model.ref.to_dict()}))
     return to_structure(atoms), host_key
@@ -343,25 +346,44 @@ def search(
     # defects, charges and supercell sizes checked on the host as given, before any work (the
     # model's host relaxation changes the lattice by a little, not what is possible)
     plan(structure, defects, charges, s)
-    target = db or Path(out) / "results.db"
-    if not is_url(target):
-        _check_out(Path(out))
-    store = ResultStore(target)
-    store.lock()  # one writer at a time: a second search into this store is refused here
-    try:
-        return _search(store, structure, foreign, defects, charges, s, calculator, progress, log_fn,
-                       {"workers": workers, "executor": executor, "scheduler": scheduler,
-                        "batch_size": batch_size}, t0)
-    finally:
-        store.unlock()
-
-
-def _search(store, structure, foreign, defects, charges, s, calculator, progress, log_fn, execution,
-            t0) -> SearchResult:
     model = wrap_calculator(calculator) if calculator is not None else load_model(
         s.model, s.device, s.threads
     )
     model.check_elements({sp.symbol for sp in structure.composition.elements} | foreign)
+    target = db or Path(out) / "results.db"
+    made = [] if is_url(target) else [p for p in (Path(out), Path(target)) if not p.exists()]
+    if not is_url(target):
+        _check_out(Path(out))
+    store = ResultStore(target)
+    try:
+        store.lock()  # one writer at a time: a second search into this store is refused here
+        return _search(store, structure, defects, charges, s, model, progress, log_fn,
+                       {"workers": workers, "executor": executor, "scheduler": scheduler,
+                        "batch_size": batch_size}, t0)
+    except BaseException:
+        _remove_if_empty(store, made)
+        raise
+    finally:
+        store.unlock()
+
+
+def _remove_if_empty(store: ResultStore, made: list[Path]) -> None:
+    """A run that failed before storing anything leaves nothing behind that it made."""
+    try:
+        if store.count() > 0:
+            return
+    except Exception:  # noqa: BLE001 - an unreadable store is not ours to delete
+        return
+    for path in reversed(made):  # the database (and its lock file) first, then the folder
+        if path.suffix == ".db":
+            for p in (path, path.with_name(path.name + ".lock")):
+                p.unlink(missing_ok=True)
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _search(store, structure, defects, charges, s, model: Model, progress, log_fn, execution,
+            t0) -> SearchResult:
     relaxed_host, host_key = _host(store, structure, model, s, log_fn)
     items = plan(relaxed_host, defects, charges, s)
     log_fn(describe_plan(items, model.name))
@@ -391,7 +413,8 @@ def _search(store, structure, foreign, defects, charges, s, calculator, progress
     skipped = sum(len(it.trials) for it in items) - len(pending)
     if skipped:
         log_fn(f"resuming: {skipped} relaxations already in the store, {len(pending)} to do")
-    spec = ModelSpec(model.ref, s.device, s.threads, calculator)
+    spec = ModelSpec(model.ref, s.device, s.threads,
+                     model.calculator if model.ref.family == "calculator" else None)
     _relax_pending(store, pending, model, spec, s, skey, progress, execution, log_fn)
     summaries = summarise(
         store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted

@@ -22,7 +22,7 @@ def table(summaries: list[DefectSummary]) -> str:
         lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<{width}} trials")
         for m in s.minima:
             names = ", ".join(_short(t) for t in m.trials)
-            lines.append(f"  {m.rank:>2}  {m.delta_e:>+8.3f}  {m.label:<{width}} {names}{_trust(s, m)}")
+            lines.append(f"  {m.rank:>2}  {signed(m.delta_e):>8}  {m.label:<{width}} {names}{_trust(s, m)}")
         for t, reason in s.quarantined:
             lines.append(f"   !  quarantined {t.name}: {reason}")
         if not s.minima:
@@ -40,6 +40,11 @@ def _trust(s: DefectSummary, m) -> str:
         return ""
     flag = "  UNTRUSTED" if s.untrusted(m) else ""
     return f"  [spread {t['force'] * 1000:.0f} meV/Å{flag}]"
+
+
+def signed(x: float, digits: int = 3) -> str:
+    """``+0.123``; a value that rounds to zero is ``+0.000``, never ``-0.000``."""
+    return f"{round(x, digits) + 0.0:+.{digits}f}"
 
 
 def _short(trial: str) -> str:

@@ -80,7 +80,7 @@ class DefectSummary:
             "minima": [
                 {
                     "rank": m.rank,
-                    "delta_e_eV": round(m.delta_e, 4),
+                    "delta_e_eV": round(m.delta_e, 4) + 0.0,
                     "energy_eV": round(m.energy, 4),
                     "trial": m.trial,
                     "trials": m.trials,
