@@ -98,3 +98,29 @@ def test_defect_atom_position_is_followed(cdte):
     atoms.positions[s.defect_index] += [0.3, 0, 0]
     t = RelaxedTrial("x", "converged", 0.0, atoms, s.site, s.defect_index)
     assert np.allclose(t.centre(), atoms.positions[s.defect_index])
+
+
+def test_a_neighbour_that_hops_into_the_vacancy_is_flagged_an_off_centre_move_is_not():
+    from ase.build import bulk
+
+    from defectml.search.landscape import identity_change
+
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    site = cell.positions[0].copy()
+    del cell[0]
+    d = np.linalg.norm(cell.positions - site, axis=1)
+    k = int(np.argmin(d))  # a first neighbour of the vacancy, 2.55 Å away
+    hopped = cell.copy()
+    hopped.positions[k] = site + 0.1
+    note = identity_change(hopped, cell, site, None, vacancy=True)
+    assert note == f"Cu {k} moved {np.linalg.norm(site + 0.1 - cell.positions[k]):.2f} Å into the vacancy"
+    leaning = cell.copy()
+    leaning.positions[k] += 0.8 * (site - cell.positions[k]) / d[k]  # 0.8 Å towards it: still its site
+    assert identity_change(leaning, cell, site, None, vacancy=True) == ""
+    # a substitutional atom that lands on its neighbour's site (which moved away)
+    swapped = cell.copy()
+    other = int(np.argsort(d)[1])
+    swapped.positions[k] = cell.positions[other] + 0.05
+    swapped.positions[other] = site
+    note = identity_change(swapped, cell, site, k, vacancy=False)
+    assert f"Cu {k} moved" in note and f"onto the Cu {other} site (the defect atom)" in note

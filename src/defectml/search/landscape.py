@@ -61,6 +61,8 @@ class Minimum:
         bonds: New short bonds between like ions near the defect: (A, B, distance).
         symmetry: Local point symmetry (Schoenflies) of the defect and its first shell.
         label: Short human label, e.g. ``C2v, Te-Te dimer 2.86 A``.
+        identity_change: How the defect changed kind or site (:func:`identity_change`; empty:
+            it did not).
     """
 
     rank: int
@@ -72,6 +74,7 @@ class Minimum:
     bonds: list[tuple[str, str, float]] = field(default_factory=list)
     symmetry: str = "C1"
     label: str = ""
+    identity_change: str = ""
 
     @property
     def contains_unperturbed(self) -> bool:
@@ -229,6 +232,38 @@ def new_bonds(
     return sorted(bonds, key=lambda x: x[2])
 
 
+def identity_change(relaxed: Atoms, reference: Atoms, site: np.ndarray, defect_index: int | None,
+                    vacancy: bool) -> str:
+    """How the defect stopped being the defect it started as (empty when it did not).
+
+    Every atom is matched to its nearest site of the unrelaxed supercell (``reference``, in the
+    same atom order; a vacancy's empty site included). An atom nearer to another site than to its
+    own has hopped: a neighbour into the vacancy (the vacancy moved, or became a complex such as
+    C_Si + V_C), or the defect atom onto another site. A large move that stays nearest its own
+    site (an off-centre distortion) is not flagged.
+    """
+    sites = reference.positions
+    if vacancy:
+        sites = np.vstack([sites, np.asarray(site, dtype=float)[None]])
+    cell = relaxed.cell.array
+    frac = np.linalg.solve(cell.T, (relaxed.positions[:, None, :] - sites[None, :, :]).reshape(-1, 3).T).T
+    frac -= np.round(frac)
+    d = np.linalg.norm(frac @ cell, axis=1).reshape(len(relaxed), len(sites))
+    nearest = d.argmin(axis=1)
+    symbols = relaxed.get_chemical_symbols()
+    ref_symbols = reference.get_chemical_symbols()
+    notes = []
+    for i in np.flatnonzero(nearest != np.arange(len(relaxed))):
+        j = int(nearest[i])
+        moved = float(d[i, i])
+        if vacancy and j == len(reference):
+            what = f"{symbols[i]} {i} moved {moved:.2f} Å into the vacancy"
+        else:
+            what = f"{symbols[i]} {i} moved {moved:.2f} Å onto the {ref_symbols[j]} {j} site"
+        notes.append(what + (" (the defect atom)" if i == defect_index else ""))
+    return "; ".join(notes)
+
+
 def _covalent_sum(a: str, b: str) -> float:
     """Sum of covalent radii (Å); 1.5 Å for an element without a tabulated radius."""
     from pymatgen.analysis.molecule_structure_comparator import CovalentRadius
@@ -285,6 +320,8 @@ def find_minima(
     threshold: float = DEFAULT_SOAP_THRESHOLD,
     soap: SoapSettings | None = None,
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
+    reference: Atoms | None = None,
+    vacancy: bool = False,
 ) -> tuple[list[Minimum], list[tuple[RelaxedTrial, str]]]:
     """Rank the unique minima of one defect in one charge state.
 
@@ -298,6 +335,9 @@ def find_minima(
         threshold: SOAP cosine-distance threshold.
         soap: SOAP settings.
         max_drop: Phase-change quarantine threshold (eV below the median).
+        reference: The unrelaxed defect supercell (same atom order as the trials): with it each
+            minimum says whether the defect changed kind or site (:func:`identity_change`).
+        vacancy: Whether the defect is a vacancy (its empty site is a site too).
 
     Returns:
         The minima (lowest first) and the quarantined trials with reasons.
@@ -312,7 +352,8 @@ def find_minima(
     ]
     groups = group_minima(good, threshold, soap, [bond_signature(b) for b in bonds])
     unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
-    reference = unperturbed.energy if unperturbed else min(t.energy for t in good)
+    e_ref = unperturbed.energy if unperturbed else min(t.energy for t in good)
+    reference_cell = reference
     members = {good[g[0]].name: [good[i].name for i in g] for g in groups}
     where = {name: rep for rep, names in members.items() for name in names}
     for t in trials:  # trials stopped early join the minimum of the basin they reached
@@ -325,11 +366,15 @@ def find_minima(
     for rank, g in enumerate(groups):
         rep = good[g[0]]
         sym = local_symmetry(rep.atoms, rep.centre(), rep.defect_index)
+        changed = ""
+        if reference_cell is not None and len(reference_cell) == len(rep.atoms):
+            changed = identity_change(rep.atoms, reference_cell, rep.site, rep.defect_index, vacancy)
         minima.append(
             Minimum(
                 rank=rank, trial=rep.name, energy=float(rep.energy),
-                delta_e=float(rep.energy - reference), trials=members[rep.name],
+                delta_e=float(rep.energy - e_ref), trials=members[rep.name],
                 atoms=rep.atoms, bonds=bonds[g[0]], symmetry=sym, label=describe(bonds[g[0]], sym),
+                identity_change=changed,
             )
         )
     return minima, bad

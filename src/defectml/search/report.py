@@ -23,6 +23,9 @@ def table(summaries: list[DefectSummary]) -> str:
         for m in s.minima:
             names = ", ".join(_short(t) for t in m.trials)
             lines.append(f"  {m.rank:>2}  {signed(m.delta_e):>8}  {m.label:<{width}} {names}{_trust(s, m)}")
+        for m in s.minima:
+            if m.identity_change:
+                lines.append(f"   !  #{m.rank} is no longer the defect it started as: {m.identity_change}")
         for t, reason in s.quarantined:
             lines.append(f"   !  quarantined {t.name}: {reason}")
         if not s.minima:

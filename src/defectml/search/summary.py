@@ -88,6 +88,7 @@ class DefectSummary:
                     "symmetry": m.symmetry,
                     "bonds": [{"pair": f"{a}-{b}", "length_A": d} for a, b, d in m.bonds],
                     "contains_unperturbed": m.contains_unperturbed,
+                    "identity_change": m.identity_change or None,
                     "trust": self.trust(m),
                     "untrusted": self.untrusted(m),
                 }
@@ -202,7 +203,8 @@ def summarise(
         trials = [relaxed_trial_from_row(r) for r in sorted(group, key=lambda r: r.id)]
         minima, bad = find_minima(
             trials, bulk=bulk, oxidation_states=oxi,
-            threshold=threshold, soap=soap, max_drop=max_drop,
+            threshold=threshold, soap=soap, max_drop=max_drop, reference=defect_row.toatoms(),
+            vacancy=defect_row.data.get("kind") == "vacancy",
         )
         cell = defect_row.toatoms().cell
         supercell = {"matrix": np.asarray(defect_row.data["sc_matrix"]).tolist(),
