@@ -16,7 +16,7 @@ Parts (each cached under --work, so a killed run resumes; results merge into one
 * ``live``: one end-to-end loop with a live oracle, GFN1-xTB through tblite (a stand-in for DFT,
   named as such) on a small cell, to show the loop with a real calculation.
 
-    python benchmarks/active_loop.py mgo [--charges 0,1,2,3,4] [--threads N]
+    python benchmarks/active_loop.py mgo [--charges 0,1,2,3,4] [--threads N] [--committee 2 --epochs 10]
     python benchmarks/active_loop.py calibration
     python benchmarks/active_loop.py live
 
@@ -44,7 +44,7 @@ def _label(q: int) -> str:
     return f"Mg_O_{q:+d}" if q else "Mg_O_0"
 
 
-def mgo_charge(q: int, work: Path, threads: int | None, log) -> dict:
+def mgo_charge(q: int, work: Path, threads: int | None, log, **loop) -> dict:
     """One charge state: round 0, the loop, the baselines."""
     from defectml import ResultStore, summarise
     from defectml.dft.ingest import ingest_snb_folder
@@ -100,7 +100,7 @@ def mgo_charge(q: int, work: Path, threads: int | None, log) -> dict:
     shortlist = select(ml)
     short_trials = [m.trial for m in shortlist]
 
-    s = LoopSettings(threads=threads)
+    s = LoopSettings(threads=threads, **loop)
     t0 = time.perf_counter()
     result = run_loop(store, run_key, ReplayOracle(data), s, work / label / "loop", log=log)
     loop_s = time.perf_counter() - t0
@@ -307,6 +307,9 @@ def main() -> None:
     p.add_argument("--charges", default="0,1,2,3,4")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench_active_loop"))
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--committee", type=int, default=2,
+                   help="loop committee size (2 here, 3 by default: CPU time on 216-atom cells)")
+    p.add_argument("--epochs", type=int, default=10, help="loop fine-tuning epochs per round (20 by default)")
     a = p.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -316,7 +319,7 @@ def main() -> None:
 
     if a.part == "mgo":
         for q in [int(x) for x in a.charges.split(",")]:
-            doc = mgo_charge(q, work / "mgo", a.threads, log)
+            doc = mgo_charge(q, work / "mgo", a.threads, log, committee=a.committee, epochs=a.epochs)
             merge("mgo", {str(q): doc})
             log(f"{doc['label']}: loop found GS {doc['loop_found_gs']} after "
                 f"{doc['loop_dft_relaxations']} (stopped after {doc['loop_dft_relaxations_until_stop']}); "

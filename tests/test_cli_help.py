@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from defectml.cli import build_parser
 from defectml.models.ref import BUILTIN_MODELS
@@ -32,3 +33,45 @@ def test_thermo_and_dynamics_help_shows_defaults_and_uses_angstrom():
 def test_model_help_names_every_built_in_model():
     text = " ".join(_subcommands()["search"].format_help().split())
     assert all(name in text for name in BUILTIN_MODELS) and "chgnet-0.2.0" in text
+
+
+def test_a_settings_file_sets_options_the_command_line_wins_and_the_run_writes_its_own(
+        tmp_path, copper_cif, capsys):
+    import yaml
+
+    from defectml.cli import main
+
+    cfg = tmp_path / "settings.yaml"
+    cfg.write_text("defect: v_Cu\ncharge: 0\nmodel: emt\nmin_length: 7\nbond_distortions: [-0.3, 0.3]\n"
+                   "no-dimer: true\nquiet: true\nfmax: 0.5\n")
+    out = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--config", str(cfg), "--fmax", "0.1", "--out", str(out)]) == 0
+    written = yaml.safe_load((out / "settings.yaml").read_text())
+    assert written["defect"] == "v_Cu" and written["min_length"] == 7.0 and written["no_dimer"] is True
+    assert written["fmax"] == 0.1  # the command line won over the file
+    assert written["distortions"] == "-0.3,0.3"
+    trials = json.loads((out / "summary.json").read_text())["defects"][0]["n_trials"]
+    assert trials == 2  # Unperturbed and Rattled: no Dimer, no distortions for a metal's vacancy
+    # the written file runs the same search again: the same run, nothing left to do
+    from defectml import ResultStore
+
+    key = json.loads((out / "summary.json").read_text())["settings_key"]
+    assert main(["search", str(copper_cif), "--config", str(out / "settings.yaml")]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["settings_key"] == key and again["relaxed_this_run"] == 0
+    assert ResultStore(out / "results.db").count(kind="relaxation") == 2
+
+
+def test_a_bad_settings_file_is_one_line(tmp_path, copper_cif, capsys):
+    from defectml.cli import main
+
+    for text, msg in (("min_lenght: 7\n", "'min_lenght' is not an option of 'defectml search'"),
+                      ("- a\n- b\n", "must hold a mapping"), ("early_stop: maybe\n", "is a flag"),
+                      ("a: [\n", "not valid YAML")):
+        cfg = tmp_path / "bad.yaml"
+        cfg.write_text(text)
+        assert main(["search", str(copper_cif), "--defect", "v_Cu", "--config", str(cfg)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and msg in err[0], err
+    assert main(["search", str(copper_cif), "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "cannot read --config" in capsys.readouterr().err

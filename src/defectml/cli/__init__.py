@@ -13,7 +13,7 @@ import warnings
 
 from defectml.cli import dft, predictor, search, thermo, train
 from defectml.cli.common import EPILOG
-from defectml.errors import DefectMLError
+from defectml.errors import DefectMLError, InputError
 
 HANDLERS = {
     "search": search.cmd_search, "alloy": search.cmd_alloy, "generate": search.cmd_generate,
@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for area in (search, dft, train, thermo, predictor):
         area.add_parsers(sub)
+    for name, command in sub.choices.items():
+        if name != "predictor":  # its own subcommands
+            command.add_argument("--config", metavar="YAML",
+                                 help="a settings file: option: value per line (e.g. min_length: 12, "
+                                      "distortions: [-0.4, 0.4], early_stop: true); options given "
+                                      "here win")
     return parser
 
 
@@ -63,6 +69,27 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _with_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--config FILE`` replaced by the options the file sets, before those on the command line."""
+    from defectml.cli.common import config_tokens
+
+    found = [i for i, tok in enumerate(argv) if tok == "--config" or tok.startswith("--config=")]
+    if not found or not argv or argv[0].startswith("-"):
+        return argv
+    i = found[-1]
+    if argv[i] == "--config":
+        if i + 1 >= len(argv):
+            raise InputError("--config needs a YAML file")
+        path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    else:
+        path, rest = argv[i].split("=", 1)[1], argv[:i] + argv[i + 1:]
+    command = rest[0]
+    sub = parser._subparsers._group_actions[0].choices.get(command)  # noqa: SLF001
+    if sub is None:
+        return argv
+    return [command, *config_tokens(path, sub, command), *rest[1:]]
+
+
 class Terminated(BaseException):
     """SIGTERM arrived (a scheduler's time limit, ``kill``).
 
@@ -83,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", module=r"(pymatgen|spglib|sevenn|dscribe|ase)(\.|$)")
     warnings.filterwarnings("ignore", category=UserWarning)
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        argv = _with_config(parser, argv)
+    except DefectMLError as exc:
+        print(f"defectml: error: {exc}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     handler = HANDLERS[args.command]
     try:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

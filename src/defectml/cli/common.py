@@ -228,3 +228,75 @@ def run_key(store, target: str, key: str | None, fidelity: str = "mlip") -> str:
     from defectml.store import is_url
 
     return choose_run(store, key, fidelity, None if is_url(target) else run_folder(target))
+
+
+#: ShakeNBreak's config keys that mean one of our options.
+SNB_ALIASES = {"bond_distortions": "distortions", "stdev": "rattle_stdev"}
+
+
+def config_tokens(path: str, sub: argparse.ArgumentParser, command: str) -> list[str]:
+    """Command-line tokens for the options a YAML settings file sets (``--config``).
+
+    Keys are option names with or without dashes (``min_length``, ``min-length``, the option's
+    destination) or ShakeNBreak's ``bond_distortions`` / ``stdev``; flags take true/false; lists
+    are joined with commas. Options given on the command line win (they come later).
+
+    Raises:
+        InputError: an unreadable file, not a mapping, or a key that is no option of ``command``.
+    """
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise InputError(f"cannot read --config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"--config {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if doc is None:
+        return []
+    if not isinstance(doc, dict):
+        raise InputError(f"--config {path} must hold a mapping of option: value")
+    by_name = {}
+    positionals = set()
+    for action in sub._actions:  # noqa: SLF001 - argparse has no public list of a parser's options
+        if not action.option_strings:
+            positionals.add(action.dest)  # given on the command line; a written-back file names it
+            continue
+        if action.dest in ("help", "config"):
+            continue
+        by_name[action.dest] = action
+        for opt in action.option_strings:
+            by_name[opt.lstrip("-").replace("-", "_")] = action
+    tokens: list[str] = []
+    for key, value in doc.items():
+        name = SNB_ALIASES.get(str(key), str(key)).lstrip("-").replace("-", "_")
+        if value is None or name in positionals:
+            continue  # None: the option's default
+        action = by_name.get(name)
+        if action is None:
+            raise InputError(f"--config {path}: {key!r} is not an option of 'defectml {command}' "
+                             "(see defectml " + command + " --help)")
+        flag = action.option_strings[-1] if action.option_strings[-1].startswith("--") else \
+            action.option_strings[0]
+        if action.nargs == 0:  # a flag
+            if not isinstance(value, bool):
+                raise InputError(f"--config {path}: {key} is a flag; give true or false")
+            if value:
+                tokens.append(flag)
+            continue
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        tokens.append(f"{flag}={value}")
+    return tokens
+
+
+def write_settings(a: argparse.Namespace, folder: Path) -> Path:
+    """Every option of this run, as a ``--config`` file beside its results (``settings.yaml``)."""
+    import yaml
+
+    from defectml.structure_io import write_atomic
+
+    doc = {k: v for k, v in sorted(vars(a).items()) if k not in ("command", "config", "func")}
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_atomic(folder / "settings.yaml",
+                        lambda tmp: Path(tmp).write_text(yaml.safe_dump(doc, sort_keys=True)))

@@ -20,6 +20,7 @@ from defectml.cli.common import (
     search_settings,
     soap,
     trial_settings,
+    write_settings,
 )
 from defectml.errors import InputError
 
@@ -90,6 +91,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         "dropped_trials": result.dropped,
     }
     doc = write_outputs(result.summaries, Path(a.out), extra)
+    write_settings(a, Path(a.out))
     if a.json:
         print(json.dumps(doc, indent=2))
     else:
