@@ -14,6 +14,7 @@ from defectml.dft.evaluate import evaluate
 from defectml.dft.ingest import ingest_snb_folder, read_snb_energies
 from defectml.dft.inputs import write_inputs
 from defectml.dft.shortlist import select
+from defectml.errors import InputError
 
 MGO = Path(__file__).resolve().parents[2] / "shared" / "data" / "snb-mgo-mg_o"
 needs_data = pytest.mark.skipif(not MGO.exists(), reason="shared MgO DFT data not present")
@@ -122,6 +123,23 @@ def test_dft_inputs_for_a_charged_defect(tmp_path):
     cp2k = (tmp_path / "cp2k" / "cp2k.inp").read_text()
     assert "CHARGE -2" in cp2k and cp2k.count(" Cd ") + cp2k.count(" Te ") >= 8
     assert set(files) == {"vasp", "qe", "cp2k"}
+    # no POTCARs here: NELECT from the standard valence counts (Cd 12, Te 6) minus the charge, said so
+    assert "NELECT = 74" in incar and "standard PBE_54" in (tmp_path / "vasp" / "NELECT.txt").read_text()
+    assert "X.upf" in (tmp_path / "qe" / "PSEUDOS.txt").read_text()
+
+
+def test_qe_inputs_take_names_and_cutoffs_from_a_pseudopotential_table(tmp_path):
+    table = tmp_path / "table.json"
+    table.write_text(json.dumps({"Cd": {"filename": "Cd.test.UPF", "cutoff_wfc": 45, "cutoff_rho": 360},
+                                 "Te": {"filename": "Te.test.UPF", "cutoff_wfc": 30, "cutoff_rho": 240}}))
+    atoms = bulk("CdTe", "zincblende", a=6.48, cubic=True)
+    write_inputs(atoms, 0, tmp_path / "a", codes=("qe",), overrides={"qe": {"pseudos": str(table)}})
+    qe = (tmp_path / "a" / "qe" / "espresso.pwi").read_text()
+    assert "Cd.test.UPF" in qe and "Te.test.UPF" in qe and "ecutwfc          = 45" in qe
+    assert "ecutrho          = 360" in qe and not (tmp_path / "a" / "qe" / "PSEUDOS.txt").exists()
+    table.write_text(json.dumps({"Cd": {"filename": "Cd.test.UPF"}}))
+    with pytest.raises(InputError, match="has no Te"):
+        write_inputs(atoms, 0, tmp_path / "b", codes=("qe",), overrides={"qe": {"pseudos": str(table)}})
 
 
 def test_cli_shortlist_writes_inputs(tmp_path, copper_cif, capsys):
@@ -136,6 +154,24 @@ def test_cli_shortlist_writes_inputs(tmp_path, copper_cif, capsys):
     assert (Path(first["folder"]) / "structure.cif").exists()
     assert "saved" in capsys.readouterr().out
     assert main(["shortlist", str(out), "--codes", "abinit"]) == 2
+    # written on the lattice the host was given at (3.61 Å), not EMT's relaxed one; bulk inputs too
+    from ase.io import read
+
+    from defectml import ResultStore
+
+    host = ResultStore(out / "results.db").first(kind="host")
+    relaxed_a = (4 * abs(host.toatoms().cell.volume)) ** (1 / 3)
+    assert abs(relaxed_a - 3.61) > 1e-3  # EMT moved the lattice, so the test can tell them apart
+    for entry in doc[0]["shortlist"]:
+        written = read(Path(entry["folder"]) / "structure.vasp")
+        per_site = abs(written.cell.volume) / (len(written) + 1)  # + the vacancy
+        assert per_site == pytest.approx(3.61**3 / 4, rel=1e-6)
+    assert doc[0]["lattice"] == "the host lattice as given (input)"
+    bulk_cell = read(out / "dft" / "bulk" / "structure.vasp")
+    assert len(bulk_cell) == 32 and abs(bulk_cell.cell.volume) == pytest.approx(32 * 3.61**3 / 4, rel=1e-6)
+    assert (out / "dft" / "bulk" / "qe" / "espresso.pwi").exists()
+    controls = [e for e in doc[0]["shortlist"] if e["control"]]
+    assert len(controls) == 1 and controls[0]["folder"].endswith("_Unperturbed")
 
 
 def test_shortlist_relaxed_by_a_calculator_then_evaluated(tmp_path, copper_cif, capsys):

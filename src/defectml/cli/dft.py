@@ -26,6 +26,9 @@ def add_parsers(sub) -> None:
     sl.add_argument("--overrides", default=None,
                     help="YAML file: {vasp: {INCAR tags}, qe: {namelist: {...}}, cp2k: {cutoff: ..}}")
     sl.add_argument("--out", default=None, help="where to write inputs (RUN/dft)")
+    sl.add_argument("--lattice", choices=("input", "model"), default="input",
+                    help="write the structures on the host lattice as given to the search (input, "
+                         "default: the DFT one a bulk reference uses) or the model's relaxed one")
     sl.add_argument("--calculator", default=None,
                     help="also relax the shortlist here with this DFT code (gpaw; emt for tests) "
                          "and store the results as fidelity=dft")
@@ -129,7 +132,7 @@ def add_parsers(sub) -> None:
 def cmd_shortlist(a: argparse.Namespace) -> int:
     """`defectml shortlist`: choose minima for DFT and write their inputs."""
     from defectml.dft.inputs import load_overrides, write_inputs
-    from defectml.dft.shortlist import dft_calculator, relax_shortlist, select
+    from defectml.dft.shortlist import dft_calculator, dft_structures, relax_shortlist, select
     from defectml.search.summary import summarise
     from defectml.structure_io import to_structure, write_structure
 
@@ -141,18 +144,20 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
     out = Path(a.out) if a.out else run_folder(a.run) / "dft"
     if a.calculator:
         dft_calculator(a.calculator)  # an unknown or missing code fails before any work
-    doc = []
+    doc, bulks = [], {}
     for s in summaries:
         chosen = select(s, a.max_per_defect, a.window)
+        named, bulk, lattice = dft_structures(store, s, chosen, a.lattice)
         entry = {"defect": s.defect, "charge": s.charge, "n_trials": len(s.trials),
-                 "n_minima": len(s.minima), "shortlist": []}
-        for m in chosen:
-            folder = out / s.label / f"{m.rank:02d}_{m.trial.replace('%', 'pc')}"
-            write_inputs(m.atoms, s.charge, folder, codes, overrides)
-            write_structure(to_structure(m.atoms), folder / "structure")
+                 "n_minima": len(s.minima), "lattice": lattice, "shortlist": []}
+        for m, (name, atoms) in zip(chosen, named, strict=True):
+            folder = out / s.label / name
+            write_inputs(atoms, s.charge, folder, codes, overrides)
+            write_structure(to_structure(atoms), folder / "structure")
             entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
                                        "delta_e_eV": round(m.delta_e, 4) + 0.0, "folder": str(folder),
-                                       "control": m.contains_unperturbed and m.rank != 0})
+                                       "control": m.contains_unperturbed})
+        bulks.setdefault(bulk.cell.array.round(6).tobytes(), (bulk, lattice))
         if a.calculator:
             ran = relax_shortlist(store, s, chosen, lambda q: dft_calculator(a.calculator, q),
                                   a.calculator, fmax=a.dft_fmax)
@@ -161,6 +166,11 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
         n = len(chosen)
         print(f"{s.label}: {n} of {len(s.minima)} minima -> DFT "
               f"({n} relaxations instead of {len(s.trials)}: {1 - n / max(len(s.trials), 1):.0%} saved)")
+    for i, (bulk, lattice) in enumerate(bulks.values()):  # the pristine supercell(s), neutral
+        folder = out / ("bulk" if len(bulks) == 1 else f"bulk_{i}")
+        write_inputs(bulk, 0, folder, codes, overrides)
+        write_structure(to_structure(bulk), folder / "structure")
+        print(f"bulk supercell ({len(bulk)} atoms, {lattice}) -> {folder}/")
     out.mkdir(parents=True, exist_ok=True)
     (out / "shortlist.json").write_text(json.dumps(doc, indent=2))
     if a.json:

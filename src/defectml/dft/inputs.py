@@ -41,11 +41,37 @@ def load_overrides(path: str | Path | None) -> dict:
     return data
 
 
+def standard_valence(symbols: list[str], functional: str = "PBE_54") -> float:
+    """Σ ZVAL of the POTCARs pymatgen's MPRelaxSet picks, from pymatgen's POTCAR summary table.
+
+    For NELECT of a charged cell when no POTCARs are configured here; the ZVALs are those of the
+    standard VASP POTCARs named in ``POTCAR.spec``.
+
+    Raises:
+        InputError: an element without a standard POTCAR in the table.
+    """
+    import bz2
+    import json
+
+    import pymatgen.io.vasp as vasp_io
+    from pymatgen.io.vasp.sets import MPRelaxSet
+
+    table = json.loads(bz2.open(Path(vasp_io.__file__).parent / "potcar-summary-stats.json.bz2").read())
+    zval = {e["symbol"]: float(e["ZVAL"]) for entries in table[functional].values() for e in entries}
+    choice = MPRelaxSet.CONFIG["POTCAR"]
+    missing = sorted({s for s in symbols if choice.get(s) not in zval})
+    if missing:
+        raise InputError(f"no standard {functional} POTCAR valence for {', '.join(missing)}: set NELECT "
+                         "by hand (sum of ZVAL) - charge")
+    return sum(zval[choice[s]] for s in symbols)
+
+
 def write_vasp(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:
     """VASP inputs from pymatgen's ``MPRelaxSet`` with defect-search settings.
 
-    Without POTCARs configured for pymatgen, ``POTCAR.spec`` lists the symbols and NELECT is left
-    for the user (a note says how to set it for a charged defect).
+    NELECT of a charged cell comes from the POTCARs when pymatgen has them; otherwise from the
+    standard valence counts of the POTCARs named in ``POTCAR.spec`` (:func:`standard_valence`),
+    and ``NELECT.txt`` says so.
     """
     from pymatgen.io.ase import AseAtomsAdaptor
     from pymatgen.io.vasp.inputs import Kpoints
@@ -54,21 +80,26 @@ def write_vasp(atoms: Atoms, charge: int, folder: Path, overrides: dict | None =
     structure = AseAtomsAdaptor.get_structure(atoms)
     incar = {**VASP_DEFAULTS, **(overrides or {})}
     folder.mkdir(parents=True, exist_ok=True)
-    vis = MPRelaxSet(structure, user_incar_settings=incar,
-                     user_kpoints_settings=Kpoints.gamma_automatic((1, 1, 1)),
-                     user_potcar_functional="PBE_54")
+
+    def input_set(extra: dict) -> MPRelaxSet:
+        return MPRelaxSet(structure, user_incar_settings={**incar, **extra},
+                          user_kpoints_settings=Kpoints.gamma_automatic((1, 1, 1)),
+                          user_potcar_functional="PBE_54")
+
+    vis = input_set({})
     try:
         if charge:
-            vis = MPRelaxSet(structure, user_incar_settings={**incar, "NELECT": vis.nelect - charge},
-                             user_kpoints_settings=Kpoints.gamma_automatic((1, 1, 1)),
-                             user_potcar_functional="PBE_54")
+            vis = input_set({"NELECT": vis.nelect - charge})
         vis.write_input(str(folder))
     except (OSError, RuntimeError, ValueError, KeyError):
-        vis.write_input(str(folder), potcar_spec=True)
         if charge:
-            (folder / "NOTE_CHARGE.txt").write_text(
-                f"Charge {charge:+d}: set NELECT = (sum of ZVAL over atoms, from POTCAR) - ({charge})"
-                "\n(pymatgen had no POTCARs to compute it)\n")
+            neutral = standard_valence(atoms.get_chemical_symbols())
+            vis = input_set({"NELECT": neutral - charge})
+            (folder / "NELECT.txt").write_text(
+                f"NELECT = {neutral - charge:g}: {neutral:g} valence electrons of the standard PBE_54 "
+                f"POTCARs in POTCAR.spec (pymatgen's table, no POTCAR files here) minus the charge "
+                f"{charge:+d}. Check it against the POTCARs you use.\n")
+        vis.write_input(str(folder), potcar_spec=True)
     return sorted(folder.iterdir())
 
 
@@ -88,12 +119,51 @@ def write_qe(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = N
         "ions": {},
     }
     for section, values in (overrides or {}).items():
-        input_data.setdefault(section, {}).update(values)
-    pseudos = {el: f"{el}.upf" for el in sorted(set(a.get_chemical_symbols()))}
+        if section != "pseudos":
+            input_data.setdefault(section, {}).update(values)
+    elements = sorted(set(a.get_chemical_symbols()))
+    library = qe_pseudopotentials(elements, (overrides or {}).get("pseudos"))
+    if library:
+        input_data["system"]["ecutwfc"] = max(v["cutoff_wfc"] for v in library.values())
+        input_data["system"]["ecutrho"] = max(v["cutoff_rho"] for v in library.values())
+        for section, values in (overrides or {}).items():  # the user's own cutoffs still win
+            if section != "pseudos":
+                input_data.setdefault(section, {}).update(values)
+        pseudos = {el: library[el]["filename"] for el in elements}
+    else:
+        pseudos = {el: f"{el}.upf" for el in elements}
+        (folder / "PSEUDOS.txt").write_text(
+            "No pseudopotential library was given: the names X.upf and the cutoffs are placeholders. "
+            "Pass an SSSP table (qe: {pseudos: SSSP_1.3.0_PBE_efficiency.json} in --overrides, or set "
+            "$DEFECTML_SSSP) to get its file names and cutoffs.\n")
     path = folder / "espresso.pwi"
-    write(path, a, format="espresso-in", input_data=input_data, pseudopotentials=pseudos,
-          kpts=None)
+    write(path, a, format="espresso-in", input_data=input_data, pseudopotentials=pseudos, kpts=None)
     return [path]
+
+
+def qe_pseudopotentials(elements: list[str], table: str | None = None) -> dict[str, dict] | None:
+    """File name and cutoffs (Ry) per element from an SSSP table (its JSON, as SSSP ships it).
+
+    ``table``: the JSON file (or ``$DEFECTML_SSSP``); ``None`` when neither is given.
+
+    Raises:
+        InputError: an unreadable table or an element it does not hold.
+    """
+    import json
+    import os
+
+    path = table or os.environ.get("DEFECTML_SSSP")
+    if not path:
+        return None
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read the pseudopotential table {path}: {exc}") from None
+    missing = [el for el in elements if el not in doc or "filename" not in doc[el]]
+    if missing:
+        raise InputError(f"the pseudopotential table {path} has no {', '.join(missing)}")
+    return {el: {"filename": doc[el]["filename"], "cutoff_wfc": float(doc[el].get("cutoff_wfc", 40)),
+                 "cutoff_rho": float(doc[el].get("cutoff_rho", 320))} for el in elements}
 
 
 def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:

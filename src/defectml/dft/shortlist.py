@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
+from ase import Atoms
+from ase.build import make_supercell
+
 from defectml.errors import InputError
 from defectml.search.landscape import Minimum
 from defectml.search.summary import DefectSummary
@@ -103,3 +107,47 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
         ))
         ran += 1
     return ran
+
+
+def dft_structures(store, summary: DefectSummary, chosen: list[Minimum], lattice: str = "input"
+                   ) -> tuple[list[tuple[str, Atoms]], Atoms, str]:
+    """The structures to write for DFT: (folder name, atoms) per chosen minimum, and the bulk.
+
+    The minimum holding the ``Unperturbed`` trial is the control: it is written as that trial's
+    own relaxed structure and named ``Unperturbed``. With ``lattice="input"`` every structure is
+    put on the host lattice as it was given (the DFT one, not the MLIP's relaxed one: a
+    formation energy needs the defect and bulk cells on one lattice), fractional coordinates kept.
+
+    Returns:
+        The named structures, the pristine supercell, and a note on the lattice used.
+    """
+    if lattice not in ("input", "model"):
+        raise InputError(f"--lattice must be input or model, not {lattice!r}")
+    defect_row = store.first(kind="defect", defect_key=summary.defect_key)
+    host_row = store.first(kind="host", host_key=defect_row.host_key)
+    sc = np.asarray(defect_row.data["sc_matrix"])
+    host = host_row.toatoms()
+    host.calc = None
+    cell, note = None, f"the model's relaxed lattice ({summary.model})"
+    if lattice == "input":
+        given = host_row.data.get("input_cell")
+        if given is None:
+            note = "the model's relaxed lattice: this store lacks the input lattice (rerun the search)"
+        elif not np.allclose(defect_row.cell, sc @ host.cell.array, atol=1e-3):
+            note = "the model's relaxed lattice: the supercell is not the host cell times its matrix"
+        else:
+            host.set_cell(np.asarray(given), scale_atoms=True)
+            cell, note = sc @ np.asarray(given), "the host lattice as given (input)"
+    trials = {t.name: t for t in summary.trials}
+    named = []
+    for m in chosen:
+        if m.contains_unperturbed and "Unperturbed" in trials:
+            name, atoms = f"{m.rank:02d}_Unperturbed", trials["Unperturbed"].atoms
+        else:
+            name, atoms = f"{m.rank:02d}_{m.trial.replace('%', 'pc')}", m.atoms
+        atoms = atoms.copy()
+        atoms.calc = None
+        if cell is not None:
+            atoms.set_cell(cell, scale_atoms=True)
+        named.append((name, atoms))
+    return named, make_supercell(host, sc), note

@@ -294,7 +294,8 @@ def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, 
         raise ModelError(f"host relaxation with {model.name} failed: the model raised "
                          f"{type(exc).__name__}: {exc}") from None
     store.add(HostRecord(atoms, energy, host_key, model.name, oxi, model.key,
-                         {"model_version": model.version, "model_ref": model.ref.to_dict()}))
+                         {"model_version": model.version, "model_ref": model.ref.to_dict(),
+                          "input_cell": primitive.lattice.matrix}))
     return to_structure(atoms), host_key
 
 
