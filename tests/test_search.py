@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from defectml import ResultStore, SearchSettings, TrialSettings, search, summarise
@@ -151,3 +152,31 @@ def test_the_plan_is_printed_and_the_supercell_is_in_the_summary(tmp_path, coppe
     (entry,) = json.loads((out / "summary.json").read_text())["defects"]
     assert entry["supercell"] == {"matrix": [[-2, -2, 2], [-2, 2, -2], [2, -2, -2]], "atoms": 31,
                                   "min_image_distance_A": 7.179}
+
+
+def test_each_minimum_shows_its_energy_spread_in_table_json_and_plot(tmp_path):
+    from ase import Atoms
+
+    from defectml.search.landscape import Minimum, RelaxedTrial
+    from defectml.search.report import plot_energy_vs_distortion, table
+    from defectml.search.summary import DefectSummary
+
+    atoms = Atoms("H", [[0, 0, 0]], cell=[5, 5, 5], pbc=True)
+
+    def trial(name, e, d=None, status="converged"):
+        return RelaxedTrial(name, status, e, atoms, np.zeros(3), None, d)
+
+    for energies in ({"Unperturbed": 0.0, "Rattled": 0.04, "Bond_Distortion_-30.0%": -0.02},
+                     {"Unperturbed": 0.0, "Rattled": 0.10, "Bond_Distortion_-30.0%": -0.50}):
+        trials = [trial(n, e, {"Rattled": 0.0, "Bond_Distortion_-30.0%": -0.3}.get(n))
+                  for n, e in energies.items()]
+        trials.append(trial("Dimer", 0.07, status="in_basin"))  # stopped early: not in the spread
+        low = min(energies, key=energies.get)
+        m = Minimum(0, low, energies[low], energies[low], [*energies, "Dimer"], atoms, label="Td")
+        s = DefectSummary("v_X", 0, "m", trials, [m])
+        spread = max(energies.values()) - min(energies.values())
+        assert s.spread(m) == pytest.approx(spread)
+        assert s.to_dict()["minima"][0]["energy_spread_eV"] == pytest.approx(spread)
+        assert f"  {spread:.3f}  Td" in table([s])
+        png = plot_energy_vs_distortion(s, tmp_path / f"{spread}.png")
+        assert png.stat().st_size > 10_000

@@ -19,10 +19,11 @@ def table(summaries: list[DefectSummary]) -> str:
         n_ok = sum(t.status == "converged" for t in s.trials)
         lines.append(f"{s.label}  ({s.model}; {len(s.trials)} trials, {n_ok} converged, "
                      f"{len(s.minima)} unique minim{'um' if len(s.minima) == 1 else 'a'})")
-        lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'minimum':<{width}} trials")
+        lines.append(f"  {'#':>2}  {'dE (eV)':>8}  {'spread':>6}  {'minimum':<{width}} trials")
         for m in s.minima:
             names = ", ".join(_short(t) for t in m.trials)
-            lines.append(f"  {m.rank:>2}  {signed(m.delta_e):>8}  {m.label:<{width}} {names}{_trust(s, m)}")
+            lines.append(f"  {m.rank:>2}  {signed(m.delta_e):>8}  {s.spread(m):>6.3f}  {m.label:<{width}} "
+                         f"{names}{_trust(s, m)}")
         for m in s.minima:
             if m.identity_change:
                 lines.append(f"   !  #{m.rank} is no longer the defect it started as: {m.identity_change}")
@@ -93,45 +94,58 @@ def save_figure(fig, path: Path) -> Path:
 def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None:
     """ShakeNBreak-style plot: ΔE vs bond distortion, coloured by the minimum each trial fell in.
 
-    The unperturbed relaxation is the dashed zero line; ``Rattled`` sits at 0%, ``Dimer`` and
-    any other special trials to the right of the distortion axis.
+    Every marker says what it is: circles are bond distortions (at their %), the square at 0% is
+    ``Rattled`` and the diamond on the dashed zero line ``Unperturbed`` (both labelled), stars to
+    the right the other trials (``Dimer``, ...), each labelled. The energy axis is in meV when the
+    whole range is under 0.1 eV. The legend gives each minimum's energy spread (the range of its
+    relaxations' energies) and flags untrusted ones.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     if not summary.minima:
         return None
     reference = summary.minima[0].energy - summary.minima[0].delta_e
     basin = {name: m.rank for m in summary.minima for name in m.trials}
+    ranked = [t for t in summary.trials if t.name in basin and t.energy is not None]
+    span = max((abs(t.energy - reference) for t in ranked), default=0.0)
+    scale, unit = (1000.0, "meV") if span < 0.1 else (1.0, "eV")
     cmap = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
     specials = []
-    for t in summary.trials:
-        if t.name not in basin:
-            continue
-        de = t.energy - reference
+    for t in ranked:
+        de = scale * (t.energy - reference)
         colour = cmap(basin[t.name] % 10)
         if t.name == "Unperturbed":
-            continue
-        if t.distortion is not None and t.name.startswith(("Bond_Distortion", "Rattled")):
+            ax.scatter(0.0, de, color=colour, marker="D", s=46, zorder=4, edgecolor="k", linewidth=0.6)
+            ax.annotate("Unperturbed", (0.0, de), textcoords="offset points", xytext=(5, -11), fontsize=7)
+        elif t.distortion is not None and t.name.startswith(("Bond_Distortion", "Rattled")):
             marker = "s" if t.name == "Rattled" else "o"
             ax.scatter(100 * t.distortion, de, color=colour, marker=marker, s=40, zorder=3)
+            if t.name == "Rattled":
+                ax.annotate("Rattled", (0.0, de), textcoords="offset points", xytext=(5, 4), fontsize=7)
         else:
             specials.append((t.name, de, colour))
     xs = [100 * t.distortion for t in summary.trials if t.distortion is not None] or [0.0]
     right = max(xs) + 15
     for k, (name, de, colour) in enumerate(specials):
         ax.scatter(right + 10 * k, de, color=colour, marker="*", s=90, zorder=3)
-        ax.annotate(name, (right + 10 * k, de), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
-    ax.axhline(0.0, color="grey", ls="--", lw=1, label="Unperturbed")
+        ax.annotate(name, (right + 10 * k, de), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0.0, color="grey", ls="--", lw=1)
+    handles = []
     for m in summary.minima[:10]:
-        flag = " (untrusted)" if summary.untrusted(m) else ""
-        ax.scatter([], [], color=cmap(m.rank % 10), label=f"#{m.rank}: {m.label}{flag}")
+        flag = ", untrusted" if summary.untrusted(m) else ""
+        spread = summary.spread(m) * scale
+        handles.append(Line2D([], [], color=cmap(m.rank % 10), marker="o", ls="",
+                              label=f"#{m.rank}: {m.label} (spread {spread:.3g} {unit}{flag})"))
+    handles += [Line2D([], [], color="grey", marker=mk, ls="", label=what) for mk, what in
+                (("o", "bond distortion"), ("s", "Rattled (0%)"), ("D", "Unperturbed (dashed: its energy)"),
+                 ("*", "other trials"))]
+    ax.legend(handles=handles, fontsize=6.5, loc="best")
     ax.set_xlabel("Bond distortion (%)")
-    ax.set_ylabel("Energy relative to unperturbed (eV)")
+    ax.set_ylabel(f"Energy relative to unperturbed ({unit})")
     ax.set_title(f"{summary.label} ({summary.model})")
-    ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path)

@@ -63,6 +63,13 @@ class DefectSummary:
         t = self.trust(minimum)
         return None if t is None else t["force"] > (DEFAULT_THRESHOLD if threshold is None else threshold)
 
+    def spread(self, minimum: Minimum) -> float:
+        """Energy range (eV) of the converged relaxations in one minimum (0 for one alone)."""
+        names = set(minimum.trials)
+        e = [t.energy for t in self.trials
+             if t.name in names and t.status == "converged" and t.energy is not None]
+        return float(max(e) - min(e)) if len(e) > 1 else 0.0
+
     @property
     def scored(self) -> bool:
         """Whether a committee scored these relaxations."""
@@ -82,6 +89,7 @@ class DefectSummary:
                     "rank": m.rank,
                     "delta_e_eV": round(m.delta_e, 4) + 0.0,
                     "energy_eV": round(m.energy, 4),
+                    "energy_spread_eV": round(self.spread(m), 4),
                     "trial": m.trial,
                     "trials": m.trials,
                     "label": m.label,
