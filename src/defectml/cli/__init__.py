@@ -1,6 +1,6 @@
 """Command-line interface: ``defectml COMMAND``, one module per area, each a thin shell.
 
-:mod:`.search` (search, alloy, generate, show), :mod:`.dft` (shortlist, ingest, evaluate, loop),
+:mod:`.search` (search, alloy, generate, show, report), :mod:`.dft` (shortlist, ingest, evaluate, loop),
 :mod:`.train` (dataset, finetune, model-metrics, learning-curve), :mod:`.thermo` (thermo, dynamics),
 :mod:`.predictor`; :mod:`.common` holds what they share.
 """
@@ -17,7 +17,8 @@ from defectml.errors import DefectMLError, InputError
 
 HANDLERS = {
     "search": search.cmd_search, "alloy": search.cmd_alloy, "generate": search.cmd_generate,
-    "show": search.cmd_show, "shortlist": dft.cmd_shortlist, "ingest": dft.cmd_ingest,
+    "show": search.cmd_show, "report": search.cmd_report, "shortlist": dft.cmd_shortlist,
+    "ingest": dft.cmd_ingest,
     "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
     "predictor": predictor.cmd_predictor, "dataset": train.cmd_dataset,
     "finetune": train.cmd_finetune, "model-metrics": train.cmd_model_metrics,

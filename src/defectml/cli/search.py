@@ -37,8 +37,19 @@ def add_parsers(sub) -> None:
     )
     add_structure_args(s)
     s.add_argument("--out", default="runs/defectml", help="output folder (runs/defectml)")
+    s.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     add_search_args(s)
     add_analysis_args(s)
+
+    rp = sub.add_parser(
+        "report", help="a self-contained HTML report of a run (opens offline in any browser)",
+        description="Minima tables, interactive energy-vs-distortion plots and 3D views of each "
+                    "minimum (defect site and new bonds marked), every warning, and the DFT "
+                    "evaluation, thermodynamics and active-loop results the run folder holds.",
+    )
+    rp.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    rp.add_argument("--out", default=None, help="the HTML file (default RUN/report.html)")
+    add_analysis_args(rp)
 
     al = sub.add_parser(
         "alloy", help="defects in random alloys: one search per composition and local environment",
@@ -92,6 +103,12 @@ def cmd_search(a: argparse.Namespace) -> int:
     }
     doc = write_outputs(result.summaries, Path(a.out), extra)
     write_settings(a, Path(a.out))
+    if not a.no_report:
+        from defectml.search.html_report import write_report
+
+        write_report(result.summaries, Path(a.out) / "report.html", folder=Path(a.out),
+                     meta={"model": result.model_version, "run": result.settings_key,
+                           "host": a.structure, "wall time": f"{result.seconds:.0f} s"})
     if a.json:
         print(json.dumps(doc, indent=2))
     else:
@@ -177,4 +194,23 @@ def cmd_show(a: argparse.Namespace) -> int:
         print(json.dumps({"defects": [s.to_dict() for s in summaries]}, indent=2))
     else:
         print(table(summaries), end="")
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    """`defectml report`: the run's HTML report."""
+    from defectml.search.html_report import write_report
+    from defectml.search.summary import summarise
+    from defectml.store import is_url
+
+    store = open_store(a.run)
+    key = run_key(store, a.run, a.run_key)
+    summaries = summarise(store, key, soap=soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    folder = None if is_url(a.run) else (Path(a.run) if Path(a.run).is_dir() else Path(a.run).parent)
+    out = Path(a.out) if a.out else (folder or Path(".")) / "report.html"
+    models = sorted({s.model for s in summaries})
+    path = write_report(summaries, out, folder=folder,
+                        meta={"model": ", ".join(models), "run": key, "store": store.target})
+    if not a.quiet:
+        print(f"report: {path}")
     return 0
