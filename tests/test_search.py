@@ -180,3 +180,22 @@ def test_each_minimum_shows_its_energy_spread_in_table_json_and_plot(tmp_path):
         assert f"  {spread:.3f}  Td" in table([s])
         png = plot_energy_vs_distortion(s, tmp_path / f"{spread}.png")
         assert png.stat().st_size > 10_000
+
+
+def test_threads_default_to_the_free_cores_and_slow_steps_are_reported(monkeypatch):
+    import os
+
+    from defectml.models import model as model_module
+    from defectml.search.pipeline import Pace
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for busy, workers, expected in ((0.0, 1, 4), (1.2, 1, 3), (3.9, 1, 1), (9.0, 1, 1), (0.0, 2, 2),
+                                    (2.0, 4, 1)):
+        monkeypatch.setattr(model_module, "busy_cores", lambda b=busy: b)
+        assert model_module.default_threads(workers) == expected, (busy, workers)
+    pace = Pace()
+    assert pace.add(1.0, 10, 10) is None and pace.add(1.5, 10, 10) is None
+    assert pace.add(2.0, 2, 10) is None  # too few steps to judge
+    note = pace.add(8.0, 10, 10)
+    assert note.startswith("warning: relaxations are now 8x slower") and "--threads 1" in note
+    assert pace.add(9.0, 10, 10) is None  # said once

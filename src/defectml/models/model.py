@@ -77,6 +77,26 @@ class Model:
             )
 
 
+def busy_cores() -> float:
+    """Cores other processes keep busy now (the 1-minute load average; 0 where unknown)."""
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return 0.0
+
+
+def default_threads(workers: int = 1) -> int:
+    """Torch threads per worker that do not oversubscribe the CPU.
+
+    The cores this process may use that others leave free, shared among ``workers``, at least
+    one. Oversubscribed, torch's threads spin against each other: 4.5 s per FIRE step instead of 0.25 s
+    was seen on a loaded 2-core machine with all cores asked for (benchmarks/threads.py measures it).
+    """
+    cores = len(os.sched_getaffinity(0))
+    free = max(1, min(cores, int(cores - busy_cores() + 0.5)))
+    return max(1, free // max(1, workers))
+
+
 def set_threads(threads: int | None = None, device: str = "cpu") -> int:
     """Pin torch's intra-op threads (the default collapses under load); return the count.
 
@@ -87,7 +107,7 @@ def set_threads(threads: int | None = None, device: str = "cpu") -> int:
     """
     import torch
 
-    n = threads or len(os.sched_getaffinity(0))
+    n = threads or default_threads()
     torch.set_num_threads(max(1, n))
     if device == "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)

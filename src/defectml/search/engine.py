@@ -12,7 +12,6 @@ pickled to them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +21,7 @@ from ase.calculators.calculator import Calculator
 
 from defectml.errors import InputError
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
+from defectml.models.model import default_threads
 from defectml.search.relax import Relaxation, calculator_batch_fn, relax_batched
 
 EXECUTORS = ("local", "dask")
@@ -117,7 +117,7 @@ def run_jobs(
             yield jobs[i], r
         return
     per_worker = ModelSpec(spec.name, spec.device,
-                           spec.threads or max(1, len(os.sched_getaffinity(0)) // workers),
+                           spec.threads or default_threads(workers),
                            spec.calculator)
     batches = _batches(jobs, batch_size)
     if executor == "local":

@@ -21,6 +21,7 @@ from pymatgen.core import Structure
 
 from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
+from defectml.models.model import default_threads
 from defectml.records import DefectRecord, HostRecord, RelaxationRecord
 from defectml.search.defects import (
     Defect,
@@ -234,14 +235,27 @@ def _matrix_text(m) -> str:
     return "[" + ", ".join("[" + " ".join(str(v) for v in row) + "]" for row in m) + "]"
 
 
-def describe_plan(items: list[DefectCharge], model_name: str) -> str:
+def _threads_note(s: SearchSettings, model: Model, execution: dict) -> str:
+    if model.ref.family in ("calculator", "emt") or s.device != "cpu":
+        return ""
+    import torch
+
+    from defectml.models.model import busy_cores
+
+    workers = execution.get("workers", 1)
+    n = torch.get_num_threads() if workers == 1 else (s.threads or default_threads(workers))
+    how = "--threads" if s.threads else f"default: the free cores, {busy_cores():.1f} busy"
+    return f" on {n} torch thread(s)" + (f" x {workers} workers" if workers > 1 else "") + f" ({how})"
+
+
+def describe_plan(items: list[DefectCharge], model_name: str, threads: str = "") -> str:
     """What a search is about to do: defects x charges x trials, and each supercell."""
     by_defect: dict[str, list[DefectCharge]] = {}
     for it in items:
         by_defect.setdefault(it.defect.name, []).append(it)
     n = sum(len(it.trials) for it in items)
     lines = [f"plan: {len(by_defect)} defect(s), {len(items)} defect charge state(s), {n} relaxation(s) "
-             f"with {model_name}"]
+             f"with {model_name}{threads}"]
     for name, its in by_defect.items():
         d = its[0].defect
         charges = ",".join(f"{it.charge:+d}" if it.charge else "0" for it in its)
@@ -387,7 +401,7 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
             t0) -> SearchResult:
     relaxed_host, host_key = _host(store, structure, model, s, log_fn)
     items = plan(relaxed_host, defects, charges, s)
-    log_fn(describe_plan(items, model.name))
+    log_fn(describe_plan(items, model.name, _threads_note(s, model, execution)))
     if s.pre_relax:
         pre_relax_trials(items, s.pre_relax, log_fn)
     if any(it.charge != 0 for it in items) and not model.charge_aware:
@@ -470,6 +484,7 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
     jobs = [Job(t.atoms, tag=(it, defect_key, t, tkey), watch=watches.get((defect_key, it.charge)))
             for it, defect_key, t, tkey in pending]
     bar = tqdm(total=len(jobs), disable=not progress or not jobs, unit="trial", desc="relaxing")
+    pace = Pace()
     results = run_jobs(jobs, spec, fmax=s.fmax, max_steps=s.max_steps, model=model, **execution)
     for job, r in results:
         it, defect_key, t, tkey = job.tag
@@ -490,7 +505,45 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
             with tqdm.external_write_mode():
                 log_fn(f"first relaxation: {r.steps} steps in {r.seconds:.0f} s; the other "
                        f"{len(jobs) - 1} may take about {_duration(left)} at that pace")
+        note = pace.add(r.seconds, r.steps, len(r.atoms))
+        if note:
+            with tqdm.external_write_mode():
+                log_fn(note)
     bar.close()
+
+
+@dataclass
+class Pace:
+    """Watches seconds per step and atom; says once when relaxations become abnormally slow.
+
+    Torch threads that outnumber the free cores (another job started beside this one) slow a
+    step down tens of times without an error; the message names the remedy.
+    """
+
+    factor: float = 5.0
+    min_steps: int = 5
+    best: float | None = None
+    warned: bool = False
+
+    def add(self, seconds: float, steps: int, atoms: int) -> str | None:
+        """Record one relaxation; the warning text when it ran ``factor`` times slower."""
+        if steps < self.min_steps or seconds <= 0:
+            return None
+        pace = seconds / steps / max(atoms, 1)
+        if self.best is None or pace < self.best:
+            self.best = pace
+            return None
+        if self.warned or pace < self.factor * self.best:
+            return None
+        self.warned = True
+        import torch
+
+        from defectml.models.model import busy_cores
+
+        return (f"warning: relaxations are now {pace / self.best:.0f}x slower per step than the fastest so "
+                f"far ({seconds / steps:.2f} s/step); the CPU is shared ({busy_cores():.1f} cores busy, "
+                f"{torch.get_num_threads()} torch threads here): pass --threads 1 (or fewer --workers), "
+                "or stop the other job; finished relaxations are saved, a rerun resumes")
 
 
 def _duration(seconds: float) -> str:
