@@ -57,8 +57,9 @@ print(json.dumps({"threads": torch.get_num_threads(), "busy_at_start": busy,
 
 
 def measure(threads: str, steps: int) -> dict:
-    run = subprocess.run([sys.executable, "-c", RELAX, threads, str(ROOT / "examples" / "CdTe.cif"), str(steps)],
-                         capture_output=True, text=True, timeout=3600)
+    cif = str(ROOT / "examples" / "CdTe.cif")
+    run = subprocess.run([sys.executable, "-c", RELAX, threads, cif, str(steps)], capture_output=True,
+                         text=True, timeout=3600)
     if run.returncode:
         raise RuntimeError(run.stderr[-2000:])
     return json.loads(run.stdout.strip().splitlines()[-1])
