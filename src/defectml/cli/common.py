@@ -122,7 +122,7 @@ def add_search_args(s: argparse.ArgumentParser) -> None:
                         "SevenNet head); or a weights file: CHGNet .pth.tar, SevenNet .pth[@HEAD], "
                         "MACE .model")
     m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    m.add_argument("--threads", type=int, default=None, help="torch threads (all cores)")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores other processes leave free)")
     m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
     m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
     m.add_argument("--no-relax-host", action="store_true",

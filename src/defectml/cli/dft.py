@@ -123,7 +123,7 @@ def add_parsers(sub) -> None:
                     help="relax every trial to the end (default: stop in a known basin)")
     lp.add_argument("--seed", type=int, default=0, help="committee seeds and hold-out draws")
     lp.add_argument("--device", default="cpu", help="cpu or cuda")
-    lp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    lp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
     add_run_arg(lp)
     lp.add_argument("--json", action="store_true", help="print the loop's record as JSON")
     lp.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")

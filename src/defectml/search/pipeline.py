@@ -50,7 +50,7 @@ class SearchSettings:
         model: Built-in name, weights file (``[family:]PATH[@HEAD]``) or :class:`ModelRef`
             (ignored when a calculator is passed).
         device: ``cpu`` or ``cuda``.
-        threads: Torch threads (default: all cores this process may use).
+        threads: Torch threads (default: the cores other processes leave free).
         fmax: Force threshold (eV/Å) of the FIRE relaxations.
         max_steps: Step limit of each relaxation.
         min_length: Minimum distance (Å) between periodic images of the defect.
