@@ -1,8 +1,8 @@
 """Command-line interface: ``defectml COMMAND``, one module per area, each a thin shell.
 
-:mod:`.search` (search, alloy, generate, show, report), :mod:`.dft` (shortlist, ingest, evaluate, loop),
-:mod:`.train` (dataset, finetune, model-metrics, learning-curve), :mod:`.thermo` (thermo, dynamics),
-:mod:`.predictor`; :mod:`.common` holds what they share.
+:mod:`.search` (search, alloy, generate, show, report), :mod:`.dft` (shortlist, ingest, evaluate,
+loop, export), :mod:`.train` (dataset, finetune, model-metrics, learning-curve), :mod:`.thermo`
+(thermo, dynamics), :mod:`.predictor`; :mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ HANDLERS = {
     "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
     "predictor": predictor.cmd_predictor, "dataset": train.cmd_dataset,
     "finetune": train.cmd_finetune, "model-metrics": train.cmd_model_metrics,
-    "learning-curve": train.cmd_learning_curve, "loop": dft.cmd_loop,
+    "learning-curve": train.cmd_learning_curve, "loop": dft.cmd_loop, "export": dft.cmd_export,
 }
 
 

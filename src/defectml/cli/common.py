@@ -122,7 +122,7 @@ def add_search_args(s: argparse.ArgumentParser) -> None:
                         "SevenNet head); or a weights file: CHGNet .pth.tar, SevenNet .pth[@HEAD], "
                         "MACE .model")
     m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    m.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores other processes leave free)")
+    m.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
     m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
     m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
     m.add_argument("--no-relax-host", action="store_true",
@@ -256,6 +256,10 @@ def config_tokens(path: str, sub: argparse.ArgumentParser, command: str) -> list
         return []
     if not isinstance(doc, dict):
         raise InputError(f"--config {path} must hold a mapping of option: value")
+    if "distortion_parameters" in doc:  # ShakeNBreak's distortion_metadata.json: its trial settings
+        params = doc["distortion_parameters"] or {}
+        doc = {"bond_distortions": [d for d in params.get("bond_distortions", []) if d != 0],
+               "stdev": (params.get("mc_rattle_parameters") or {}).get("stdev")}
     by_name = {}
     positionals = set()
     for action in sub._actions:  # noqa: SLF001 - argparse has no public list of a parser's options

@@ -123,10 +123,25 @@ def add_parsers(sub) -> None:
                     help="relax every trial to the end (default: stop in a known basin)")
     lp.add_argument("--seed", type=int, default=0, help="committee seeds and hold-out draws")
     lp.add_argument("--device", default="cpu", help="cpu or cuda")
-    lp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
+    lp.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
     add_run_arg(lp)
     lp.add_argument("--json", action="store_true", help="print the loop's record as JSON")
     lp.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
+
+    ex = sub.add_parser(
+        "export", help="minima out to ShakeNBreak folders or DefectEntry JSON (doped, "
+                       "pymatgen-analysis-defects)",
+        description="snb: every relaxed trial in ShakeNBreak's layout (<defect>_<q>/Bond_Distortion_X%%/"
+                    "{POSCAR,CONTCAR}, <defect>_<q>.yaml energies, distortion_metadata.json) for "
+                    "snb-analyse / snb-plot; entries: the lowest minimum of each defect and charge as a "
+                    "pymatgen-analysis-defects DefectEntry JSON (doped's DefectEntry extends it). "
+                    "Energies are the model's.",
+    )
+    ex.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    ex.add_argument("--format", choices=("snb", "entries"), required=True,
+                    help="snb (ShakeNBreak folders) or entries (DefectEntry JSON files)")
+    ex.add_argument("--out", required=True, help="output folder")
+    add_analysis_args(ex)
 
 
 def cmd_shortlist(a: argparse.Namespace) -> int:
@@ -283,3 +298,29 @@ def loop_table(result) -> str:
                 lines.append(f"    {signed(m['delta_e_eV'])} eV  {m['label']:<32} "
                              f"{'DFT' if m['visited'] else '   '}  {trust}{flag}")
     return "\n".join(lines)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    """`defectml export`: ShakeNBreak folders or DefectEntry JSON."""
+    from defectml.dft.export import write_defect_entries, write_snb_folders
+    from defectml.search.summary import charge_label, summarise
+
+    store = open_store(a.run)
+    key = run_key(store, a.run, a.run_key)
+    summaries = summarise(store, key, soap=soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    out = Path(a.out)
+    if a.format == "snb":
+        starts = {}
+        for row in store.select(kind="relaxation", settings_key=key):
+            if row.data.get("initial_positions") is not None:
+                atoms = row.toatoms()
+                atoms.calc = None
+                atoms.positions = row.data["initial_positions"]
+                starts[(charge_label(row.defect, int(row.charge_state)), row.trial)] = atoms
+        written = write_snb_folders(summaries, out, starts)
+    else:
+        written = write_defect_entries(store, summaries, out)
+    if not a.quiet:
+        for path in written:
+            print(path)
+    return 0

@@ -80,7 +80,7 @@ def add_parsers(sub) -> None:
     mm.add_argument("--fmax", type=float, default=0.05, help="force threshold of the relaxation test (0.05)")
     mm.add_argument("--no-stress", action="store_true", help="skip stresses (one batched pass per frame)")
     mm.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    mm.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
+    mm.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
 
     lc = sub.add_parser(
         "learning-curve", help="fine-tune on growing shares of the training relaxations; test errors",
@@ -130,7 +130,7 @@ def add_training_options(p) -> None:
                          "(auto: when the functional is not the base's)")
     p.add_argument("--seed", type=int, default=0, help="random seed (several seeds make a committee)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the cores other processes leave free)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
 
 
 def cmd_dataset(a: argparse.Namespace) -> int:

@@ -57,7 +57,7 @@ from defectml.dft.oracle import Request
 from defectml.errors import InputError, ModelError
 from defectml.records import RelaxationRecord, Trajectory
 from defectml.search.relax import CONVERGED, FAILED, UNCONVERGED
-from defectml.search.summary import DefectSummary, summarise
+from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import write_frames, write_json
 from defectml.train.committee import DEFAULT_THRESHOLD, NO_COMMITTEE, Trust
@@ -422,8 +422,8 @@ class _Loop:
         for row in self.dft_rows():
             if row.status not in (CONVERGED, UNCONVERGED) or row.get("energy") is None:
                 continue
-            label = f"{row.defect}_{int(row.charge_state):+d}" if int(row.charge_state) else f"{row.defect}_0"
-            info = {"host": "loop", "functional": row.theory, "defect": label,
+            info = {"host": "loop", "functional": row.theory,
+                    "defect": charge_label(row.defect, int(row.charge_state)),
                     "charge": int(row.charge_state), "run_id": row.trial_key}
             picked = []
             if "trajectory" in row.data and self.s.frames_per_relaxation > 0:
