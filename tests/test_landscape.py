@@ -45,7 +45,7 @@ def test_ideal_vacancy_is_td_without_new_bonds_and_dimer_is_c2v(vcd):
     assert low.trials == ["Dimer"] and low.delta_e == pytest.approx(-0.3)
     assert low.symmetry == "C2v"
     assert low.bonds == [("Te", "Te", pytest.approx(2.85, abs=1e-3))]
-    assert low.label == "C2v, Te-Te dimer 2.85 A"
+    assert low.label == "C2v, Te-Te dimer 2.85 Å"
     assert set(high.trials) == {"Unperturbed", "Bond_Distortion_10.0%"}
     assert high.symmetry == "Td" and high.bonds == [] and high.contains_unperturbed
 

@@ -28,12 +28,12 @@ def add_parsers(sub) -> None:
     pt.add_argument("--lr", type=float, default=2e-3)
     pt.add_argument("--features", type=int, default=32)
     pt.add_argument("--layers", type=int, default=3)
-    pt.add_argument("--cutoff", type=float, default=5.0, help="graph cutoff (A)")
+    pt.add_argument("--cutoff", type=float, default=5.0, help="graph cutoff (Å)")
     pt.add_argument("--limit", type=int, default=None, help="first N training pairs per material")
     pt.add_argument("--device", default="cpu", help="cpu or cuda")
     pt.add_argument("--threads", type=int, default=None)
     pt.add_argument("--noise", type=float, default=0.0,
-                    help="input-noise regulariser: Gaussian width (A) of a random shift of the input atoms")
+                    help="input-noise regulariser: Gaussian width (Å) of a random shift of the input atoms")
     pt.add_argument("--compile", action="store_true",
                     help="torch.compile the training step (about 2x faster on CPU after ~1 min of compiling)")
     pt.add_argument("--init-from", default=None,
@@ -43,7 +43,7 @@ def add_parsers(sub) -> None:
     pt.add_argument("--seeds", type=int, default=1,
                     help="train N models (seeds --seed..--seed+N-1: model.pt, model_s1.pt, ...), an ensemble")
     pt.add_argument("--local-weight", type=float, default=0.0,
-                    help="extra loss weight of atoms within 3 A of a defect site (the A3 metric's atoms)")
+                    help="extra loss weight of atoms within 3 Å of a defect site (the A3 metric's atoms)")
     pt.add_argument("--ema", type=float, default=0.0,
                     help="keep a moving average of the weights (decay per step, e.g. 0.999) as the model")
     pt.add_argument("--virtual-node", action="store_true",

@@ -202,7 +202,7 @@ def table(rows: list[Comparison], summary: dict) -> str:
         f"GS hit rate {f(s['gs_hit_rate'], '.0%')}, DFT relaxations saved "
         f"{f(s['dft_relaxations_saved'], '.0%')}, mean Spearman {f(s['spearman_mean'], '.2f')}, "
         f"relative-energy MAE {f(s['relative_energy_mae_eV'], '.3f')} eV, "
-        f"GS RMSD <= {RMSD_SUCCESS} A: {f(s['gs_rmsd_success_rate'], '.0%')}")
+        f"GS RMSD <= {RMSD_SUCCESS} Å: {f(s['gs_rmsd_success_rate'], '.0%')}")
     return "\n".join(lines) + "\n"
 
 

@@ -38,7 +38,7 @@ def predict_relaxed(
         disp = recycled(model, Batch([g], device), passes).cpu().numpy()[: len(unrelaxed)]
     largest = float(np.linalg.norm(disp, axis=1).max()) if len(disp) else 0.0
     if not np.isfinite(disp).all() or (max_move is not None and largest > max_move):
-        raise UntrustedPrediction(f"the predictor moves an atom by {largest:.1f} A (limit {max_move} A)")
+        raise UntrustedPrediction(f"the predictor moves an atom by {largest:.1f} Å (limit {max_move} Å)")
     out = unrelaxed.copy()
     out.calc = None
     out.positions = unrelaxed.positions + disp.astype(np.float64)

@@ -345,7 +345,7 @@ def train(
         if val < best:
             weights = ema if ema is not None else model.state_dict()
             best, best_state = val, {k: v.detach().clone() for k, v in weights.items()}
-        log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} A, val {val:.4f} A, {dt:.0f} s")
+        log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} Å, val {val:.4f} Å, {dt:.0f} s")
         tmp = checkpoint.with_suffix(".tmp")
         torch.save(
             {

@@ -60,7 +60,7 @@ class Minimum:
         trials: All trials that relaxed into it.
         bonds: New short bonds between like ions near the defect: (A, B, distance).
         symmetry: Local point symmetry (Schoenflies) of the defect and its first shell.
-        label: Short human label, e.g. ``C2v, Te-Te dimer 2.86 A``.
+        label: Short human label, e.g. ``C2v, Te-Te dimer 2.86 Å``.
         identity_change: How the defect changed kind or site (:func:`identity_change`; empty:
             it did not).
     """
@@ -301,15 +301,15 @@ def local_symmetry(
 
 
 def describe(bonds: list[tuple[str, str, float]], symmetry: str) -> str:
-    """Short label: ``C2v, Te-Te dimer 2.86 A`` / ``Td, no new bonds``."""
+    """Short label: ``C2v, Te-Te dimer 2.86 Å`` / ``Td, no new bonds``."""
     if not bonds:
         return f"{symmetry}, no new bonds"
     if len(bonds) == 1:
         a, b, d = bonds[0]
-        return f"{symmetry}, {a}-{b} dimer {d:.2f} A"
+        return f"{symmetry}, {a}-{b} dimer {d:.2f} Å"
     parts = ", ".join(f"{a}-{b} {d:.2f}" for a, b, d in bonds[:3])
     more = f" +{len(bonds) - 3}" if len(bonds) > 3 else ""
-    return f"{symmetry}, {len(bonds)} bonds: {parts}{more} A"
+    return f"{symmetry}, {len(bonds)} bonds: {parts}{more} Å"
 
 
 def find_minima(
