@@ -189,8 +189,8 @@ def test_threads_default_to_the_free_cores_and_slow_steps_are_reported(monkeypat
     from defectml.search.pipeline import Pace
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    for busy, workers, expected in ((0.0, 1, 4), (1.2, 1, 3), (3.9, 1, 1), (9.0, 1, 1), (0.0, 2, 2),
-                                    (2.0, 4, 1)):
+    for busy, workers, expected in ((0.0, 1, 4), (0.7, 1, 4), (0.9, 1, 3), (1.2, 1, 3), (3.9, 1, 1),
+                                    (9.0, 1, 1), (0.0, 2, 2), (2.0, 4, 1)):
         monkeypatch.setattr(model_module, "busy_cores", lambda b=busy: b)
         assert model_module.default_threads(workers) == expected, (busy, workers)
     pace = Pace()
