@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ from defectml.errors import InputError, ModelError
 from defectml.records import RelaxationRecord, Trajectory
 from defectml.search.relax import CONVERGED, FAILED, UNCONVERGED
 from defectml.search.summary import DefectSummary, charge_label, summarise
+from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import write_frames, write_json
 from defectml.train.committee import DEFAULT_THRESHOLD, NO_COMMITTEE, Trust
@@ -67,7 +68,7 @@ DFT_PREFIX = "dft:"  # ML relaxations that start from a DFT end point
 
 
 @dataclass
-class LoopSettings:
+class LoopSettings(FromOptions):
     """How the loop picks, learns and stops (see the module).
 
     Attributes:
@@ -119,15 +120,6 @@ class LoopSettings:
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
-
-    @classmethod
-    def from_options(cls, options, **overrides) -> LoopSettings:
-        """The one place these settings are built (CLI namespace or dict, then ``overrides``)."""
-        source = options if isinstance(options, dict) else vars(options)
-        chosen = {f.name: source[f.name] for f in fields(cls) if source.get(f.name) is not None}
-        s = cls(**{**chosen, **overrides})
-        s.validate()
-        return s
 
     def validate(self) -> None:
         """Raise ``InputError`` for values out of range."""

@@ -46,7 +46,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from defectml.errors import InputError, ModelError
+from defectml.settings import FromOptions
 from defectml.structure_io import write_json
 
 #: Functionals each base model was trained on (energies shift per element for any other).
@@ -65,7 +66,7 @@ SUFFIX = {"chgnet": ".pth.tar", "sevennet": ".pth"}
 
 
 @dataclass
-class FinetuneSettings:
+class FinetuneSettings(FromOptions):
     """How to fine-tune (the seed paper's loss weights 1 : 1 : 0.1 and batch 4; lr 1e-4).
 
     Attributes:
@@ -110,15 +111,6 @@ class FinetuneSettings:
     head: str = "defect"
     device: str = "cpu"
     threads: int | None = None
-
-    @classmethod
-    def from_options(cls, options, **overrides) -> FinetuneSettings:
-        """The one place these settings are built (CLI namespace or dict, then ``overrides``)."""
-        source = options if isinstance(options, dict) else vars(options)
-        chosen = {f.name: source[f.name] for f in fields(cls) if source.get(f.name) is not None}
-        s = cls(**{**chosen, **overrides})
-        s.validate()
-        return s
 
     def validate(self) -> None:
         """Raise ``InputError`` for values out of range."""
