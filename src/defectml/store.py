@@ -242,8 +242,8 @@ _LOCKS: dict[Path, list] = {}  # lock file -> [open file, holders in this proces
 
 
 def _being_created(message: str) -> bool:
-    """Whether an open failed because another process has not finished creating the tables."""
-    return "no such table" in message or "no tables yet" in message
+    """Whether an open failed because another process is creating the tables at the same moment."""
+    return any(s in message for s in ("no such table", "no tables yet", "already exists"))
 
 
 def _lock_path(db: Path) -> Path:

@@ -164,6 +164,16 @@ def supercell_matrix(
 
     if min_length <= 0:
         raise InputError(f"--min-length must be positive, got {min_length}")
+    # No lattice with every image min_length apart has a smaller cell than min_length³/√2 (the
+    # fcc lattice: the densest lattice packing). Beyond max_atoms, refuse before pymatgen's search,
+    # which for a large min_length allocates tens of GB.
+    fewest = min_length**3 / np.sqrt(2) / (host.volume / len(host))
+    if fewest > max_atoms:
+        raise InputError(
+            f"no supercell of the {host.composition.reduced_formula} host ({len(host)} atoms/cell) "
+            f"keeps periodic images ≥{min_length:g} Å apart within {max_atoms} atoms (it takes at "
+            f"least {fewest:.3g}); lower --min-length or raise --max-atoms"
+        )
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             m = get_sc_fromstruct(

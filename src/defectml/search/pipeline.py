@@ -370,13 +370,13 @@ def search(
     if not is_url(target):
         _check_out(Path(out))
     store = ResultStore(target)
+    store.lock()  # one writer at a time: a second search into this store is refused here
     try:
-        store.lock()  # one writer at a time: a second search into this store is refused here
         return _search(store, structure, defects, charges, s, model, progress, log_fn,
                        {"workers": workers, "executor": executor, "scheduler": scheduler,
                         "batch_size": batch_size}, t0)
     except BaseException:
-        _remove_if_empty(store, made)
+        _remove_if_empty(store, made)  # only as the store's writer: a refused second one touches nothing
         raise
     finally:
         store.unlock()
