@@ -95,10 +95,9 @@ def energy_figure(s: DefectSummary):
 
 def _neighbourhood(atoms, centre: np.ndarray, radius: float):
     """Indices and positions (unwrapped around ``centre``) of the atoms within ``radius`` Å."""
-    cell = atoms.cell.array
-    frac = np.linalg.solve(cell.T, (atoms.positions - centre).T).T
-    frac -= np.round(frac)
-    vec = frac @ cell
+    from defectml.search.landscape import _mic
+
+    vec = _mic(atoms, centre, range(len(atoms)))
     idx = np.flatnonzero(np.linalg.norm(vec, axis=1) <= radius)
     return idx, vec[idx]
 
