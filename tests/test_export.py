@@ -73,3 +73,30 @@ def test_shakenbreak_distortion_metadata_sets_the_trials(tmp_path):
     expected = {f"Bond_Distortion_{100 * d:.1f}%" for d in (-0.6, -0.5, -0.4, -0.3, -0.2, -0.1, 0.1, 0.2,
                                                              0.3, 0.4, 0.5, 0.6)}
     assert made | dropped == expected and len(made) >= 10
+
+
+def test_shakenbreaks_own_reader_reads_the_exported_folders(run, tmp_path):
+    analysis = pytest.importorskip("shakenbreak.analysis")
+    out, _ = run
+    assert main(["export", str(out), "--format", "snb", "--out", str(tmp_path / "snb"), "--quiet"]) == 0
+    energies = analysis.get_energies("v_Cu_0", output_path=str(tmp_path / "snb"), verbose=False)
+    structures = analysis.get_structures("v_Cu_0", output_path=str(tmp_path / "snb"))
+    (ml,) = summarise(ResultStore(out / "results.db"))
+    mine = {t.distortion: t.energy for t in ml.trials if t.status == "converged" and t.distortion is not None
+            and t.name.startswith("Bond")}
+    unperturbed = next(t.energy for t in ml.trials if t.name == "Unperturbed")
+    assert energies["Unperturbed"] == 0.0 and set(mine) <= set(energies["distortions"])
+    for d, e in mine.items():  # ShakeNBreak gives them relative to Unperturbed
+        assert energies["distortions"][d] == pytest.approx(e - unperturbed, abs=1e-6)
+    assert "Unperturbed" in structures and len(structures["Unperturbed"]) == len(ml.minima[0].atoms)
+
+
+def test_dopeds_defect_entry_reads_the_exported_entries(run, tmp_path):
+    core = pytest.importorskip("doped.core")
+    out, _ = run
+    assert main(["export", str(out), "--format", "entries", "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    doc = json.loads((tmp_path / "e" / "v_Cu_0.json").read_text())
+    entry = core.DefectEntry.from_dict(doc)
+    (ml,) = summarise(ResultStore(out / "results.db"))
+    assert isinstance(entry, core.DefectEntry) and entry.charge_state == 0
+    assert entry.sc_entry.energy == pytest.approx(ml.minima[0].energy)

@@ -112,6 +112,25 @@ def write_structure(structure: Structure, stem: Path) -> list[Path]:
     return [cif, poscar]
 
 
+def bare_atoms(atoms: Atoms) -> Atoms:
+    """Species, positions, cell and periodicity only, plus the total charge where it is given.
+
+    What a model is asked about: no calculator, no labels; ``info["charge"]`` is kept because a
+    charge-aware model reads it.
+    """
+    out = Atoms(atoms.numbers, atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
+    if "charge" in atoms.info:
+        out.info["charge"] = int(round(float(atoms.info["charge"])))
+    return out
+
+
+def with_charge(atoms: Atoms, charge: int) -> Atoms:
+    """A copy of ``atoms`` that carries its cell's total charge in ``info["charge"]`` (ASE's way)."""
+    out = atoms.copy()
+    out.info["charge"] = int(charge)
+    return out
+
+
 def write_atomic(path: Path, write) -> Path:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place.
 

@@ -2,7 +2,7 @@
 
 :mod:`.search` (search, alloy, generate, show, report), :mod:`.dft` (shortlist, ingest, evaluate,
 loop, export), :mod:`.train` (dataset, finetune, model-metrics, learning-curve), :mod:`.thermo`
-(thermo, dynamics), :mod:`.predictor`; :mod:`.common` holds what they share.
+(thermo, levels, dynamics), :mod:`.predictor`; :mod:`.common` holds what they share.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ HANDLERS = {
     "show": search.cmd_show, "report": search.cmd_report, "shortlist": dft.cmd_shortlist,
     "ingest": dft.cmd_ingest,
     "evaluate": dft.cmd_evaluate, "thermo": thermo.cmd_thermo, "dynamics": thermo.cmd_dynamics,
+    "levels": thermo.cmd_levels,
     "predictor": predictor.cmd_predictor, "dataset": train.cmd_dataset,
     "finetune": train.cmd_finetune, "model-metrics": train.cmd_model_metrics,
     "learning-curve": train.cmd_learning_curve, "loop": dft.cmd_loop, "export": dft.cmd_export,

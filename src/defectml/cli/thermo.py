@@ -52,6 +52,37 @@ def add_parsers(sub) -> None:
     th.add_argument("--quiet", action="store_true", help="no progress messages")
     add_run_arg(th)
 
+    lv = sub.add_parser(
+        "levels", help="formation energy vs Fermi level, transition levels, the charge-neutral Fermi level",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Every charge state of every defect of a finished search (or its ingested DFT): "
+                    "the lowest minimum's energy with a point-charge correction (pymatgen-analysis-defects' "
+                    "Freysoldt lattice term), the formation-energy lines, the thermodynamic transition "
+                    "levels, and the self-consistent Fermi level with the concentrations under charge "
+                    "neutrality. Writes levels.json and levels.png.")
+    lv.add_argument("run", help="a search output folder (or its results.db, or a database URL)")
+    lv.add_argument("--gap", type=float, required=True, help="band gap (eV)")
+    lv.add_argument("--vbm", type=float, default=0.0,
+                    help="host VBM (eV, on the energies' scale): absolute levels need it")
+    lv.add_argument("--dielectric", type=float, default=None,
+                    help="static dielectric constant for the charge correction (0: no correction)")
+    lv.add_argument("--mu", default="", help="chemical potentials, e.g. Ga=-3.6,N=-8.3 (eV/atom); "
+                    "missing ones: element-rich limit from the model")
+    lv.add_argument("--T", dest="temperature", type=float, default=300.0,
+                    help="temperature of the charge-neutral Fermi level (K)")
+    lv.add_argument("--electron-mass", type=float, default=1.0, help="conduction-band effective mass (m_e)")
+    lv.add_argument("--hole-mass", type=float, default=1.0, help="valence-band effective mass (m_e)")
+    lv.add_argument("--fidelity", choices=("mlip", "dft"), default="mlip",
+                    help="energies of the ML search (mlip) or of the ingested DFT (dft)")
+    lv.add_argument("--defect", default=None, help="only this defect")
+    lv.add_argument("--bulk-energy", type=float, default=None,
+                    help="pristine supercell energy (eV; default: the store's host energy)")
+    lv.add_argument("--model", default=None, help="model for missing chemical potentials "
+                    "(default: the search's)")
+    lv.add_argument("--out", default=None, help="output folder (default RUN/levels)")
+    lv.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+    add_run_arg(lv)
+
     dy = sub.add_parser("dynamics", help="MD of a defect minimum: hops, bonds, inherent structures, NEB",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         description="Langevin MD (NVT, or NPT with --pressure) of a defect's lowest minimum "
@@ -135,6 +166,40 @@ def cmd_thermo(a: argparse.Namespace) -> int:
         for note in r.notes:
             print(f"note: {note}")
     print(f"written to {base}/", file=sys.stderr)
+    return 0
+
+
+def cmd_levels(a: argparse.Namespace) -> int:
+    """`defectml levels`: transition levels and the charge-neutral Fermi level."""
+    from defectml.structure_io import write_json
+    from defectml.thermo.from_store import levels_from_store
+    from defectml.thermo.levels import plot_diagram
+
+    store = open_store(a.run)
+    doc = levels_from_store(
+        store, gap=a.gap, vbm=a.vbm, dielectric=a.dielectric, mu=_key_values(a.mu, "--mu"),
+        temperature=a.temperature, electron_mass=a.electron_mass, hole_mass=a.hole_mass,
+        fidelity=a.fidelity, defect=a.defect, bulk_energy=a.bulk_energy, model=a.model,
+        run=run_key(store, a.run, a.run_key, a.fidelity), log=messages(a.quiet))
+    lines = doc.pop("_lines")
+    base = Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path(".")) / "levels"
+    base.mkdir(parents=True, exist_ok=True)
+    write_json(base / "levels.json", doc)
+    ef = doc.get("neutrality", {}).get("fermi_level_eV")  # none where it could not be solved
+    corrected = f"ε = {a.dielectric:g}" if a.dielectric else "uncorrected"
+    plot_diagram(lines, a.gap, base / "levels.png", fermi_level=ef,
+                 title=f"{a.fidelity} energies, {corrected}")
+    for name, d in doc["defects"].items():
+        states = ", ".join(f"{q}: {s['formation_energy_at_vbm_eV']:.2f} eV"
+                           for q, s in d["charge_states"].items())
+        print(f"{name}  E_f at the VBM  {states}")
+        for level in d["levels"]:
+            print(f"  {level['label']:<10} {level['fermi_level_eV']:.3f} eV above the VBM")
+        if not d["levels"]:
+            print("  no transition level inside the gap")
+    if ef is not None:
+        print(f"charge-neutral Fermi level at {a.temperature:g} K: {ef:.3f} eV above the VBM")
+    print(f"written to {base}/ (levels.json, levels.png)", file=sys.stderr)
     return 0
 
 

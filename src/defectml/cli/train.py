@@ -128,6 +128,11 @@ def add_training_options(p) -> None:
     p.add_argument("--refit-refs", choices=("auto", "yes", "no"), default="auto",
                     help="with --energies absolute: refit per-element reference energies first "
                          "(auto: when the functional is not the base's)")
+    p.add_argument("--charge-aware", action="store_true",
+                   help="a charge-aware CHGNet: the cell charge (every frame's info['charge']) as an "
+                        "input, energies anchored per defect across its charge states")
+    p.add_argument("--charge-lr", type=float, default=30.0,
+                   help="with --charge-aware: the charge terms' learning rate as a multiple of --lr (30)")
     p.add_argument("--seed", type=int, default=0, help="random seed (several seeds make a committee)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")

@@ -60,7 +60,7 @@ from defectml.search.relax import CONVERGED, FAILED, UNCONVERGED
 from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key
-from defectml.structure_io import write_frames, write_json
+from defectml.structure_io import with_charge, write_frames, write_json
 from defectml.train.committee import DEFAULT_THRESHOLD, NO_COMMITTEE, Trust
 
 RULES = ("lowest", "unvisited", "uncertain", "mix")
@@ -669,7 +669,8 @@ def relax_trials(store: ResultStore, committee, jobs: list[tuple[str, Atoms]], m
     bar = tqdm(total=len(todo), disable=not progress or not todo, unit="trial", desc=desc)
     for name, atoms in todo:
         w = None if name.startswith(DFT_PREFIX) else watch
-        r = relax_one(atoms, lead.calculator, fmax=fmax, max_steps=max_steps, watch=w)
+        r = relax_one(with_charge(atoms, meta.charge), lead.calculator, fmax=fmax, max_steps=max_steps,
+                      watch=w)
         trust = committee.trust([r.atoms])[0] if r.energy is not None else NO_COMMITTEE
         store.add(RelaxationRecord(
             r.atoms, r.energy, r.forces, "mlip", lead.key, meta.defect, meta.defect_key, meta.charge,

@@ -9,6 +9,7 @@ import numpy as np
 from ase import Atoms
 
 from defectml.errors import ModelError
+from defectml.models.charged import charge_of
 from defectml.models.model import Model, elements_up_to
 from defectml.models.ref import ModelRef
 
@@ -32,9 +33,18 @@ def load(ref: ModelRef) -> Model:
         relaxation needs only energy and forces.
         """
 
+        def check_state(self, atoms, tol=1e-15):
+            # a charge-aware model's results depend on the cell's charge too
+            changes = super().check_state(atoms, tol)
+            if self.atoms is not None and charge_of(atoms) != charge_of(self.atoms):
+                changes = [*changes, "charge"]
+            return changes
+
         def calculate(self, atoms=None, properties=None, system_changes=None, task=None):
             props = properties or ["energy", "forces"]
             task = task or ("efs" if "stress" in props else "ef")
+            if hasattr(self.model, "default_charge"):
+                self.model.default_charge = float(charge_of(atoms if atoms is not None else self.atoms))
             super().calculate(atoms, props, system_changes, task=task)
 
     with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints on load
@@ -42,7 +52,7 @@ def load(ref: ModelRef) -> Model:
             model = CHGNet.load(model_name=ref.builtin.weights, use_device=ref.device, verbose=False)
         else:
             try:  # the file's model_args carry everything (0.2.0's output bias included)
-                model = CHGNet.from_file(str(ref.weights_path))
+                model = _from_file(str(ref.weights_path))
             except Exception as exc:  # noqa: BLE001 - torch/pickle/key errors of a bad file
                 raise ModelError(
                     f"cannot load {ref.weights_path} as a CHGNet checkpoint ({type(exc).__name__}: "
@@ -53,19 +63,60 @@ def load(ref: ModelRef) -> Model:
                                           on_isolated_atoms="ignore")
     n_elements = model.atom_embedding.embedding.num_embeddings
     weights = ref.builtin.weights if ref.builtin else f"file {ref.label}"
-    version = f"chgnet {chgnet.__version__}, weights {weights}"
+    aware = hasattr(model, "charge_embedding")
+    version = f"chgnet {chgnet.__version__}{' charge-aware' if aware else ''}, weights {weights}"
     card = ref.card
     return Model(ref.label, version, calc, ref, elements_up_to(n_elements), batch_fn=batch_fn(model),
-                 charge_aware=bool(card and card.get("charge_aware")), card=card)
+                 charge_aware=aware, card=card)
+
+
+def charge_aware_copy(model: Model) -> Model:
+    """A charge-aware copy of a loaded CHGNet :class:`Model` (the charge terms start at zero).
+
+    It predicts exactly what ``model`` predicts, at every charge, until trained.
+    """
+    import contextlib
+    import io
+
+    from defectml.models.charged import charged_chgnet_class
+
+    charged = charged_chgnet_class().from_base(model.calculator.model)
+    calc_cls = type(model.calculator)
+    with contextlib.redirect_stdout(io.StringIO()):
+        calc = calc_cls(model=charged, use_device=model.ref.device, on_isolated_atoms="ignore")
+    return Model(model.name, model.version + " + zero charge terms", calc, model.ref, model.elements,
+                 charge_aware=True, batch_fn=batch_fn(charged), card=model.card)
+
+
+def _from_file(path: str):
+    """A CHGNet checkpoint: a plain CHGNet, or a charge-aware one where it holds the charge terms."""
+    import torch
+    from chgnet.model import CHGNet
+
+    from defectml.models.charged import charged_chgnet_class, is_charged_state
+
+    state = torch.load(path, map_location=torch.device("cpu"), weights_only=False)
+    cls = charged_chgnet_class() if is_charged_state(state["model"]["state_dict"]) else CHGNet
+    return cls.from_dict(state["model"])
 
 
 def batch_fn(model):
-    """CHGNet's batched prediction: all structures' graphs in one forward pass."""
+    """CHGNet's batched prediction: all structures' graphs in one forward pass.
+
+    A charge-aware model reads each structure's charge from ``info["charge"]``.
+    """
     from pymatgen.io.ase import AseAtomsAdaptor
+
+    from defectml.models.charged import with_charges
 
     def evaluate(structures: list[Atoms]) -> list[tuple[float, np.ndarray]]:
         pmg = [AseAtomsAdaptor.get_structure(a) for a in structures]
-        preds = model.predict_structure(pmg, task="ef", batch_size=len(pmg))
+        if hasattr(model, "charge_embedding"):
+            graphs = with_charges([model.graph_converter(s) for s in pmg],
+                                  [charge_of(a) for a in structures])
+            preds = model.predict_graph(graphs, task="ef", batch_size=len(graphs))
+        else:
+            preds = model.predict_structure(pmg, task="ef", batch_size=len(pmg))
         preds = preds if isinstance(preds, list) else [preds]
         return [(float(p["e"]) * len(a), np.asarray(p["f"], dtype=float))
                 for p, a in zip(preds, structures, strict=True)]

@@ -328,36 +328,116 @@ def make_defects(
     for spec in specs:
         matched = 0
         for kind, d in _generate(host, spec, elements):
-            removed = d.defect_site.specie.symbol if kind != "interstitial" else None
-            if kind == "vacancy":
-                added, old, new = None, oxi[removed], 0
-            elif kind == "substitution":
-                added = d.site.specie.symbol
-                old = oxi[removed]
-                new = oxi.get(added, _foreign_oxi(added, old))
-            else:
-                added, old = d.site.specie.symbol, 0
-                new = oxi.get(added, _foreign_oxi(added, 0))
-            frac = host.lattice.get_fractional_coords(d.site.coords)
-            sym = site_symmetry(host, frac, added if kind != "vacancy" else None)
-            base = {"vacancy": f"v_{removed}", "substitution": f"{added}_{removed}"}.get(
-                kind, f"{added}_i"
-            )
-            if spec is not None and spec["tag"] and spec["tag"] != sym:
+            made = _defect(kind, d, host, oxi, sc)
+            if spec is not None and spec["tag"] and spec["tag"] != made.site_symmetry:
                 continue
-            cell, bulk, coords, index = _place(kind, d, sc)
-            found.append(
-                Defect(
-                    name=base if kind != "interstitial" else f"{base}_{sym}",
-                    kind=kind, added=added, removed=removed, oxi_change=new - old,
-                    multiplicity=int(d.multiplicity), site_symmetry=sym, supercell=cell,
-                    bulk_supercell=bulk, site=coords, defect_index=index, sc_matrix=sc,
-                    default_charges=default_charge_states(new - old),
-                )
-            )
+            found.append(made)
             matched += 1
         if spec is not None and matched == 0:
             raise InputError(f"no site matches defect {spec.string!r} in this host")
+    _make_names_unique(found)
+    return found
+
+
+def _defect(kind: str, d, host: Structure, oxi: dict[str, int], sc: np.ndarray) -> Defect:
+    """Our :class:`Defect` of a pymatgen-analysis-defects one on ``host`` (its primitive cell)."""
+    removed = d.defect_site.specie.symbol if kind != "interstitial" else None
+    if kind == "vacancy":
+        added, old, new = None, oxi[removed], 0
+    elif kind == "substitution":
+        added = d.site.specie.symbol
+        old = oxi[removed]
+        new = oxi.get(added, _foreign_oxi(added, old))
+    else:
+        added, old = d.site.specie.symbol, 0
+        new = oxi.get(added, _foreign_oxi(added, 0))
+    frac = host.lattice.get_fractional_coords(d.site.coords)
+    sym = site_symmetry(host, frac, added if kind != "vacancy" else None)
+    base = {"vacancy": f"v_{removed}", "substitution": f"{added}_{removed}"}.get(kind, f"{added}_i")
+    cell, bulk, coords, index = _place(kind, d, sc)
+    return Defect(
+        name=base if kind != "interstitial" else f"{base}_{sym}",
+        kind=kind, added=added, removed=removed, oxi_change=new - old,
+        multiplicity=int(d.multiplicity), site_symmetry=sym, supercell=cell,
+        bulk_supercell=bulk, site=coords, defect_index=index, sc_matrix=sc,
+        default_charges=default_charge_states(new - old),
+    )
+
+
+def object_kind(obj) -> str:
+    """The kind of a pymatgen-analysis-defects ``Defect`` (doped's subclass them).
+
+    Returns:
+        ``vacancy``, ``substitution`` or ``interstitial``.
+
+    Raises:
+        InputError: any other object.
+    """
+    from pymatgen.analysis.defects.core import Interstitial, Substitution, Vacancy
+
+    for cls, kind in ((Vacancy, "vacancy"), (Substitution, "substitution"), (Interstitial, "interstitial")):
+        if isinstance(obj, cls):
+            return kind
+    raise InputError(f"cannot search {type(obj).__name__} objects: give pymatgen-analysis-defects (or "
+                     "doped) Vacancy, Substitution or Interstitial objects, or a spec such as v_Cd")
+
+
+def defects_from_objects(
+    host: Structure,
+    objects: list,
+    *,
+    reference: Structure | None = None,
+    oxidation_states: dict[str, int] | None = None,
+    min_length: float = 10.0,
+    max_atoms: int = 500,
+    force_diagonal: bool = False,
+) -> list[Defect]:
+    """Our defects from pymatgen-analysis-defects (or doped) ``Defect`` objects, placed on ``host``.
+
+    Each object's site is taken in Cartesian coordinates of its own structure, which must be the
+    crystal of ``reference`` in the same orientation (the host the search was given: any cell of
+    it, e.g. the one doped's generator worked on); it is placed on the primitive cell of ``host``
+    (``reference`` itself, or ``reference`` relaxed by the model) by fractional coordinates of
+    ``reference``'s primitive cell, so a strained host carries its defects along.
+
+    Raises:
+        InputError: an object of another kind, or one whose site is no site of this host
+            (another crystal, another orientation, another species on it).
+    """
+    from pymatgen.analysis.defects.core import Interstitial, Substitution, Vacancy
+    from pymatgen.core import PeriodicSite
+
+    if not objects:
+        raise InputError("no defect given: pass pymatgen/doped Defect objects or a spec such as v_Cd")
+    cell = host.get_primitive_structure()
+    cell.remove_oxidation_states()
+    frame = (reference or host).get_primitive_structure()
+    if len(frame) != len(cell) or [s.symbol for s in frame.species] != [s.symbol for s in cell.species]:
+        raise InputError("the relaxed host is not the host's primitive cell (site order changed)")
+    oxi = guess_oxidation_states(cell, oxidation_states)
+    sc = supercell_matrix(cell, min_length, max_atoms, force_diagonal)
+    found = []
+    for obj in objects:
+        kind = object_kind(obj)
+        frac = frame.lattice.get_fractional_coords(np.asarray(obj.site.coords, float))
+        if kind == "interstitial":
+            d = Interstitial(cell, PeriodicSite(obj.site.specie.symbol, frac % 1.0, cell.lattice))
+        else:
+            delta = cell.frac_coords - frac
+            delta -= np.round(delta)
+            dist = np.linalg.norm(delta @ cell.lattice.matrix, axis=1)
+            j = int(np.argmin(dist))
+            wanted = obj.defect_site.specie.symbol
+            if dist[j] > 0.3 or cell[j].specie.symbol != wanted:
+                raise InputError(f"{obj.name}: no {wanted} site of this host within 0.3 Å of the object's "
+                                 f"site ({dist[j]:.2f} Å to {cell[j].specie.symbol}); was it made on "
+                                 "another crystal, cell orientation or setting?")
+            if kind == "vacancy":
+                d = Vacancy(cell, cell[j])
+            else:
+                site = PeriodicSite(obj.site.specie.symbol, cell[j].frac_coords, cell.lattice)
+                d = Substitution(cell, site)
+        found.append(_defect(kind, d, cell, oxi, sc))
     _make_names_unique(found)
     return found
 

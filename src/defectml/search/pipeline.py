@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +26,10 @@ from defectml.records import DefectRecord, HostRecord, RelaxationRecord
 from defectml.search.defects import (
     Defect,
     bulk_nn_distance,
+    defects_from_objects,
     guess_oxidation_states,
     make_defects,
+    object_kind,
     parse_defect_specs,
 )
 from defectml.search.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
@@ -37,7 +39,7 @@ from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_TH
 from defectml.search.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.store import ResultStore, content_key, is_url
-from defectml.structure_io import check_host, image_distance, to_atoms, to_structure
+from defectml.structure_io import check_host, image_distance, to_atoms, to_structure, with_charge
 
 log = logging.getLogger("defectml")
 
@@ -192,17 +194,29 @@ def _charges_for(defect: Defect, charges: list[int] | None) -> list[int]:
 
 def plan(
     host: Structure,
-    defects: str = "all",
+    defects: str | Sequence = "all",
     charges: list[int] | None = None,
     settings: SearchSettings | None = None,
+    reference: Structure | None = None,
 ) -> list[DefectCharge]:
     """Defects, charge states and trials for ``host`` (no model involved).
+
+    ``defects``: a spec (``v_Cd,Se_Te``, ``all``) or pymatgen-analysis-defects / doped ``Defect``
+    objects, whose sites are taken in the frame of ``reference`` (the host as given; ``host``
+    may be it relaxed), see :func:`~defectml.search.defects.defects_from_objects`.
 
     Raises:
         InputError: for impossible defect specs, charges or supercell requests.
     """
     s = settings or SearchSettings()
-    if s.sites == "environment":
+    if not isinstance(defects, str):
+        if s.sites == "environment":
+            raise InputError("defect objects sit on the host's own sites: not with sites=\"environment\"")
+        found = defects_from_objects(
+            host, list(defects), reference=reference, oxidation_states=s.oxidation_states,
+            min_length=s.min_length, max_atoms=s.max_atoms, force_diagonal=s.force_diagonal,
+        )
+    elif s.sites == "environment":
         from defectml.search.alloy import environment_defects
 
         found = environment_defects(
@@ -266,8 +280,10 @@ def describe_plan(items: list[DefectCharge], model_name: str, threads: str = "")
     return "\n".join(lines)
 
 
-def _foreign_elements(defects: str, host: Structure) -> set[str]:
+def _foreign_elements(defects: str | Sequence, host: Structure) -> set[str]:
     """Elements the defect request adds to the host."""
+    if not isinstance(defects, str):
+        return {obj.site.specie.symbol for obj in defects if object_kind(obj) != "vacancy"}
     out = set()
     for spec in parse_defect_specs(defects, host):
         if spec is not None:
@@ -315,7 +331,7 @@ def _host(store: ResultStore, host: Structure, model: Model, s: SearchSettings, 
 
 def search(
     host: Structure | Atoms,
-    defects: str = "all",
+    defects: str | Sequence = "all",
     charges: list[int] | None = None,
     *,
     out: str | Path = "runs/defectml",
@@ -333,7 +349,9 @@ def search(
 
     Args:
         host: The host crystal (pymatgen ``Structure`` or ASE ``Atoms``).
-        defects: ``v_Cd``, ``Se_Te``, ``Te_i``, comma-separated, or ``all``.
+        defects: ``v_Cd``, ``Se_Te``, ``Te_i``, comma-separated, or ``all``; or a list of
+            pymatgen-analysis-defects (or doped) ``Vacancy``/``Substitution``/``Interstitial``
+            objects made on ``host`` (any cell of it, in the same orientation).
         charges: Charge states (default: each defect's default charges).
         out: Output folder; the store is ``<out>/results.db`` unless ``db`` is given.
         db: A database path or URL (e.g. ``postgresql://user:pw@host/db``) for the store.
@@ -360,7 +378,7 @@ def search(
     foreign = _foreign_elements(defects, structure)  # also validates the defect specs early
     # defects, charges and supercell sizes checked on the host as given, before any work (the
     # model's host relaxation changes the lattice by a little, not what is possible)
-    plan(structure, defects, charges, s)
+    plan(structure, defects, charges, s, reference=structure)
     model = wrap_calculator(calculator) if calculator is not None else load_model(
         s.model, s.device, s.threads
     )
@@ -397,10 +415,20 @@ def _remove_if_empty(store: ResultStore, made: list[Path]) -> None:
             path.rmdir()
 
 
+def charges_outside(model: Model, charges: set[int]) -> tuple[list[int], str] | None:
+    """A charge-aware model's charges outside the range its card says it was trained on, and that range."""
+    trained = (model.card or {}).get("charges") if model.charge_aware else None
+    if not trained:
+        return None
+    lo, hi = min(trained), max(trained)
+    out = sorted(q for q in charges if not lo <= q <= hi)
+    return (out, f"{lo:+d}..{hi:+d}") if out else None
+
+
 def _search(store, structure, defects, charges, s, model: Model, progress, log_fn, execution,
             t0) -> SearchResult:
     relaxed_host, host_key = _host(store, structure, model, s, log_fn)
-    items = plan(relaxed_host, defects, charges, s)
+    items = plan(relaxed_host, defects, charges, s, reference=structure)
     log_fn(describe_plan(items, model.name, _threads_note(s, model, execution)))
     if s.pre_relax:
         pre_relax_trials(items, s.pre_relax, log_fn)
@@ -409,6 +437,10 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
             f"note: {model.name} has no charge input; charged states differ only in their trial "
             "distortions (energies are those of the neutral electron count)"
         )
+    outside = charges_outside(model, {it.charge for it in items})
+    if outside:
+        log_fn(f"warning: {model.name} learned charges {outside[1]}; charge(s) "
+               f"{', '.join(f'{q:+d}' for q in outside[0])} lie outside that range (extrapolated)")
     skey = s.key(model.key, host_key)
     done = store.done_trial_keys(skey)
     pending = []
@@ -481,7 +513,8 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
     from tqdm.auto import tqdm
 
     watches = _watches(store, pending, s, skey)
-    jobs = [Job(t.atoms, tag=(it, defect_key, t, tkey), watch=watches.get((defect_key, it.charge)))
+    jobs = [Job(with_charge(t.atoms, it.charge), tag=(it, defect_key, t, tkey),
+                watch=watches.get((defect_key, it.charge)))
             for it, defect_key, t, tkey in pending]
     bar = tqdm(total=len(jobs), disable=not progress or not jobs, unit="trial", desc="relaxing")
     pace = Pace()

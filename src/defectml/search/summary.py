@@ -23,7 +23,7 @@ from defectml.search.landscape import (
     find_minima,
 )
 from defectml.store import ResultStore
-from defectml.structure_io import image_distance
+from defectml.structure_io import image_distance, with_charge
 
 
 def charge_label(name: str, charge: int) -> str:
@@ -232,7 +232,7 @@ def relaxed_trial_from_row(row) -> RelaxedTrial:
         name=row.trial,
         status=row.status,
         energy=row.get("energy"),
-        atoms=row.toatoms(),
+        atoms=with_charge(row.toatoms(), int(row.charge_state)),
         site=np.asarray(row.data["site"]),
         defect_index=row.data.get("defect_index"),
         distortion=row.get("distortion"),

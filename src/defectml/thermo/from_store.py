@@ -191,3 +191,114 @@ def dynamics_from_store(
             "rate_per_s": dyn.tst_rate(res.barrier, nu, temperature),
         }
     return out
+
+
+def levels_from_store(
+    store: ResultStore,
+    *,
+    gap: float,
+    vbm: float = 0.0,
+    dielectric: float | None = None,
+    mu: dict[str, float] | None = None,
+    temperature: float = 300.0,
+    electron_mass: float = 1.0,
+    hole_mass: float = 1.0,
+    fidelity: str = "mlip",
+    defect: str | None = None,
+    bulk_energy: float | None = None,
+    model: str | None = None,
+    run: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Formation-energy lines, transition levels and the charge-neutral Fermi level of a store's defects.
+
+    Each charge state's energy is its lowest minimum (of the ML search, or of the DFT rows with
+    ``fidelity="dft"``), corrected by the point-charge term of its supercell. Missing chemical
+    potentials: the element-rich limit of the model's elemental phase, as ``thermo`` does.
+    ``bulk_energy``: the pristine supercell's energy (eV) where the store holds no host energy
+    (an ingested ShakeNBreak folder has none) or another is wanted.
+
+    Returns:
+        A JSON-ready document (per defect: charge states, energies, corrections, intercepts,
+        levels; the Fermi level, carriers and concentrations) and the :class:`DefectLines`
+        under ``"_lines"``.
+    """
+    from defectml.thermo.levels import (
+        ChargeState,
+        formation_lines,
+        point_charge_correction,
+        sites_per_cm3,
+        solve_fermi_level,
+        transition_levels,
+    )
+
+    summaries = [s for s in summarise(store, run, fidelity=fidelity)
+                 if defect is None or s.defect == defect]
+    if not summaries:
+        raise DefectMLError(f"no {fidelity} results for {defect or 'any defect'} in {store.target}")
+    charged = any(s.charge for s in summaries)
+    if charged and dielectric is None:
+        raise DefectMLError("charged states need a dielectric constant for their finite-size correction: "
+                            "give --dielectric (static: ε∞ + ε_ionic), or --dielectric 0 for none")
+    mu = dict(mu or {})
+    calculator = None
+    by_defect: dict[str, list] = {}
+    for s in summaries:
+        if s.minima:
+            by_defect.setdefault(s.defect, []).append(s)
+    doc: dict = {"fidelity": fidelity, "gap_eV": gap, "vbm_eV": vbm, "dielectric": dielectric,
+                 "temperature_K": temperature, "defects": {}}
+    lines = []
+    for name, group in sorted(by_defect.items()):
+        row = store.first(kind="defect", defect_key=group[0].defect_key)
+        host_row = store.first(kind="host", host_key=row.host_key)
+        host = host_row.toatoms()
+        bulk = make_supercell(host, np.asarray(row.data["sc_matrix"]))
+        if bulk_energy is not None:
+            e_bulk = float(bulk_energy)
+        elif host_row.get("energy") is not None:
+            e_bulk = float(host_row.energy) * len(bulk) / len(host)
+        else:
+            raise DefectMLError(f"{store.target} holds no energy of the host: give --bulk-energy (eV, the "
+                                f"pristine {len(bulk)}-atom supercell at the same level of theory)")
+        exchanged = exchanged_atoms(row.toatoms(), bulk)
+        for el in exchanged:
+            if el not in mu:
+                if calculator is None:
+                    calculator = search_model(group[0], model).calculator
+                mu[el] = elemental_mu(el, calculator)
+                log(f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from the model's relaxed elemental "
+                    "phase (give --mu for other conditions)")
+        states = []
+        for s in sorted(group, key=lambda s: s.charge):
+            corr = point_charge_correction(bulk.cell.array, s.charge, dielectric) if dielectric else 0.0
+            states.append(ChargeState(s.charge, float(s.minima[0].energy), corr))
+        mult = float(row.data.get("multiplicity") or 1.0)
+        d = formation_lines(name, states, e_bulk, exchanged, mu, vbm,
+                            sites_per_cm3(mult, float(host.get_volume())))
+        lines.append(d)
+        labels = {g.charge: g.minima[0].label for g in group}
+        doc["defects"][name] = {
+            "charge_states": {
+                f"{st.charge:+d}": {"energy_eV": st.energy, "correction_eV": round(st.correction, 4),
+                                    "formation_energy_at_vbm_eV": round(d.intercepts[st.charge], 4),
+                                    "minimum": labels[st.charge]} for st in states},
+            "exchanged": exchanged,
+            "levels": [{"label": lv.label, "q": lv.q, "q_next": lv.q_next,
+                        "fermi_level_eV": round(lv.fermi_level, 4)} for lv in transition_levels(d, gap)],
+        }
+    doc["mu"] = mu
+    if any(len(d.intercepts) > 1 or next(iter(d.intercepts)) != 0 for d in lines):
+        try:
+            sol = solve_fermi_level(lines, gap, temperature, electron_mass=electron_mass, hole_mass=hole_mass)
+        except DefectMLError as exc:  # the levels stand without it
+            log(f"no charge-neutral Fermi level: {exc} (is --vbm on the energies' scale?)")
+            doc["neutrality"] = {"error": str(exc)}
+            doc["_lines"] = lines
+            return doc
+        doc["neutrality"] = {"fermi_level_eV": round(sol.fermi_level, 4), "electrons_cm3": sol.electrons,
+                             "holes_cm3": sol.holes,
+                             "concentrations_cm3": {k: {f"{q:+d}": c for q, c in v.items()}
+                                                    for k, v in sol.concentrations.items()}}
+    doc["_lines"] = lines
+    return doc

@@ -25,6 +25,7 @@ import numpy as np
 from ase import Atoms
 
 from defectml.errors import InputError
+from defectml.structure_io import bare_atoms
 
 #: Default force spread (eV/Å) above which a structure is "untrusted"; a starting value, see
 #: benchmarks/active_loop.py for its calibration on held-out DFT frames.
@@ -97,7 +98,7 @@ class Committee:
         """Every member's (energy, forces) on every structure (batched per member)."""
         from defectml.train.dataset import atom_chunks
 
-        bare = [Atoms(a.numbers, a.positions, cell=a.cell, pbc=a.pbc) for a in structures]
+        bare = [bare_atoms(a) for a in structures]
         out = []
         for model in self.models:
             preds: list = [None] * len(bare)

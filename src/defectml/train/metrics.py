@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 
+from defectml.structure_io import bare_atoms
 from defectml.train.dataset import FrameSet, atom_chunks
 
 
@@ -49,7 +50,7 @@ def predict(model, sets: list[FrameSet], stress: bool = True, max_atoms: int = 2
     """
     out = []
     for fs in sets:
-        bare = [Atoms(f.numbers, f.positions, cell=f.cell, pbc=True) for f in fs.frames]
+        bare = [bare_atoms(f) for f in fs.frames]
         has_s = [stress and f.calc.results.get("stress") is not None for f in fs.frames]
         results: list = [None] * len(bare)
         for i, a in enumerate(bare):
@@ -155,9 +156,9 @@ def relaxation_test(model, sets: list[FrameSet], fmax: float = 0.05, max_steps: 
         if len(fs.frames) < 2 or fs.is_bulk:
             continue
         first, last = fs.frames[0], fs.frames[-1]
-        start = Atoms(first.numbers, first.positions, cell=first.cell, pbc=True)
+        start = bare_atoms(first)
         r = relax_one(start, model.calculator, fmax=fmax, max_steps=max_steps)
-        end_dft = Atoms(last.numbers, last.positions, cell=last.cell, pbc=True)
+        end_dft = bare_atoms(last)
         end_dft.calc = model.calculator
         e_at_dft = float(end_dft.get_potential_energy())
         out.append({"run_id": fs.run_id, "host": fs.host, "defect": fs.defect, "charge": fs.charge,
