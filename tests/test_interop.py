@@ -77,3 +77,51 @@ def test_doped_defect_objects_in():
         removed = it.defect.removed
         assert it.defect.bulk_supercell.composition[removed] - it.defect.supercell.composition[removed] == 1
         assert np.isfinite(it.defect.site).all()
+
+
+def test_defect_json_files_on_the_command_line(copper, tmp_path, capsys):
+    from monty.serialization import dumpfn
+
+    from defectml.cli import main
+
+    cif = tmp_path / "Cu.cif"
+    copper.to(filename=str(cif))
+    (vac,) = VacancyGenerator().generate(copper)
+    dumpfn([vac], tmp_path / "defects.json")
+    common = ["--charge", "0", "--min-length", "7", "--distortions", "-0.3", "--quiet"]
+    assert main(["generate", str(cif), "--defect", str(tmp_path / "defects.json"), *common,
+                 "--out", str(tmp_path / "trials")]) == 0
+    assert (tmp_path / "trials" / "v_Cu_0" / "Unperturbed" / "POSCAR").is_file()
+    # a DefectEntry written by `export --format entries` goes back in as its defect
+    run = tmp_path / "run"
+    assert main(["search", str(cif), "--defect", "v_Cu", "--model", "emt", *common, "--no-report",
+                 "--out", str(run)]) == 0
+    assert main(["export", str(run), "--format", "entries", "--out", str(tmp_path / "e"), "--quiet"]) == 0
+    assert main(["generate", str(cif), "--defect", str(tmp_path / "e" / "v_Cu_0.json"), *common,
+                 "--out", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "v_Cu_0" / "Unperturbed" / "POSCAR").is_file()
+    capsys.readouterr()
+    (tmp_path / "plain.json").write_text('{"v_Cu": 1}')
+    for bad, says in (("plain.json", "not a plain mapping"), ("missing.json", "no such file")):
+        assert main(["generate", str(cif), "--defect", str(tmp_path / bad), *common,
+                     "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and says in err[0]
+
+
+def test_a_doped_defects_generator_json_on_the_command_line(tmp_path):
+    doped = pytest.importorskip("doped.generation")
+    from defectml.cli import main
+
+    nacl = Structure.from_spacegroup("Fm-3m", Lattice.cubic(5.64), ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gen = doped.DefectsGenerator(nacl, extrinsic=None, interstitial_gen_kwargs=False, processes=1)
+        gen.to_json(str(tmp_path / "gen.json"))
+    cif = tmp_path / "NaCl.cif"
+    nacl.to(filename=str(cif))
+    assert main(["generate", str(cif), "--defect", str(tmp_path / "gen.json"), "--charge", "0",
+                 "--min-length", "7", "--distortions", "-0.3", "--quiet", "--out", str(tmp_path / "t")]) == 0
+    made = sorted(p.name for p in (tmp_path / "t").iterdir() if p.is_dir())
+    n_antisites = sum(1 for group in ("substitutions",) for _ in gen.defects.get(group, []))
+    assert {"v_Na_0", "v_Cl_0"} <= set(made) and len(made) == 2 + n_antisites

@@ -72,7 +72,9 @@ def add_structure_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defect", required=True,
                    help="v_Cd (vacancy), Se_Te (Se on a Te site), Cd_i or Te_i_C3v "
                         "(interstitial), comma-separated, or 'all' (every vacancy, antisite and native "
-                        "interstitial: often hundreds of relaxations, so say it)")
+                        "interstitial: often hundreds of relaxations, so say it); or a JSON file of "
+                        "pymatgen-analysis-defects/doped Defect or DefectEntry objects or a doped "
+                        "DefectsGenerator (their own host cell is used)")
     p.add_argument("--charge", default=None,
                    help="charge state(s): 0, -2,-1,0 or -2:0 (default: each defect's defaults)")
     p.add_argument("--oxi", default=None, help="oxidation-state overrides, e.g. Cd=2,Te=-2")

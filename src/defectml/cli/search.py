@@ -172,7 +172,12 @@ def cmd_generate(a: argparse.Namespace) -> int:
         oxidation_states=parse_oxi(a.oxi), trials=trial_settings(a), sites=a.sites,
         env_shells=a.shells,
     )
-    items = plan(host, a.defect, parse_charges(a.charge), settings)
+    from defectml.search.defects import host_of, resolve_defects
+
+    defects = resolve_defects(a.defect)
+    if not isinstance(defects, str):
+        host = host_of(defects, host)
+    items = plan(host, defects, parse_charges(a.charge), settings, reference=host)
     say = messages(a.quiet)
     for label, n, folder in write_trial_folders(items, Path(a.out)):
         say(f"{label}: {n} trials -> {folder}/")

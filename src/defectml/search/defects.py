@@ -382,6 +382,78 @@ def object_kind(obj) -> str:
                      "doped) Vacancy, Substitution or Interstitial objects, or a spec such as v_Cd")
 
 
+def resolve_defects(defects):
+    """A defect request as a spec string, or as a list of ``Defect`` objects.
+
+    Accepts a spec (``v_Cd,Se_Te``, ``all``: returned as it is); a JSON file (``*.json``) that
+    monty reads as a pymatgen-analysis-defects or doped ``Defect``, ``DefectEntry`` (its
+    defect), a list of those, or a doped ``DefectsGenerator`` (every defect it generated); or
+    such objects themselves.
+
+    Raises:
+        InputError: an unreadable file, or anything else.
+    """
+    from pathlib import Path
+
+    if isinstance(defects, str):
+        if not defects.lower().endswith(".json"):
+            return defects
+        path = Path(defects)
+        if not path.is_file():
+            raise InputError(f"--defect {defects}: no such file")
+        from monty.serialization import loadfn
+
+        try:
+            loaded = loadfn(path)
+        except ModuleNotFoundError as exc:
+            raise InputError(f"{path} needs the package that wrote it ({exc.name}): pip install it") from None
+        except Exception as exc:  # noqa: BLE001 - any JSON/monty decoding error
+            raise InputError(f"cannot read defects from {path}: {type(exc).__name__}: {exc}") from None
+        return resolve_defects(loaded if isinstance(loaded, list | tuple) else [loaded])
+    items = list(defects.values()) if isinstance(defects, dict) else \
+        [defects] if not isinstance(defects, list | tuple) else list(defects)
+    out = []
+    for item in items:
+        if isinstance(getattr(item, "defects", None), dict):  # doped's DefectsGenerator
+            out += [d for group in item.defects.values() for d in group]
+        elif isinstance(item, list | tuple):
+            out += resolve_defects(item)
+        elif hasattr(item, "defect") and hasattr(item, "sc_entry"):  # a DefectEntry
+            out.append(item.defect)
+        elif isinstance(item, dict) and "@module" not in item:
+            raise InputError("a defects JSON must hold Defect, DefectEntry or DefectsGenerator objects "
+                             "(monty's @module/@class), not a plain mapping")
+        else:
+            object_kind(item)  # refuses anything that is not a Defect
+            out.append(item)
+    if not out:
+        raise InputError("no defect given: pass pymatgen/doped Defect objects or a spec such as v_Cd")
+    return out
+
+
+def host_of(objects: list, host: Structure) -> Structure:
+    """The crystal the defect objects were made on: their own structure (one for all, ``host``'s).
+
+    Their sites are in that structure's frame (doped's generator works on its own cell and
+    orientation), so the search takes it as the host.
+
+    Raises:
+        InputError: objects made on different structures, or on another crystal than ``host``.
+    """
+    first = objects[0].structure.copy()
+    first.remove_oxidation_states()
+    for obj in objects[1:]:
+        other = obj.structure.copy()
+        other.remove_oxidation_states()
+        if len(other) != len(first) or not np.allclose(other.lattice.matrix, first.lattice.matrix, atol=1e-3):
+            raise InputError("the defect objects were made on different host cells: give them one host")
+    given = host.composition.reduced_formula
+    if first.composition.reduced_formula != given:
+        raise InputError(f"the defect objects were made on {first.composition.reduced_formula}, "
+                         f"not on the host given ({given})")
+    return first
+
+
 def defects_from_objects(
     host: Structure,
     objects: list,

@@ -28,9 +28,11 @@ from defectml.search.defects import (
     bulk_nn_distance,
     defects_from_objects,
     guess_oxidation_states,
+    host_of,
     make_defects,
     object_kind,
     parse_defect_specs,
+    resolve_defects,
 )
 from defectml.search.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
 from defectml.search.engine import Job, ModelSpec, run_jobs
@@ -349,9 +351,11 @@ def search(
 
     Args:
         host: The host crystal (pymatgen ``Structure`` or ASE ``Atoms``).
-        defects: ``v_Cd``, ``Se_Te``, ``Te_i``, comma-separated, or ``all``; or a list of
-            pymatgen-analysis-defects (or doped) ``Vacancy``/``Substitution``/``Interstitial``
-            objects made on ``host`` (any cell of it, in the same orientation).
+        defects: ``v_Cd``, ``Se_Te``, ``Te_i``, comma-separated, or ``all``; or
+            pymatgen-analysis-defects / doped ``Vacancy``/``Substitution``/``Interstitial``
+            objects, ``DefectEntry`` objects, a doped ``DefectsGenerator``, or a JSON file of any
+            of them (:func:`~defectml.search.defects.resolve_defects`). Objects bring their own
+            host cell (the one they were made on), which must be ``host``'s crystal.
         charges: Charge states (default: each defect's default charges).
         out: Output folder; the store is ``<out>/results.db`` unless ``db`` is given.
         db: A database path or URL (e.g. ``postgresql://user:pw@host/db``) for the store.
@@ -375,6 +379,11 @@ def search(
     s.validate()
     structure = to_structure(host)
     check_host(structure)
+    defects = resolve_defects(defects)
+    if not isinstance(defects, str):  # objects: their sites are in their own structure's frame
+        structure = host_of(defects, structure)
+        log_fn(f"host: the cell the {len(defects)} defect object(s) were made on "
+               f"({structure.composition.reduced_formula}, {len(structure)} atoms)")
     foreign = _foreign_elements(defects, structure)  # also validates the defect specs early
     # defects, charges and supercell sizes checked on the host as given, before any work (the
     # model's host relaxation changes the lattice by a little, not what is possible)
