@@ -212,15 +212,152 @@ def mgo(work: Path, epochs: int, per_relaxation: int, threads: int | None, log, 
     return doc
 
 
+#: the search's bond distortions for the MgO ground-state check (fewer than the default 12: CPU time)
+MGO_SEARCH_DISTORTIONS = (-0.4, -0.2, 0.2, 0.4)
+
+
+def mgo_search(work: Path, which: str, threads: int | None, log, off_centre: float | None = None) -> dict:
+    """Search Mg_O 0..+4 with one of the ``mgo`` part's fine-tunes; set it against the DFT search.
+
+    The host is the DFT's relaxed bulk cell (``relax_host=False``), so both searches share a
+    lattice; trials: :data:`MGO_SEARCH_DISTORTIONS` + unperturbed + rattled, early stop on. With
+    ``off_centre`` (Å): Unperturbed, Rattled and the three ``Off_Centre_k`` trials instead (the
+    defect atom moved off its site; no bond distortions). ``gs_hit``: ``defectml evaluate``'s (a
+    shortlisted minimum, 0.5 eV window, is the nearest to the DFT ground state in defect-site
+    SOAP); ``lowest_is_gs``: the model's lowest minimum is.
+    """
+    import tempfile
+
+    from defectml import ResultStore, SearchSettings, search, summarise
+    from defectml.dft.evaluate import evaluate, to_dict
+    from defectml.dft.ingest import ingest_snb_folder
+    from defectml.search.distort import TrialSettings
+    from defectml.structure_io import read_structure
+
+    tag = f"{which}_offcentre" if off_centre else which
+    cache = work / f"mgo_search_{tag}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    weights = work / f"mgo_{'aware' if which == 'charge_aware' else 'blind'}_e3.pth.tar"
+    if not weights.exists():
+        raise SystemExit(f"{weights} missing: run `python benchmarks/charge_states.py mgo` first")
+    data = ROOT.parent / "shared" / "data" / "snb-mgo-mg_o"
+    host = read_structure(data / "MgO_bulk_relaxed_CONTCAR")
+    trials = TrialSettings(distortions=(), off_centre=off_centre) if off_centre else \
+        TrialSettings(distortions=MGO_SEARCH_DISTORTIONS)
+    settings = SearchSettings(model=str(weights), relax_host=False, threads=threads, early_stop=True,
+                              trials=trials)
+    t0 = time.perf_counter()
+    result = search(host, "Mg_O", [0, 1, 2, 3, 4], out=work / f"mgo_search_{tag}", settings=settings)
+    wall = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        dft_store = ResultStore(Path(tmp) / "results.db")
+        ingest_snb_folder(dft_store, data)
+        dft = summarise(dft_store, fidelity="dft")
+    rows, _ = evaluate(result.summaries, dft)
+    ev = to_dict(rows, {})
+    doc: dict = {"model": which, "weights": weights.name, "wall_s": round(wall, 1),
+                 "distortions": list(trials.distortions), "off_centre_A": off_centre,
+                 "trials": sum(len(s.trials) for s in result.summaries), "charges": {}}
+    dft_by_q = {s.charge: s for s in dft}
+    ml_by_q = {s.charge: s for s in result.summaries}
+    for row in ev["defects"]:
+        q = row["charge"]
+        ml = ml_by_q[q]
+        lowest = _nearest_dft(ml, dft_by_q[q])
+        doc["charges"][str(q)] = {
+            "gs_hit": row["gs_hit"], "lowest_is_gs": lowest == 0,
+            "ml_minima": [{"delta_e_eV": round(m.delta_e, 3), "label": m.label} for m in ml.minima],
+            "dft_gs_delta_e_eV": row.get("dft_gs_delta_e"), "gs_rmsd_A": row.get("gs_rmsd")}
+        log(f"MgO search {tag} q={q:+d}: gs_hit {row['gs_hit']}, lowest is the DFT GS {lowest == 0}; "
+            f"minima {[(m.label, round(m.delta_e, 3)) for m in ml.minima]}")
+    work.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+def mgo_gs_relax(work: Path, which: str, threads: int | None, log) -> dict:
+    """Is DFT's ground state a minimum of the model, and below its Oh minimum? Per charge state.
+
+    Relaxes ShakeNBreak's DFT ground state (``groundstate_POSCAR``, C3v/C2v, Mg 1.2–1.4 Å off the
+    O site) and DFT's relaxed ``Unperturbed`` structure (Oh) with the model at that charge:
+    the RMSD of the first to where DFT has it (and its largest atom displacement: one Mg moving
+    back to the site is 1.3 Å there, 0.09 Å of RMSD), and the model's energy of it minus its Oh energy
+    (DFT: −1.0 to −1.4 eV). Tells a landscape that lacks the basin from a search that misses it.
+    """
+    from ase.io import read
+
+    from defectml.models import load_model
+    from defectml.search.relax import relax_one
+    from defectml.train.metrics import rmsd
+
+    cache = work / f"mgo_gs_relax_{which}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    weights = work / f"mgo_{'aware' if which == 'charge_aware' else 'blind'}_e3.pth.tar"
+    model = load_model(str(weights), threads=threads)
+    data = ROOT.parent / "shared" / "data" / "snb-mgo-mg_o"
+    out = {}
+    for q in range(5):
+        folder = data / f"Mg_O_{q:+d}" if q else data / "Mg_O_0"
+        ends = {}
+        for name, path in (("gs", folder / "groundstate_POSCAR"), ("oh", folder / "Unperturbed" / "CONTCAR")):
+            atoms = read(path)
+            atoms.info["charge"] = q
+            r = relax_one(atoms, model.calculator, fmax=0.05, max_steps=400)
+            ends[name] = (r, atoms)
+        gs, gs_start = ends["gs"]
+        oh = ends["oh"][0]
+        d = gs.atoms.get_scaled_positions() - gs_start.get_scaled_positions()
+        d -= np.round(d)
+        moved = float(np.linalg.norm(d @ gs_start.cell.array, axis=1).max())
+        row = {"gs_rmsd_to_dft_A": round(rmsd(gs.atoms, gs_start), 3),
+               "gs_max_displacement_A": round(moved, 3),
+               "model_gs_minus_oh_eV": round(gs.energy - oh.energy, 3),
+               "gs_steps": gs.steps, "oh_steps": oh.steps}
+        out[str(q)] = row
+        log(f"MgO {which} q={q:+d}: DFT ground state relaxed by the model: {row}")
+    work.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def _nearest_dft(ml, dft) -> int | None:
+    """Index of the DFT minimum nearest (defect-site SOAP) to the model's lowest minimum."""
+    from defectml.dft.evaluate import _centre
+    from defectml.search.fingerprint import cosine_distances, soap_fingerprints
+
+    if not ml.minima or not dft.minima:
+        return None
+    structures = [ml.minima[0].atoms] + [m.atoms for m in dft.minima]
+    centres = [_centre(ml, ml.minima[0])] + [_centre(dft, m) for m in dft.minima]
+    d = cosine_distances(soap_fingerprints(structures, centres, None))
+    return int(d[0, 1:].argmin())
+
+
 def merge(part: str, value: dict) -> dict:
     path = RESULTS / "charge_states.json"
     doc = json.loads(path.read_text()) if path.exists() else {}
-    if part == "gan":
+    if part == "mgo-search":
+        for which, res in value.items():
+            doc.setdefault("mgo_search", {})[which] = {k: v for k, v in res.items()
+                                                       if k not in ("charges", "gs_relax")}
+            for q, r in res["charges"].items():
+                row = doc.setdefault("mgo", {}).setdefault(q, {})
+                for k, v in res.get("gs_relax", {}).get(q, {}).items():
+                    row[f"{which}_{k}"] = v
+                row = doc.setdefault("mgo", {}).setdefault(q, {})
+                row[f"{which}_found_gs"] = r["gs_hit"]
+                row[f"{which}_lowest_is_gs"] = r["lowest_is_gs"]
+                row[f"{which}_minima"] = r["ml_minima"]
+                row["dft_gs_delta_e_eV"] = r["dft_gs_delta_e_eV"]
+    elif part == "gan":
         doc["gan"] = value
         doc["gan_levels_max_abs_error_eV"] = value["gan_levels_max_abs_error_eV"]["aware_held_out"]
     else:
         doc["mgo_details"] = {k: v for k, v in value.items() if k != "mgo"}
-        doc["mgo"] = value["mgo"]
+        for q, row in value["mgo"].items():
+            doc.setdefault("mgo", {}).setdefault(q, {}).update(row)
     doc["machine"] = "2 CPU cores (one used), no GPU; CHGNet 0.3.0 weights (chgnet 0.4.2)"
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=2))
@@ -275,7 +412,11 @@ def markdown(doc: dict) -> str:
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("part", choices=["gan", "mgo"])
+    p.add_argument("part", choices=["gan", "mgo", "mgo-search"])
+    p.add_argument("--off-centre", type=float, default=None,
+                   help="mgo-search: Unperturbed, Rattled and Off_Centre trials of this many Å instead")
+    p.add_argument("--model", choices=["charge_aware", "charge_blind", "both"], default="both",
+                   help="mgo-search: which fine-tune searches (run the two in two processes)")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench_charge_states"))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (gan 8, mgo 3)")
@@ -288,8 +429,16 @@ def main() -> None:
 
     if a.part == "gan":
         merge("gan", gan(work, a.epochs or 8, a.threads, log))
-    else:
+    elif a.part == "mgo":
         merge("mgo", mgo(work, a.epochs or 3, a.per_relaxation, a.threads, log))
+    else:
+        which = ["charge_aware", "charge_blind"] if a.model == "both" else [a.model]
+        found = {}
+        for w in which:
+            tag = f"{w}_offcentre" if a.off_centre else w
+            found[tag] = mgo_search(work, w, a.threads, log, a.off_centre)
+            found[tag]["gs_relax"] = mgo_gs_relax(work, w, a.threads, log)
+        merge("mgo-search", found)
     print((RESULTS / "charge_states.md").read_text())
 
 

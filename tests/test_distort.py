@@ -96,3 +96,35 @@ def test_mc_rattle_respects_min_distance(vcd):
     _, atoms, nn = vcd
     out = mc_rattle(atoms, stdev=0.5, d_min=0.8 * nn, seed=1)
     assert min_interatomic_distance(out) >= 0.8 * nn - 1e-9
+
+
+def test_off_centre_trials_move_a_substituent_toward_a_bond_an_edge_and_a_face():
+    """Mg on an O site of rock salt: <100>, <110>, <111> (Mg_O's DFT ground state lies along <111>)."""
+    from ase.build import bulk
+    from ase.geometry import find_mic
+
+    atoms = bulk("MgO", "rocksalt", a=4.21).repeat(3)
+    i = atoms.get_chemical_symbols().index("O")
+    atoms[i].symbol = "Mg"
+    site = atoms.positions[i].copy()
+
+    def make(off_centre):
+        settings = TrialSettings(distortions=(0.2,), off_centre=off_centre)
+        return make_trials(atoms, site, defect_index=i, n_distorted=2, bulk_nn_distance=2.105,
+                           is_vacancy=False, settings=settings, label="Mg_O_0")[0]
+
+    assert [t.name for t in make(None)] == ["Unperturbed", "Rattled", "Bond_Distortion_20.0%"]
+    trials = {t.name: t for t in make(0.9)}
+    assert list(trials)[3:] == ["Off_Centre_1", "Off_Centre_2", "Off_Centre_3"]
+    for k, t in ((1, trials["Off_Centre_1"]), (2, trials["Off_Centre_2"]), (3, trials["Off_Centre_3"])):
+        step, length = find_mic(t.atoms.positions[i] - site, atoms.cell)
+        assert length == pytest.approx(0.9)
+        assert sorted(np.round(np.abs(step) / 0.9 * np.sqrt(k), 6)) == [0.0] * (3 - k) + [1.0] * k
+        assert t.distorted_indices == (i,)
+        others = np.delete(np.arange(len(atoms)), i)
+        assert np.abs(t.atoms.positions[others] - atoms.positions[others]).max() > 0.01  # rattled
+    assert "off_centre" not in TrialSettings().as_dict()  # unset: old results keep their keys
+    # a vacancy has no atom to move
+    v = make_trials(atoms, site, defect_index=None, n_distorted=2, bulk_nn_distance=2.105, is_vacancy=True,
+                    settings=TrialSettings(distortions=(), off_centre=0.9), label="v")[0]
+    assert not any(t.name.startswith("Off_Centre") for t in v)

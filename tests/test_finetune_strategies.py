@@ -110,6 +110,75 @@ def test_multihead_adds_a_head_anchored_on_its_start_and_keeps_the_base_heads(da
     assert abs(_energy(new, probe) - _energy(pbe, probe)) > 1e-3  # two heads, two answers
 
 
+def _two_fidelities(d):
+    """EMT frames as the high fidelity; the same structures under Lennard-Jones as the low one."""
+    hi = _frames(3, 0, 5) + _frames(2, 0, 6, "v_Cu_b")
+    lo = []
+    for f in _frames(4, 0, 5) + _frames(3, 0, 7, "v_Cu_c"):
+        a = f.copy()
+        a.calc = LennardJones(sigma=2.3, epsilon=0.4, rc=5.0)
+        a.get_potential_energy()
+        a.info["fidelity"] = "PBE"
+        lo.append(a)
+    for f in hi:
+        f.info["fidelity"] = "HSE06"
+    write(d / "mf_train.extxyz", hi + lo)
+    val = _frames(2, 0, 8)
+    for f in val:
+        f.info["fidelity"] = "HSE06"
+    write(d / "mf_val.extxyz", val)
+    return hi, lo
+
+
+def test_multifidelity_trains_the_base_head_on_low_and_a_new_head_on_high_fidelity(tmp_path):
+    hi, lo = _two_fidelities(tmp_path)
+    out = tmp_path / "mf.pth"
+    s = FinetuneSettings(base="sevennet-mf-0@PBE", strategy="multifidelity", epochs=1, batch_size=4,
+                         threads=2, lr=1e-3)
+    card = finetune(tmp_path / "mf_train.extxyz", tmp_path / "mf_val.extxyz", out, s).card
+    assert card["heads"] == ["R2SCAN", "PBE", "HSE06"] and card["default_head"] == "HSE06"
+    assert card["fidelities"] == {"HSE06": len(hi), "PBE": len(lo)} and card["replay"]["frames"] == len(lo)
+    assert card["strategy"] == "multifidelity" and card["settings"]["head"] == "HSE06"
+    high, low = load_model(str(out), threads=2), load_model(f"{out}@PBE", threads=2)
+    base = load_model("sevennet-mf-0", threads=2)
+    probe = _frames(1, 0, 9)[0]
+    e = [_energy(m, probe) for m in (high, low, base)]
+    assert high.ref.head == "HSE06" and abs(e[0] - e[1]) > 1e-4  # one model, two fidelities
+    assert abs(e[1] - e[2]) > 1e-5  # the PBE head learned from the low-fidelity frames
+
+
+def test_mixed_functionals_need_fidelity_heads(tmp_path, capsys):
+    _two_fidelities(tmp_path)
+    train, val = tmp_path / "mf_train.extxyz", tmp_path / "mf_val.extxyz"
+    with pytest.raises(InputError, match="mixes functionals .*HSE06: 7, PBE: 7.*multifidelity"):
+        finetune(train, val, tmp_path / "x.pth", FinetuneSettings(base="sevennet-0"))
+    frames = read(train, ":")
+    for f in frames[:2]:
+        del f.info["fidelity"]
+        f.info.pop("functional", None)
+    write(tmp_path / "unlabelled.extxyz", frames)
+    with pytest.raises(InputError, match="2 of 12 frames carry no fidelity"):
+        finetune(tmp_path / "unlabelled.extxyz", val, tmp_path / "x.pth",
+                 FinetuneSettings(base="sevennet-mf-0@PBE", strategy="multifidelity"))
+    same = [f for f in read(train, ":") if f.info["fidelity"] == "HSE06"]
+    write(tmp_path / "one.extxyz", same)
+    with pytest.raises(InputError, match="one fidelity .*HSE06.*base head's .*PBE"):
+        finetune(tmp_path / "one.extxyz", val, tmp_path / "x.pth",
+                 FinetuneSettings(base="sevennet-mf-0@PBE", strategy="multifidelity"))
+    three = read(train, ":")
+    three[0].info["fidelity"] = "r2SCAN"
+    write(tmp_path / "three.extxyz", three)
+    with pytest.raises(InputError, match="exactly one other"):
+        finetune(tmp_path / "three.extxyz", val, tmp_path / "x.pth",
+                 FinetuneSettings(base="sevennet-mf-0@PBE", strategy="multifidelity"))
+    capsys.readouterr()
+    assert main(["finetune", str(train), "--val", str(val), "--out", str(tmp_path / "y.pth.tar"),
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "mixes functionals" in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*.pth*"))
+
+
 def test_replay_mixes_base_labelled_crystals_into_chgnet_training(data, tmp_path):
     out = tmp_path / "rp.pth.tar"
     s = FinetuneSettings(strategy="replay", replay_variants=1, epochs=1, batch_size=4, threads=2)

@@ -105,3 +105,30 @@ def test_levels_command_on_a_search_with_two_charge_states(tmp_path, copper_cif,
     assert level["fermi_level_eV"] == pytest.approx(states["-1"]["correction_eV"], abs=0.01)
     assert "ε(+0/-1)" in out and (run / "levels" / "levels.png").stat().st_size > 5000
     assert "neutrality" in doc
+    # finite temperature: thermo's free energies (here written by hand: +0.3 eV on the −1 state
+    # at 600 K, 0 on the neutral one) move ε(0/−1) up by exactly that
+    for label, g in (("v_Cu_-1", [0.0, 0.3]), ("v_Cu_0", [0.0, 0.0])):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "thermo.json").write_text(json.dumps({
+            "defect": label, "temperatures_K": [300.0, 900.0], "g_f_eV": [1.0 + g[0], 1.0 + 2 * g[1]],
+            "configurations": [{"u_f_eV": 1.0}, {"u_f_eV": 1.4}]}))
+    assert main(["levels", str(run), "--gap", "1.5", "--mu", "Cu=-3.5", "--dielectric", "10", "-q",
+                 "--T", "600", "--thermo", str(tmp_path / "v_Cu_-1"),
+                 "--thermo", str(tmp_path / "v_Cu_0" / "thermo.json"), "--out", str(tmp_path / "hot")]) == 0
+    hot = json.loads((tmp_path / "hot" / "levels.json").read_text())["defects"]["v_Cu"]
+    assert hot["charge_states"]["-1"]["finite_t_eV"] == pytest.approx(0.3)
+    assert hot["levels"][0]["fermi_level_eV"] == pytest.approx(level["fermi_level_eV"] + 0.3, abs=1e-6)
+    capsys.readouterr()
+    for extra, message in ((["--T", "1200"], "not 1200 K"), (["--T", "600", "--defect", "v_Cu"], None)):
+        code = main(["levels", str(run), "--gap", "1.5", "--mu", "Cu=-3.5", "--dielectric", "10", "-q",
+                     "--thermo", str(tmp_path / "v_Cu_-1"), "--out", str(tmp_path / "x"), *extra])
+        if message:
+            err = capsys.readouterr().err.strip().splitlines()
+            assert code == 2 and len(err) == 1 and message in err[0]
+        else:
+            assert code == 0
+    other = {"defect": "v_Zn_0", "temperatures_K": [300], "g_f_eV": [1], "configurations": [{"u_f_eV": 1}]}
+    (tmp_path / "v_Cu_-1" / "thermo.json").write_text(json.dumps(other))
+    assert main(["levels", str(run), "--gap", "1.5", "--dielectric", "10", "-q", "--mu", "Cu=-3.5",
+                 "--T", "300", "--thermo", str(tmp_path / "v_Cu_-1"), "--out", str(tmp_path / "y")]) == 2
+    assert "v_Zn_0 match no charge state" in capsys.readouterr().err

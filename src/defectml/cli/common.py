@@ -92,6 +92,9 @@ def add_structure_args(p: argparse.ArgumentParser) -> None:
                    help="bond length of the vacancy Dimer trial, Å (2.0)")
     t.add_argument("--no-dimer", action="store_true", help="no Dimer trial")
     t.add_argument("--no-rattled", action="store_true", help="no rattle-only trial")
+    t.add_argument("--off-centre", type=float, default=None, metavar="Å",
+                   help="also move a substituted or interstitial atom this far off its site, toward "
+                        "a first-shell bond, edge and face (Off_Centre_1..3 trials; e.g. 1.0)")
     t.add_argument("--all-pairs", action="store_true",
                    help="also distort every other combination of first-shell neighbours (alloys)")
     t.add_argument("--pair-distortions", default=None,
@@ -109,7 +112,7 @@ def trial_settings(a: argparse.Namespace) -> TrialSettings:
     return TrialSettings(
         distortions=parse_distortions(a.distortions), rattle_stdev=a.rattle_stdev,
         dimer_distance=a.dimer_distance, dimer=not a.no_dimer, rattled=not a.no_rattled,
-        all_pairs=a.all_pairs, seed=a.seed,
+        all_pairs=a.all_pairs, seed=a.seed, off_centre=a.off_centre,
         pair_distortions=parse_distortions(a.pair_distortions) if a.pair_distortions else None,
     )
 

@@ -79,6 +79,10 @@ def add_parsers(sub) -> None:
                     help="pristine supercell energy (eV; default: the store's host energy)")
     lv.add_argument("--model", default=None, help="model for missing chemical potentials "
                     "(default: the search's)")
+    lv.add_argument("--thermo", action="append", default=[], metavar="THERMO_JSON",
+                    help="a `defectml thermo` output (thermo.json or its folder) of one charge state; "
+                         "repeat per state: its finite-T free energy at --T joins that state's formation "
+                         "energy, so the levels and the Fermi level are at that temperature")
     lv.add_argument("--out", default=None, help="output folder (default RUN/levels)")
     lv.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
     add_run_arg(lv)
@@ -172,15 +176,16 @@ def cmd_thermo(a: argparse.Namespace) -> int:
 def cmd_levels(a: argparse.Namespace) -> int:
     """`defectml levels`: transition levels and the charge-neutral Fermi level."""
     from defectml.structure_io import write_json
-    from defectml.thermo.from_store import levels_from_store
+    from defectml.thermo.from_store import finite_t_terms, levels_from_store
     from defectml.thermo.levels import plot_diagram
 
+    free = finite_t_terms(a.thermo, a.temperature) if a.thermo else None
     store = open_store(a.run)
     doc = levels_from_store(
         store, gap=a.gap, vbm=a.vbm, dielectric=a.dielectric, mu=_key_values(a.mu, "--mu"),
         temperature=a.temperature, electron_mass=a.electron_mass, hole_mass=a.hole_mass,
         fidelity=a.fidelity, defect=a.defect, bulk_energy=a.bulk_energy, model=a.model,
-        run=run_key(store, a.run, a.run_key, a.fidelity), log=messages(a.quiet))
+        run=run_key(store, a.run, a.run_key, a.fidelity), free_energies=free, log=messages(a.quiet))
     lines = doc.pop("_lines")
     base = Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path(".")) / "levels"
     base.mkdir(parents=True, exist_ok=True)

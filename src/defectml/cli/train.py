@@ -54,7 +54,9 @@ def add_parsers(sub) -> None:
                     "resumes. search, thermo and dynamics take the result as --model OUT. Strategies: "
                     "standard; replay (original-domain frames mixed in: crystals labelled by the base "
                     "model, i.e. self-distillation, not DFT); multihead (SevenNet with heads: a new "
-                    "head learns the defects while the base head keeps the replay frames).",
+                    "head learns the defects while the base head keeps the replay frames); "
+                    "multifidelity (SevenNet with heads: PBE frames train the base head, e.g. HSE06 "
+                    "frames a new head).",
     )
     ft.add_argument("data", help="a `defectml dataset` folder (train.extxyz, val.extxyz) or a train extxyz")
     ft.add_argument("--val", default=None, help="validation extxyz (default: DATA/val.extxyz)")
@@ -103,9 +105,13 @@ def add_training_options(p) -> None:
                     help="model to start from: chgnet (default), chgnet-0.2.0, chgnet-r2scan, sevennet-0, "
                          "sevennet-l3i5, sevennet-mf-0 (its PBE head; @R2SCAN for the other) or a "
                          "weights file")
-    p.add_argument("--strategy", choices=("standard", "replay", "multihead"), default="standard",
+    p.add_argument("--strategy", choices=("standard", "replay", "multihead", "multifidelity"),
+                    default="standard",
                     help="standard (default): defect frames only; replay: plus original-domain frames; "
-                         "multihead: a new SevenNet head for the defects, the base head kept on replay")
+                         "multihead: a new SevenNet head for the defects, the base head kept on replay; "
+                         "multifidelity: frames of mixed fidelity (info['fidelity'] or functional), the "
+                         "base head (e.g. sevennet-mf-0@PBE) on its own, a new head named for the other "
+                         "(e.g. HSE06; predict with OUT@HSE06)")
     p.add_argument("--replay", default=None, metavar="EXTXYZ",
                     help="replay frames (default: crystals of the data's elements labelled by the "
                          "base model)")

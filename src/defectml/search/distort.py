@@ -7,7 +7,12 @@ A *trial* is one starting structure for a relaxation. For each defect and charge
 * ``Rattled``: every atom given a Monte-Carlo rattle, no bond distortion;
 * ``Bond_Distortion_X%``: the N nearest neighbours of the defect moved radially by X% of their
   distance to the defect site, every other atom rattled;
-* ``Dimer`` (vacancies): the two closest neighbours pushed together to a bond length.
+* ``Dimer`` (vacancies): the two closest neighbours pushed together to a bond length;
+* ``Off_Centre_k`` (substitutions and interstitials, with ``off_centre``): the defect atom moved
+  off its site toward the centre of k = 1, 2, 3 adjacent first-shell neighbours (a bond, an edge,
+  a face), every other atom rattled. Bond distortions move the neighbours and leave the defect
+  atom on its site; where the model holds the on-site structure as a minimum (a DX-like or
+  off-centre ground state, e.g. Mg_O in MgO, 1.3 Å off the site), no other trial leaves it.
 
 N follows from the number of excess electrons (see :func:`number_of_distorted_neighbours`).
 Each trial gets its own seed derived from the base seed and its name, so trials are reproducible
@@ -48,6 +53,8 @@ class TrialSettings:
         pair_distortions: Factors for the all-pairs trials (default: ``distortions``).
         seed: Base random seed.
         min_distance: Trials with two atoms closer than this (Å) are dropped.
+        off_centre: Displacement (Å) of the defect atom in the ``Off_Centre_k`` trials;
+            ``None``: no such trials.
     """
 
     distortions: tuple[float, ...] = DEFAULT_DISTORTIONS
@@ -61,6 +68,7 @@ class TrialSettings:
     pair_distortions: tuple[float, ...] | None = None
     seed: int = 42
     min_distance: float = 1.0
+    off_centre: float | None = None
 
     def as_dict(self) -> dict:
         """Return a JSON-friendly copy (used to key results in the store).
@@ -206,6 +214,30 @@ def mc_rattle(
     return out
 
 
+def off_centre_targets(atoms: Atoms, site: np.ndarray, shell, order) -> list[tuple[int, np.ndarray]]:
+    """Where the ``Off_Centre_k`` trials point: the centre of k adjacent first-shell neighbours.
+
+    k = 1: the nearest neighbour; 2, 3: it and the shell atoms closest to those already chosen
+    (an edge, a face, not opposite atoms). Directions closer than 0.1 Å to the site are skipped.
+    """
+    vec = _mic_vectors(atoms, site)
+    shell = [int(i) for i in shell] or [int(i) for i in order[:1]]
+    if not shell:
+        return []
+    chosen = [int(order[0])] if int(order[0]) in shell else [shell[0]]
+    out = []
+    for k in (1, 2, 3):
+        if k > 1:
+            rest = [i for i in shell if i not in chosen]
+            if not rest:
+                break
+            chosen.append(min(rest, key=lambda i: sum(np.linalg.norm(vec[i] - vec[j]) for j in chosen)))
+        centre = vec[chosen].mean(axis=0)
+        if np.linalg.norm(centre) >= 0.1:
+            out.append((k, site + centre))
+    return out
+
+
 def make_trials(
     atoms: Atoms,
     site: np.ndarray,
@@ -263,6 +295,14 @@ def make_trials(
                 base = distort_bonds(atoms, site, group, f)
                 a, seed = rattled(base, name, frozen=group)
                 candidates.append(Trial(name, a, seed=seed, distortion=f, distorted_indices=group))
+    if settings.off_centre and defect_index is not None:
+        for k, target in off_centre_targets(atoms, site, shell, order):
+            name = f"Off_Centre_{k}"
+            base = atoms.copy()
+            step = target - site
+            base.positions[defect_index] += settings.off_centre * step / np.linalg.norm(step)
+            a, seed = rattled(base, name, frozen=(defect_index,))
+            candidates.append(Trial(name, a, seed=seed, distorted_indices=(defect_index,)))
     if settings.dimer and is_vacancy and len(order) >= 2:
         pair = (int(order[0]), int(order[1]))
         base = make_dimer(atoms, pair, settings.dimer_distance)

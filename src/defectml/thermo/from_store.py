@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 from ase.build import make_supercell
@@ -10,7 +11,7 @@ from ase.build import make_supercell
 from defectml.errors import DefectMLError
 from defectml.models import Model, check_key, load_model
 from defectml.search.landscape import local_symmetry
-from defectml.search.summary import summarise
+from defectml.search.summary import charge_label, summarise
 from defectml.store import ResultStore
 from defectml.thermo.freeenergy import ThermoResult, ThermoSettings, exchanged_atoms, formation_free_energy
 from defectml.thermo.reference import elemental_mu
@@ -208,6 +209,7 @@ def levels_from_store(
     bulk_energy: float | None = None,
     model: str | None = None,
     run: str | None = None,
+    free_energies: dict[str, float] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Formation-energy lines, transition levels and the charge-neutral Fermi level of a store's defects.
@@ -216,7 +218,10 @@ def levels_from_store(
     ``fidelity="dft"``), corrected by the point-charge term of its supercell. Missing chemical
     potentials: the element-rich limit of the model's elemental phase, as ``thermo`` does.
     ``bulk_energy``: the pristine supercell's energy (eV) where the store holds no host energy
-    (an ingested ShakeNBreak folder has none) or another is wanted.
+    (an ingested ShakeNBreak folder has none) or another is wanted. ``free_energies``: finite-T
+    terms (eV) by charge-state label (``v_Cd_0``, ``Mg_O_+2``; :func:`finite_t_terms` reads them
+    from ``thermo``'s output), added to those states' formation energies: the levels and the Fermi
+    level are then at that temperature.
 
     Returns:
         A JSON-ready document (per defect: charge states, energies, corrections, intercepts,
@@ -240,6 +245,10 @@ def levels_from_store(
     if charged and dielectric is None:
         raise DefectMLError("charged states need a dielectric constant for their finite-size correction: "
                             "give --dielectric (static: ε∞ + ε_ionic), or --dielectric 0 for none")
+    unmatched = sorted(set(free_energies or {}) - {charge_label(s.defect, s.charge) for s in summaries})
+    if unmatched:
+        have = ", ".join(sorted(charge_label(s.defect, s.charge) for s in summaries))
+        raise DefectMLError(f"--thermo: {', '.join(unmatched)} match no charge state here ({have})")
     mu = dict(mu or {})
     calculator = None
     by_defect: dict[str, list] = {}
@@ -269,10 +278,11 @@ def levels_from_store(
                 mu[el] = elemental_mu(el, calculator)
                 log(f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from the model's relaxed elemental "
                     "phase (give --mu for other conditions)")
-        states = []
+        states, extra = [], {}
         for s in sorted(group, key=lambda s: s.charge):
             corr = point_charge_correction(bulk.cell.array, s.charge, dielectric) if dielectric else 0.0
-            states.append(ChargeState(s.charge, float(s.minima[0].energy), corr))
+            extra[s.charge] = (free_energies or {}).get(charge_label(name, s.charge))
+            states.append(ChargeState(s.charge, float(s.minima[0].energy) + (extra[s.charge] or 0.0), corr))
         mult = float(row.data.get("multiplicity") or 1.0)
         d = formation_lines(name, states, e_bulk, exchanged, mu, vbm,
                             sites_per_cm3(mult, float(host.get_volume())))
@@ -281,6 +291,7 @@ def levels_from_store(
         doc["defects"][name] = {
             "charge_states": {
                 f"{st.charge:+d}": {"energy_eV": st.energy, "correction_eV": round(st.correction, 4),
+                                    "finite_t_eV": extra[st.charge],
                                     "formation_energy_at_vbm_eV": round(d.intercepts[st.charge], 4),
                                     "minimum": labels[st.charge]} for st in states},
             "exchanged": exchanged,
@@ -302,3 +313,33 @@ def levels_from_store(
                                                     for k, v in sol.concentrations.items()}}
     doc["_lines"] = lines
     return doc
+
+
+def finite_t_terms(paths: list[str | Path], temperature: float) -> dict[str, float]:
+    """Finite-temperature terms of formation energies, from ``defectml thermo``'s ``thermo.json`` files.
+
+    For each file (one defect in one charge state): its effective formation free energy at
+    ``temperature`` (interpolated on its grid) less its lowest configuration's formation energy,
+    i.e. what vibrations, degeneracies and configurations add at that temperature.
+
+    Returns:
+        ``{charge-state label: eV}`` (labels as ``thermo`` writes them, e.g. ``v_Cd_0``).
+    """
+    import json
+
+    out = {}
+    for path in paths:
+        path = Path(path)
+        path = path / "thermo.json" if path.is_dir() else path
+        try:
+            doc = json.loads(path.read_text())
+            t, g = np.asarray(doc["temperatures_K"], float), np.asarray(doc["g_f_eV"], float)
+            u = min(float(c["u_f_eV"]) for c in doc["configurations"])
+            label = str(doc["defect"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DefectMLError(f"--thermo {path}: not a thermo.json of `defectml thermo` ({exc})") from None
+        if not t.min() - 1e-9 <= temperature <= t.max() + 1e-9:
+            raise DefectMLError(f"--thermo {path}: {label} has free energies for {t.min():g}-{t.max():g} K, "
+                                f"not {temperature:g} K: rerun thermo with --T covering it")
+        out[label] = float(np.interp(temperature, t, g)) - u
+    return out

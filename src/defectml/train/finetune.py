@@ -17,6 +17,16 @@ Strategies (the substitutional-defects paper's question: learn defects without f
   defect frames while the base model's head keeps learning the replay frames, the way MACE's
   multi-head fine-tuning keeps its pretraining head. Predict with ``OUT@defect``.
 
+Multi-fidelity (the charged-defect paper's PBE + hybrid model), ``multifidelity`` (SevenNet with
+heads): the frames carry their fidelity (``info["fidelity"]``, else ``info["functional"]``). Those
+of the base head's fidelity (``--base sevennet-mf-0@PBE``: PBE) train that head; those of one other
+fidelity (e.g. HSE06) train a new head of that name, appended by sevenn's ``append_modal``; the
+shared layers learn from both. Predict at the high fidelity with ``OUT@HSE06``. Only the new head's
+validation frames decide early stopping.
+
+A host whose frames mix functionals (or mix labelled and unlabelled frames) is refused by the
+one-head strategies: one head cannot fit two potential-energy surfaces of the same structures.
+
 Units: CHGNet trains on energy per atom (eV/atom), forces (eV/Å) and, through its
 ``StructureData``, VASP-style stresses in kBar (it multiplies them by −0.1 to GPa); the dataset's
 stresses are ASE's (eV/Å³, tensile positive) and are converted here. sevenn reads ASE's units
@@ -61,7 +71,7 @@ from defectml.structure_io import write_json
 #: Functionals each base model was trained on (energies shift per element for any other).
 BASE_FUNCTIONALS = {"chgnet": ("PBE",), "chgnet-0.2.0": ("PBE",), "chgnet-r2scan": ("R2SCAN", "r2SCAN"),
                     "sevennet-0": ("PBE",), "sevennet-l3i5": ("PBE",), "sevennet-mf-0": ("PBE", "R2SCAN")}
-STRATEGIES = ("standard", "replay", "multihead")
+STRATEGIES = ("standard", "replay", "multihead", "multifidelity")
 #: File suffix of each family's weights.
 SUFFIX = {"chgnet": ".pth.tar", "sevennet": ".pth"}
 
@@ -86,7 +96,7 @@ class FinetuneSettings(FromOptions):
         refit_refs: With absolute energies: ``auto`` (when the functional differs from the
             base's), ``yes`` or ``no``.
         seed: Weights' and batches' random seed (a committee: several seeds).
-        strategy: ``standard``, ``replay`` or ``multihead`` (see the module).
+        strategy: ``standard``, ``replay``, ``multihead`` or ``multifidelity`` (see the module).
         replay: An extxyz of replay frames; ``None``: drawn from
             :mod:`defectml.train.original_domain` and labelled by the base model.
         replay_variants: With ``replay=None``: structures per replay prototype.
@@ -142,7 +152,10 @@ class FinetuneSettings(FromOptions):
             raise InputError("--replay-variants must be at least 1")
         if self.charge_lr <= 0:
             raise InputError("--charge-lr must be positive")
-        if self.charge_aware and self.strategy == "multihead":
+        if self.replay and self.strategy == "multifidelity":
+            raise InputError("--replay is not for --strategy multifidelity: its base head learns the "
+                             "low-fidelity frames")
+        if self.charge_aware and self.strategy in ("multihead", "multifidelity"):
             raise InputError("--charge-aware trains one CHGNet head: use --strategy standard or replay")
         if not self.head or not self.head.replace("_", "").replace("-", "").isalnum():
             raise InputError(f"--head must be a plain name (letters, digits, - or _), not {self.head!r}")
@@ -509,7 +522,7 @@ class _SevennetBackend:
             cp = load_checkpoint(str(resume or base.ref.weights_path))
             config = cp.config
             base_head = base.ref.head
-            if s.strategy == "multihead" and resume is None:
+            if s.strategy in ("multihead", "multifidelity") and resume is None:
                 model, config = self._append_head(cp, s.head, base_head, frames, work)
             else:
                 model = cp.build_model()
@@ -522,7 +535,7 @@ class _SevennetBackend:
         config["version"] = sevenn.__version__
         self.modal_map = config.get(KEY.MODAL_MAP) if config.get(KEY.USE_MODALITY) else None
         self.base_head = base_head if self.modal_map else None
-        self.train_head = s.head if s.strategy == "multihead" else self.base_head
+        self.train_head = s.head if s.strategy in ("multihead", "multifidelity") else self.base_head
         stress = targets == "efs"
         config.update({
             KEY.OPTIMIZER: "adam", KEY.OPTIM_PARAM: {"lr": s.lr}, KEY.SCHEDULER: "cosineannealinglr",
@@ -688,13 +701,67 @@ def check_heads(ref, s: FinetuneSettings) -> None:
                          f"e.g. --base {ref.source}@{next(iter(modal_map))}")
     if modal_map and ref.head not in modal_map:
         raise ModelError(f"{ref.label} has no head {ref.head!r} (heads: {', '.join(modal_map)})")
-    if s.strategy == "multihead":
+    if s.strategy in ("multihead", "multifidelity"):
         if not modal_map:
-            raise ModelError(f"--strategy multihead needs a SevenNet with heads (sevennet-mf-0); "
+            raise ModelError(f"--strategy {s.strategy} needs a SevenNet with heads (sevennet-mf-0); "
                              f"{ref.label} has one")
         if s.head in modal_map:
             raise InputError(f"--head {s.head}: {ref.label} already has a head of that name "
                              f"({', '.join(modal_map)})")
+
+
+def fidelity_of(frame: Atoms) -> str | None:
+    """A frame's fidelity: ``info["fidelity"]``, else its ``info["functional"]`` (``None``: unlabelled)."""
+    value = frame.info.get("fidelity", frame.info.get("functional"))
+    return None if value is None or str(value) == "" else str(value)
+
+
+def check_one_fidelity(frames: list[Atoms], path) -> None:
+    """Raise ``InputError`` where one host's frames mix fidelities, or labelled and unlabelled frames.
+
+    A one-head fine-tune fits one potential-energy surface per host: PBE and hybrid labels of the
+    same structures contradict each other (and an unlabelled frame could be either).
+    """
+    by_host: dict = {}
+    for f in frames:
+        by_host.setdefault(f.info.get("host"), {}).setdefault(fidelity_of(f), 0)
+        by_host[f.info.get("host")][fidelity_of(f)] += 1
+    for host, counts in by_host.items():
+        if len(counts) > 1:
+            listed = ", ".join(f"{k or 'no fidelity label'}: {v}" for k, v in counts.items())
+            where = f"host {host}" if host is not None else "the frames"
+            raise InputError(f"{path}: {where} mixes functionals ({listed}); label every frame's "
+                             "info['fidelity'] and train one head per fidelity with --strategy "
+                             "multifidelity (sevennet-mf-0@PBE), or keep one functional")
+
+
+def split_fidelities(frames: list[Atoms], base_head: str | None,
+                     path) -> tuple[str, list[Atoms], list[Atoms]]:
+    """(new head's fidelity, its frames, the base head's frames) of a multi-fidelity dataset.
+
+    The base head (e.g. ``PBE``) learns the frames of its own fidelity (matched without case);
+    exactly one other fidelity gets a new head.
+    """
+    missing = sum(fidelity_of(f) is None for f in frames)
+    if missing:
+        raise InputError(f"{path}: {missing} of {len(frames)} frames carry no fidelity "
+                         "(info['fidelity'] or info['functional']); --strategy multifidelity needs "
+                         "every frame's")
+    names = sorted({fidelity_of(f) for f in frames})
+    base = (base_head or "").lower()
+    others = [n for n in names if n.lower() != base]
+    if len(names) == 1:
+        raise InputError(f"{path}: one fidelity ({names[0]}); --strategy multifidelity needs frames of "
+                         f"the base head's fidelity ({base_head}) beside those of one other")
+    if len(others) != 1:
+        raise InputError(f"{path}: fidelities {', '.join(names)}; --strategy multifidelity trains the "
+                         f"base head ({base_head}) on its own fidelity and one new head on exactly one "
+                         "other")
+    new = others[0]
+    if not new.replace("_", "").replace("-", "").replace("+", "").isalnum():
+        raise InputError(f"{path}: fidelity {new!r} cannot name a head (letters, digits, -, _, +)")
+    return (new, [f for f in frames if fidelity_of(f) == new],
+            [f for f in frames if fidelity_of(f) != new])
 
 
 def check_charges(frames: list[Atoms], path) -> None:
@@ -765,13 +832,24 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
                          "sevennet-l3i5, sevennet-mf-0, a .pth) model")
     if not out.name.endswith(SUFFIX[ref.family]):
         raise InputError(f"--out {out}: {ref.family} weights are written as NAME{SUFFIX[ref.family]}")
-    if s.strategy == "multihead" and ref.family != "sevennet":
-        raise ModelError(f"--strategy multihead needs a SevenNet base with heads (sevennet-mf-0); "
+    if s.strategy in ("multihead", "multifidelity") and ref.family != "sevennet":
+        raise ModelError(f"--strategy {s.strategy} needs a SevenNet base with heads (sevennet-mf-0); "
                          f"{ref.label} has one output head: use --strategy replay")
     if s.charge_aware and ref.family != "chgnet":
         raise ModelError(f"--charge-aware extends CHGNet here (chgnet, chgnet-0.2.0, chgnet-r2scan, a "
                          f".pth.tar); {ref.label} is {ref.family}")
     train_frames, val_frames = read_frames(train), read_frames(val)
+    low_frames: list[Atoms] = []
+    if s.strategy == "multifidelity":
+        fidelity, train_frames, low_frames = split_fidelities(train_frames, ref.head, train)
+        val_frames = [f for f in val_frames if fidelity_of(f) == fidelity]
+        if not val_frames:
+            raise InputError(f"{val}: no {fidelity} frames to validate the {fidelity} head on")
+        from dataclasses import replace
+
+        s = replace(s, head=fidelity)
+    else:
+        check_one_fidelity(train_frames + val_frames, train)
     if s.charge_aware:
         check_charges(train_frames, train)
         check_charges(val_frames, val)
@@ -787,8 +865,14 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     torch.manual_seed(s.seed)
     work = out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    replay_frames, replay_info = ([], None) if s.strategy == "standard" else \
-        _replay_frames(base, s, elements, work, log)
+    if s.strategy == "multifidelity":  # the base head learns the low-fidelity frames, real DFT
+        replay_frames = low_frames
+        replay_info = {"source": f"{train}: the {ref.head} frames (low fidelity)", "frames": len(low_frames),
+                       "fidelity": sorted({fidelity_of(f) for f in low_frames})}
+    elif s.strategy == "standard":
+        replay_frames, replay_info = [], None
+    else:
+        replay_frames, replay_info = _replay_frames(base, s, elements, work, log)
     everything = train_frames + val_frames + replay_frames
     with_stress = all(f.calc is not None and f.calc.results.get("stress") is not None for f in everything)
     targets = "efs" if with_stress and s.stress_weight > 0 else "ef"
@@ -818,7 +902,7 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
     if s.energies == "anchored":
         # on the head being trained as it starts: the untouched base model, or a new head as
         # sevenn appends it (a resume trains a loaded copy; the start is kept)
-        start = backend.start_model() if s.strategy == "multihead" else base
+        start = backend.start_model() if s.strategy in ("multihead", "multifidelity") else base
         across = s.charge_aware
         predicted_train = predicted_energies(start, train_frames)
         train_e, anchors = anchored_energies(train_frames, predicted_train, across)
@@ -899,7 +983,9 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
         "charge_energy_fit_eV": charge_fit or None,
         "strategy": s.strategy, "replay": replay_info,
         "training_data_sha256": {"train": data_keys[0], "val": data_keys[1]},
-        "functionals": sorted({str(f.info.get("functional", "")) for f in train_frames}),
+        "functionals": sorted({str(f.info.get("functional", "")) for f in train_frames + low_frames}),
+        "fidelities": ({s.head: len(train_frames), ref.head: len(low_frames)}
+                       if s.strategy == "multifidelity" else None),
         "targets": targets, "energies": s.energies,
         "anchor_shifts_eV": {k: round(v, 4) for k, v in anchors.items()},
         "refit_shifts_eV_per_atom": shifts,
