@@ -118,6 +118,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-relax", action="store_true", help="skip the relaxation test")
+    p.add_argument("--labels", default=str(labels.OUT), help="the GPAW PBE frames")
+    p.add_argument("--results", default=str(RESULTS), help="where the JSON and Markdown go")
     a = p.parse_args()
     work = Path(a.work)
 
@@ -129,7 +131,7 @@ def main() -> None:
     for i, f in enumerate(hse):
         f.info["source_frame"] = i
         f.info["fidelity"] = "HSE06"
-    lo = read(labels.OUT, ":")
+    lo = read(a.labels, ":")
     lo_by_source = {int(f.info["source_frame"]): f for f in lo}
     hi = [hse[i] for i in hi_idx]
     log(f"{len(hi)} HSE06 training frames, {len(lo)} GPAW PBE frames "
@@ -176,10 +178,11 @@ def main() -> None:
                                               for t in tests}
         doc["models"][name] = row
         log(f"{name}: {row} ({time.perf_counter() - t0:.0f} s)")
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "multifidelity.json").write_text(json.dumps(doc, indent=2))
-    (RESULTS / "multifidelity.md").write_text(markdown(doc))
-    print((RESULTS / "multifidelity.md").read_text())
+        results = Path(a.results)
+        results.mkdir(parents=True, exist_ok=True)
+        (results / "multifidelity.json").write_text(json.dumps(doc, indent=2))
+    (results / "multifidelity.md").write_text(markdown(doc))
+    print((results / "multifidelity.md").read_text())
 
 
 def markdown(doc: dict) -> str:
