@@ -350,7 +350,12 @@ def merge(part: str, value: dict) -> dict:
                 row[f"{which}_found_gs"] = r["gs_hit"]
                 row[f"{which}_lowest_is_gs"] = r["lowest_is_gs"]
                 row[f"{which}_minima"] = r["ml_minima"]
-                row["dft_gs_delta_e_eV"] = r["dft_gs_delta_e_eV"]
+                de = r["dft_gs_delta_e_eV"]
+                row["dft_gs_delta_e_eV"] = None if de is None else round(de, 3)
+        ref = RESULTS / "dft_reference.json"  # CHGNet as shipped, the full default search
+        if ref.exists():
+            for d in json.loads(ref.read_text())["defects"]:
+                doc["mgo"].setdefault(str(d["charge"]), {})["chgnet_found_gs"] = d["gs_hit"]
     elif part == "gan":
         doc["gan"] = value
         doc["gan_levels_max_abs_error_eV"] = value["gan_levels_max_abs_error_eV"]["aware_held_out"]
@@ -363,6 +368,13 @@ def merge(part: str, value: dict) -> dict:
     path.write_text(json.dumps(doc, indent=2))
     (RESULTS / "charge_states.md").write_text(markdown(doc))
     return doc
+
+
+def _search_label(name: str, v: dict) -> str:
+    trials = f"distortions {v['distortions']}" if v["distortions"] else ""
+    if v.get("off_centre_A"):
+        trials += f"Off_Centre {v['off_centre_A']} Å"
+    return f"{name}: {v['trials']} trials ({trials} + Unperturbed, Rattled; early stop), {v['wall_s']:.0f} s"
 
 
 def _fmt_levels(levels: list[dict]) -> str:
@@ -405,6 +417,25 @@ def markdown(doc: dict) -> str:
         for q, v in sorted(doc["mgo"].items(), key=lambda t: int(t[0])):
             lines.append(f"| {int(q):+d} | {v['test_frames']} | {v['energy_mae_charge_aware_eV']:.3f} | "
                          f"{v['energy_mae_charge_blind_eV']:.3f} | {v['energy_mae_chgnet_eV']:.3f} |")
+        lines.append("")
+    if doc.get("mgo_search"):
+        lines += ["## MgO Mg_O: does a search with each model find DFT's ground state?", "",
+                  "`defectml evaluate`'s ground-state hit (a shortlisted minimum, 0.5 eV window, is the "
+                  "nearest to DFT's lowest in defect-site SOAP) and whether the model's lowest minimum is "
+                  "it. DFT's ground state: Mg 1.2–1.4 Å off the O site (C3v; C2v at +4), 1.0–1.4 eV below "
+                  "Oh. Searches: " + "; ".join(_search_label(k, v) for k, v in doc["mgo_search"].items())
+                  + ".", "",
+                  "| q | " + " | ".join(f"{k}: GS hit / lowest" for k in doc["mgo_search"])
+                  + " | CHGNet as shipped, default search: GS hit (dft_reference.json)"
+                  + " | DFT GS relaxed by the aware model: moved (Å), E − E(Oh) (eV) |",
+                  "|---|" + "---|" * (len(doc["mgo_search"]) + 2)]
+        for q, v in sorted(doc["mgo"].items(), key=lambda t: int(t[0])):
+            cells = [f"{v.get(f'{k}_found_gs')} / {v.get(f'{k}_lowest_is_gs')}" for k in doc["mgo_search"]]
+            cells.append(str(v.get("chgnet_found_gs")))
+            moved = v.get("charge_aware_gs_max_displacement_A")
+            de = v.get("charge_aware_model_gs_minus_oh_eV")
+            relax = f"{moved}, {de} (DFT {v.get('dft_gs_delta_e_eV')})"
+            lines.append(f"| {int(q):+d} | " + " | ".join(cells) + f" | {relax} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
