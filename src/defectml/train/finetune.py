@@ -56,7 +56,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -845,8 +845,6 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
         val_frames = [f for f in val_frames if fidelity_of(f) == fidelity]
         if not val_frames:
             raise InputError(f"{val}: no {fidelity} frames to validate the {fidelity} head on")
-        from dataclasses import replace
-
         s = replace(s, head=fidelity)
     else:
         check_one_fidelity(train_frames + val_frames, train)
