@@ -45,15 +45,16 @@ def _label(q: int) -> str:
 
 
 def mgo_charge(q: int, work: Path, threads: int | None, log, **loop) -> dict:
-    """One charge state: round 0, the loop, the baselines."""
-    from defectml import ResultStore, summarise
+    """One charge state: the search from ShakeNBreak's POSCARs, the loop replayed, the baselines."""
+    from pymatgen.core import Structure
+
+    from defectml import ResultStore, SearchSettings, search, summarise
+    from defectml.dft.agreement import Geometry
     from defectml.dft.ingest import ingest_snb_folder
-    from defectml.dft.loop import LoopSettings, TrialMeta, relax_trials, run_loop
+    from defectml.dft.loop import LoopSettings, run_loop
     from defectml.dft.oracle import ReplayOracle
     from defectml.dft.shortlist import select
-    from defectml.models import load_model
-    from defectml.records import DefectRecord, HostRecord
-    from defectml.train.committee import Committee
+    from defectml.search.summary import defect_context
 
     data = DATA / "snb-mgo-mg_o"
     label = _label(q)
@@ -64,74 +65,62 @@ def mgo_charge(q: int, work: Path, threads: int | None, log, **loop) -> dict:
     if truth.count(kind="relaxation") == 0:
         ingest_snb_folder(truth, data)
     dft = {s.label: s for s in summarise(truth, fidelity="dft")}[label]
-    gs_trials = set(dft.minima[0].trials)
+    gs = dft.minima[0]
     all_trials = sorted(t.name for t in dft.trials)
-
-    store = ResultStore(work / label / "results.db")
-    store.lock()
-    host_row = truth.first(kind="host")
-    defect_row = truth.first(kind="defect", defect_key=dft.defect_key)
-    store.add(HostRecord(host_row.toatoms(), None, host_row.host_key, "dft",
-                         dict(host_row.data["oxidation_states"]), "dft"))
-    store.add(DefectRecord(defect_row.toatoms(), defect_row.defect_key, defect_row.host_key,
-                           defect_row.defect, np.asarray(defect_row.data["site"]),
-                           defect_row.data.get("defect_index"), np.asarray(defect_row.data["sc_matrix"]),
-                           defect_row.data.get("kind", "substitution")))
-    model = load_model("chgnet", threads=threads)
-    starts = {}
-    for row in truth.select(kind="relaxation", defect_key=dft.defect_key, charge_state=q):
-        a = row.toatoms()
-        a.calc = None
-        a.positions = np.asarray(row.data["initial_positions"], dtype=float)
-        starts[row.trial] = a
-    run_key = f"bench-round0-{model.key}"
-    first = dft.trials[0]
-    meta = TrialMeta(dft.defect, dft.defect_key, q, np.asarray(first.site), first.defect_index,
-                     {t.name: t.distortion for t in dft.trials})
+    # round 0: CHGNet relaxes ShakeNBreak's own POSCARs (search --trials-from), so the replay's
+    # answers are the DFT relaxations of exactly the starts the loop sends (--dft-start trial)
     t0 = time.perf_counter()
-    order = sorted(starts, key=lambda n: (n != "Unperturbed", n))
-    relax_trials(store, Committee([model]), [(n, starts[n]) for n in order], meta, run_key,
-                 progress=False)
+    host = Structure.from_file(data / "MgO_bulk_relaxed_CONTCAR")
+    res = search(host, "Mg_O", [q], out=work / label / "run", progress=False,
+                 settings=SearchSettings(model="chgnet", trials_from=str(data), relax_host=False,
+                                         threads=threads))
     round0_s = time.perf_counter() - t0
-    store.unlock()
-    ml = summarise(store, run_key)[0]
+    store = ResultStore(work / label / "run" / "results.db")
+    ml = next(x for x in summarise(store, res.settings_key) if x.label == label)
     log(f"{label}: round 0 ({len(ml.trials)} trials, {round0_s:.0f} s): "
         + "; ".join(f"{m.label} {m.delta_e:+.3f} eV ({len(m.trials)})" for m in ml.minima))
-    shortlist = select(ml)
-    short_trials = [m.trial for m in shortlist]
+    ctx = defect_context(truth, dft.defect_key)
+    geo = Geometry.of(ctx.bulk, ctx.oxidation_states, dft.trials[0].site, dft.trials[0].defect_index)
+    short_trials = [m.trial for m in select(ml)]
 
-    s = LoopSettings(threads=threads, **loop)
+    s = LoopSettings(threads=threads, dft_start="trial", **loop)
     t0 = time.perf_counter()
-    result = run_loop(store, run_key, ReplayOracle(data), s, work / label / "loop", log=log)
+    result = run_loop(store, res.settings_key, ReplayOracle(data), s, work / label / "loop", only={label},
+                      log=log)
     loop_s = time.perf_counter() - t0
-    asked, found_at = 0, None
-    for rd in result.rounds:
-        picks = rd.get("picks", {}).get(label, [])
-        asked += len(picks)
-        if found_at is None and gs_trials & set(picks):
-            found_at = asked
-    last = next((rd["items"][label] for rd in reversed(result.rounds) if label in rd.get("items", {})), None)
-    n, g = len(all_trials), len(gs_trials & set(all_trials))
+    d = result.defects[label]
+    ans = d["answer"]
+    # the answer is DFT's ground state when it is one of the truth's ground-state trials (its DFT end
+    # point is theirs: the replay answers exactly those) and forms the same new bonds
+    found = ans is not None and ans["trial"] in gs.trials and \
+        sorted(tuple(b[:2]) for b in ans["bonds"]) == sorted(tuple(b[:2]) for b in geo.bonds(gs.atoms))
+    n, g = len(all_trials), len(set(gs.trials) & set(all_trials))
     doc = {
         "charge": q, "label": label,
-        "dft_gs": {"delta_e_eV": round(dft.minima[0].delta_e, 4), "label": dft.minima[0].label,
-                   "trials": sorted(gs_trials)},
+        "dft_gs": {"delta_e_eV": round(gs.delta_e, 4), "label": gs.label, "trials": sorted(gs.trials)},
         "round0_minima": [{"delta_e_eV": round(m.delta_e, 4), "label": m.label, "trials": m.trials}
                           for m in ml.minima],
-        "loop_found_gs": found_at is not None,
-        "loop_dft_relaxations": found_at,
-        "loop_dft_relaxations_until_stop": result.dft_relaxations,
+        "loop_found_gs": bool(found),
+        "loop_answer": ans,
+        "loop_dft_relaxations": d["dft_relaxations"],
+        "model_reproduces_dft": d["model_reproduces_dft"],
+        "loop_defect_status": d["status"],
         "loop_status": result.status, "loop_reason": result.reason,
-        "loop_rounds": [{"round": rd["round"], "picks": rd.get("picks", {}).get(label, []),
+        "loop_rounds": [{"round": rd["round"], "picks": (rd.get("picks") or {}).get(label, []),
+                         "start": rd.get("starts", {}).get(label),
+                         "fits": [{"attempt": f["attempt"], "epochs": f["epochs"],
+                                   "reproduces": f["reproduces"].get(label, {}).get("ok"),
+                                   "why": f["reproduces"].get(label, {}).get("reason")}
+                                  for f in rd.get("fits", [])],
                          "assessment": rd.get("items", {}).get(label, {}).get("reason"),
                          "minima": [(m["label"], m["delta_e_eV"], m["visited"], m["trust"]["force"])
                                     for m in rd.get("items", {}).get(label, {}).get("minima", [])],
                          "training": rd.get("training"), "relax_seconds": rd.get("relax_seconds")}
                         for rd in result.rounds],
-        "loop_final_minima": last["minima"] if last else None,
+        "loop_final_minima": d["final_minima"],
         "full_search_dft_relaxations": n,
         "shortlist_trials": short_trials,
-        "shortlist_found_gs": bool(gs_trials & set(short_trials)),
+        "shortlist_found_gs": bool(set(gs.trials) & set(short_trials)),
         "shortlist_dft_relaxations": len(short_trials),
         "random_dft_relaxations_mean": round((n + 1) / (g + 1), 3),
         "seconds": {"round0": round(round0_s, 1), "loop": round(loop_s, 1)},
@@ -246,32 +235,40 @@ def merge(part: str, value) -> dict:
 def markdown(doc: dict) -> str:
     lines = ["# The active loop (benchmarks/active_loop.py)", "",
              f"Machine: {doc.get('machine', '')}.", ""]
+    old = doc.get("mgo_superseded")
+    if old:
+        lines += ["## Superseded: the replay answered by trial name (sessions 13-14)", "",
+                  old["note"], ""]
     mgo = doc.get("mgo", {})
     if mgo:
-        lines += ["## Mg_O in MgO, replay oracle (ShakeNBreak + VASP, 216 atoms)", "",
-                  "DFT relaxations until the DFT ground state is among the answers (loop: counted at the "
-                  "end of the round that found it).", "",
-                  "| q | DFT GS | round-0 minima | loop found | loop until GS | loop until stop | shortlist "
-                  "found (n) | random mean | full search |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["## Mg_O in MgO, replay oracle (ShakeNBreak + VASP, 216 atoms), --dft-start trial", "",
+                  "Round 0: CHGNet relaxes ShakeNBreak's own POSCARs (`search --trials-from`); the replay "
+                  "answers only those starts. The loop's answer is DFT's lowest structure.", "",
+                  "| q | DFT GS | round-0 minima | answer = DFT GS | model reproduces its DFT | loop DFT "
+                  "relaxations | defect status | shortlist found (n) | random mean | full search |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for q in sorted(mgo, key=int):
             r = mgo[q]
             r0 = "; ".join(f"{m['label']} {m['delta_e_eV']:+.2f}" for m in r["round0_minima"])
-            lines.append(f"| {int(q):+d} | {r['dft_gs']['label']} {r['dft_gs']['delta_e_eV']:+.2f} | {r0} | "
-                         f"{r['loop_found_gs']} | {r['loop_dft_relaxations']} | "
-                         f"{r['loop_dft_relaxations_until_stop']} | {r['shortlist_found_gs']} "
+            gs = r["dft_gs"]
+            lines.append(f"| {int(q):+d} | {gs['label']} {gs['delta_e_eV']:+.2f} | {r0} | "
+                         f"{r['loop_found_gs']} | {r['model_reproduces_dft']} | "
+                         f"{r['loop_dft_relaxations']} | "
+                         f"{r['loop_defect_status']} | {r['shortlist_found_gs']} "
                          f"({r['shortlist_dft_relaxations']}) | {r['random_dft_relaxations_mean']} | "
                          f"{r['full_search_dft_relaxations']} |")
         lines += [""]
         for q in sorted(mgo, key=int):
             r = mgo[q]
-            lines.append(f"- {r['label']}: {r['loop_status']} ({r['loop_reason']}); "
+            lines.append(f"- {r['label']}: loop {r['loop_status']} ({r['loop_reason']}); "
                          f"{r['seconds']['round0']:.0f} s round 0, {r['seconds']['loop']:.0f} s loop")
             for rd in r["loop_rounds"]:
-                mins = "; ".join(f"{lab} {de:+.3f}{' DFT' if v else ''}"
-                                 + (f" spread {sp:.3f}" if sp is not None else "")
+                mins = "; ".join(f"{lab} {de:+.3f} {v}" + (f" spread {sp:.3f}" if sp is not None else "")
                                  for lab, de, v, sp in rd["minima"])
-                lines.append(f"  - round {rd['round']}: asked {', '.join(rd['picks']) or '-'}; minima after: "
-                             f"{mins}; {rd['assessment']}")
+                fits = ", ".join(f"fit {f['attempt'] + 1} ({f['epochs']} ep): {f['reproduces']}"
+                                 for f in rd["fits"])
+                lines.append(f"  - round {rd['round']}: asked {', '.join(rd['picks']) or '-'} (from the "
+                             f"{rd['start']}); {fits}; minima after: {mins}; {rd['assessment']}")
         lines.append("")
     cal = doc.get("calibration")
     if cal:

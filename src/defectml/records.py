@@ -26,6 +26,13 @@ from ase import Atoms
 SCHEMA_VERSION = 2
 
 
+def trial_key(settings_key: str, defect_key: str, charge: int, trial: str) -> str:
+    """The key of one trial's relaxation under one run's settings (search, ingest, shortlist, loop)."""
+    from defectml.store import content_key
+
+    return content_key(settings_key, defect_key, charge, trial)
+
+
 @dataclass
 class Trajectory:
     """The frames of one relaxation: what fine-tuning and the active loop learn from.

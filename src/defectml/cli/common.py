@@ -66,15 +66,20 @@ def parse_oxi(text: str | None) -> dict[str, int] | None:
     return out
 
 
-def add_structure_args(p: argparse.ArgumentParser) -> None:
-    """The host, defect, charge, supercell and trial options."""
+def add_structure_args(p: argparse.ArgumentParser, defect_required: bool = True) -> None:
+    """The host, defect, charge, supercell and trial options.
+
+    ``defect_required=False``: the command checks ``--defect`` itself (``search --trials-from``
+    takes every folder's defect without it).
+    """
     p.add_argument("structure", help="host crystal: CIF, POSCAR, extxyz or any ASE/pymatgen format")
-    p.add_argument("--defect", required=True,
+    p.add_argument("--defect", required=defect_required,
                    help="v_Cd (vacancy), Se_Te (Se on a Te site), Cd_i or Te_i_C3v "
                         "(interstitial), comma-separated, or 'all' (every vacancy, antisite and native "
                         "interstitial: often hundreds of relaxations, so say it); or a JSON file of "
                         "pymatgen-analysis-defects/doped Defect or DefectEntry objects or a doped "
-                        "DefectsGenerator (their own host cell is used)")
+                        "DefectsGenerator (their own host cell is used); with search --trials-from: "
+                        "which of the folder's defects (default: all)")
     p.add_argument("--charge", default=None,
                    help="charge state(s): 0, -2,-1,0 or -2:0 (default: each defect's defaults)")
     p.add_argument("--oxi", default=None, help="oxidation-state overrides, e.g. Cd=2,Te=-2")

@@ -13,6 +13,8 @@ from defectml.errors import InputError
 
 def add_parsers(sub) -> None:
     """Add this area's commands to the ``defectml`` subparsers."""
+    from defectml.dft.loop import RULES, STARTS, LoopSettings
+
     sl = sub.add_parser(
         "shortlist", help="pick the unique low-energy minima and write DFT inputs for them",
         description="From a finished search, pick the minima within --window eV of the lowest "
@@ -75,57 +77,91 @@ def add_parsers(sub) -> None:
     lp = sub.add_parser(
         "loop", help="the active loop: DFT where the model is unsure, learn from it, repeat",
         description="From a finished search: each round picks --k trials per defect and charge for "
-                    "DFT (by --rule), asks the oracle, fine-tunes a committee of models from the last "
-                    "one on every DFT answer so far, re-relaxes every trial with it and scores each "
-                    "minimum by the committee's spread. A defect is finished when its DFT lowest has "
-                    "not changed for --patience rounds, the model's lowest minimum holds DFT and no "
-                    "untrusted minimum lies within --window; or when --budget DFT relaxations are "
-                    "spent. Oracles: replay:DIR (a finished ShakeNBreak DFT search, answered by trial "
-                    "name, for benchmarks), folder:DIR (VASP inputs written there; run them, then run "
-                    "the loop again to read the results), calculator:gpaw|xtb|emt (relaxed here; xtb "
-                    "is GFN1-xTB, a stand-in for DFT). Every round is stored; a killed loop resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "DFT (by --rule), asks the oracle from where --dft-start says (the trial's own "
+                    "start, as ShakeNBreak does; the model's minimum; or auto: the trial's until the "
+                    "model reproduces its DFT), fine-tunes a committee on every DFT relaxation so far "
+                    "(their paths too), checks that the model re-relaxes each DFT end point into its "
+                    "own basin and orders the DFT minima as DFT does (training further, up to "
+                    "--fit-attempts, while it does not), re-relaxes every trial with it and scores "
+                    "each minimum by the committee's spread. A defect is converged only when the model "
+                    "reproduces its DFT, the DFT lowest has not changed for --patience rounds and "
+                    "every minimum within --window is confirmed by a DFT relaxation that ended in it, "
+                    "refuted by DFT, or trusted by a spread threshold calibrated on DFT it had not "
+                    "seen. The answer is DFT's lowest structure. Oracles: replay:DIR (a finished "
+                    "ShakeNBreak DFT search, for benchmarks: answers only its own starts, so search "
+                    "with --trials-from DIR), folder:DIR (VASP inputs written there; run them, then "
+                    "run the loop again to read the results), calculator:NAME (relaxed here: gpaw; xtb "
+                    "(GFN1-xTB) or a shipped model, stand-ins for DFT). Every round is stored; a "
+                    "killed loop resumes.",
     )
+    d = LoopSettings()
     lp.add_argument("run", help="the search (folder, results.db or URL)")
     lp.add_argument("--oracle", required=True,
-                    help="replay:DIR, folder:DIR or calculator:NAME (gpaw, xtb, emt)")
+                    help="replay:DIR, folder:DIR or calculator:NAME (gpaw, xtb, emt, or a model as a "
+                         "stand-in for DFT, e.g. chgnet-0.2.0 or chgnet+well:Se-Se:0.4:2.45:0.35)")
     lp.add_argument("--out", default=None, help="loop state and models (default: RUN/loop)")
     lp.add_argument("--defect", default=None,
                     help="only these defect labels, comma-separated (e.g. Mg_O_0,Mg_O_+2; default: all)")
-    lp.add_argument("--k", type=int, default=2, help="DFT relaxations per defect and charge per round")
-    lp.add_argument("--rule", choices=("lowest", "unvisited", "uncertain", "mix"), default="mix",
-                    help="which trials go to DFT: lowest predicted energy; one per minimum without DFT; "
-                         "the most uncertain such minima; or alternately the last two")
+    lp.add_argument("--k", type=int, default=None, help=f"DFT relaxations per defect and charge per round "
+                    f"({d.k})")
+    lp.add_argument("--rule", choices=RULES, default=None,
+                    help="which trials go to DFT: lowest predicted energy; one per minimum DFT has not "
+                         f"settled; the most uncertain such minima; or alternately the last two ({d.rule})")
+    lp.add_argument("--dft-start", choices=STARTS, default=None,
+                    help="where DFT starts: the trial's own unrelaxed start; the model's minimum; or "
+                         f"auto: the trial's until the model reproduces its DFT ({d.dft_start})")
     lp.add_argument("--budget", type=int, default=None, help="DFT relaxations in all (default: no limit)")
-    lp.add_argument("--max-rounds", type=int, default=6, help="rounds at most")
-    lp.add_argument("--patience", type=int, default=1, help="rounds the DFT lowest must stay unchanged")
-    lp.add_argument("--tolerance", type=float, default=0.05,
-                    help="a new DFT lowest counts as a change when this much lower, eV")
-    lp.add_argument("--window", type=float, default=0.5,
-                    help="minima within this many eV of the lowest must hold DFT or be trusted")
-    lp.add_argument("--threshold", type=float, default=0.05,
-                    help="committee force spread (eV/Å) above which a minimum is untrusted")
-    lp.add_argument("--committee", type=int, default=3, help="models per round (1: no trust score)")
+    lp.add_argument("--max-rounds", type=int, default=None, help=f"rounds at most ({d.max_rounds})")
+    lp.add_argument("--patience", type=int, default=None,
+                    help=f"rounds the DFT lowest must stay unchanged ({d.patience})")
+    lp.add_argument("--tolerance", type=float, default=None,
+                    help=f"a new DFT lowest counts as a change when this much lower, eV ({d.tolerance})")
+    lp.add_argument("--window", type=float, default=None,
+                    help=f"minima within this many eV of the lowest must be settled by DFT ({d.window})")
+    lp.add_argument("--threshold", type=float, default=None,
+                    help=f"force spread (eV/Å) flagged in tables ({d.threshold})")
+    lp.add_argument("--trust-error", type=float, default=None,
+                    help="force error (eV/Å) a calibrated-trusted structure may have; the spread "
+                         f"threshold is chosen from it on DFT the committee had not seen ({d.trust_error})")
+    lp.add_argument("--max-rmsd", type=float, default=None,
+                    help=f"largest RMSD (Å) of the defect's neighbourhood within one basin ({d.max_rmsd})")
+    lp.add_argument("--order-tol", type=float, default=None,
+                    help=f"tolerance (eV) of the model's order of the DFT minima ({d.order_tol})")
+    lp.add_argument("--fit-attempts", type=int, default=None,
+                    help=f"trainings per round while the model does not reproduce its DFT ({d.fit_attempts})")
+    lp.add_argument("--committee", type=int, default=None,
+                    help=f"models per round (1: no trust score) ({d.committee})")
     lp.add_argument("--base", default=None,
                     help="model round 1 starts from (default: the search's model; CHGNet or SevenNet)")
-    lp.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs at most, per round")
-    lp.add_argument("--lr", type=float, default=3e-4, help="fine-tuning learning rate")
-    lp.add_argument("--energy-weight", type=float, default=10.0,
-                    help="loss weight of energies (a 1 eV defect energy is ~5 meV/atom in 200 atoms)")
-    lp.add_argument("--strategy", choices=("standard", "replay"), default="standard",
-                    help="fine-tuning strategy (replay: base-labelled crystals mixed in)")
-    lp.add_argument("--frames-per-relaxation", type=int, default=5,
-                    help="trajectory frames learnt per DFT relaxation, besides its end point")
-    lp.add_argument("--fmax", type=float, default=0.05, help="force threshold of every relaxation, eV/Å")
-    lp.add_argument("--max-steps", type=int, default=1500, help="step limit of the MLIP relaxations")
-    lp.add_argument("--oracle-steps", type=int, default=300, help="step limit of a calculator oracle")
-    lp.add_argument("--no-early-stop", dest="early_stop", action="store_false",
+    lp.add_argument("--epochs", type=int, default=None,
+                    help=f"fine-tuning epochs at most, first attempt of a round ({d.epochs})")
+    lp.add_argument("--lr", type=float, default=None, help=f"fine-tuning learning rate ({d.lr})")
+    lp.add_argument("--energy-weight", type=float, default=None,
+                    help="loss weight of energies (a 1 eV defect energy is ~5 meV/atom in 200 atoms) "
+                         f"({d.energy_weight})")
+    lp.add_argument("--strategy", choices=("standard", "replay"), default=None,
+                    help=f"fine-tuning strategy (replay: base-labelled crystals mixed in) ({d.strategy})")
+    lp.add_argument("--frames-per-relaxation", type=int, default=None,
+                    help="frames learnt per DFT relaxation, its path evenly spaced, the end point "
+                         f"always; 0: every frame ({d.frames_per_relaxation})")
+    lp.add_argument("--holdout", type=float, default=None,
+                    help=f"share of DFT relaxations held back for early stopping ({d.holdout})")
+    lp.add_argument("--fmax", type=float, default=None,
+                    help=f"force threshold of every relaxation, eV/Å ({d.fmax})")
+    lp.add_argument("--max-steps", type=int, default=None, help=f"step limit of the MLIP relaxations "
+                    f"({d.max_steps})")
+    lp.add_argument("--relax-batch", type=int, default=None,
+                    help=f"trials relaxed together by the model, one call per step ({d.relax_batch})")
+    lp.add_argument("--oracle-steps", type=int, default=300, help="step limit of a calculator oracle (300)")
+    lp.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
                     help="relax every trial to the end (default: stop in a known basin)")
-    lp.add_argument("--seed", type=int, default=0, help="committee seeds and hold-out draws")
-    lp.add_argument("--device", default="cpu", help="cpu or cuda")
+    lp.add_argument("--seed", type=int, default=None, help=f"committee seeds and hold-out draws ({d.seed})")
+    lp.add_argument("--device", default=None, help=f"cpu or cuda ({d.device})")
     lp.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
     add_run_arg(lp)
-    lp.add_argument("--json", action="store_true", help="print the loop's record as JSON")
+    lp.add_argument("--json", action="store_true",
+                    help="print, per defect, its status, DFT relaxations and ionic steps, the answer, "
+                         "whether the model reproduces its DFT and the final minima; and the loop's status")
     lp.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
 
     ex = sub.add_parser(
@@ -258,7 +294,7 @@ def cmd_loop(a: argparse.Namespace) -> int:
     from defectml.dft.oracle import parse_oracle
 
     s = LoopSettings.from_options(a)  # bad numbers fail before anything is opened
-    oracle = parse_oracle(a.oracle, a.fmax, a.oracle_steps)
+    oracle = parse_oracle(a.oracle, s.fmax, a.oracle_steps, device=s.device, threads=s.threads)
     store = open_store(a.run)
     key = run_key(store, a.run, a.run_key)
     only = {x.strip() for x in a.defect.split(",") if x.strip()} if a.defect else None
@@ -266,7 +302,7 @@ def cmd_loop(a: argparse.Namespace) -> int:
     say = messages(a.quiet)
     result = run_loop(store, key, oracle, s, out, only=only, log=say, progress=not a.quiet)
     if a.json:
-        print(json.dumps(json.loads((out / "loop.json").read_text()), indent=2))
+        print(json.dumps(result.to_dict(), indent=2))
     else:
         print(loop_table(result))
     if result.status == "waiting":
@@ -279,25 +315,10 @@ def cmd_loop(a: argparse.Namespace) -> int:
 
 
 def loop_table(result) -> str:
-    """Rounds, picks and where each defect stands, for people."""
-    from defectml.search.report import signed
+    """Rounds, picks, the model's check against its DFT and each defect's answer, for people."""
+    from defectml.dft.loop import loop_text
 
-    lines = [f"loop {result.status}: {result.reason} ({result.dft_relaxations} DFT relaxations asked)"]
-    for rd in result.rounds:
-        asked = "; ".join(f"{lb}: {', '.join(p)}" for lb, p in rd.get("picks", {}).items() if p)
-        shown = f" (its landscape: defectml show RUN --run {rd['ml_key']})" if rd.get("ml_key") else ""
-        lines.append(f"round {rd['round']}: asked {asked or 'nothing'}{shown}")
-        for lb, it in rd.get("items", {}).items():
-            low = it.get("dft_lowest")
-            best = f"DFT lowest {low['trial']} {low['energy_eV']:.3f} eV" if low else "no DFT answer"
-            lines.append(f"  {lb}: {best}; {'finished: ' if it['finished'] else ''}{it['reason']}")
-            for m in it.get("minima", [])[:6]:
-                spread = m["trust"]["force"]
-                trust = "no committee" if spread is None else f"spread {spread * 1000:.0f} meV/Å"
-                flag = " UNTRUSTED" if m["untrusted"] and not m["visited"] else ""
-                lines.append(f"    {signed(m['delta_e_eV'])} eV  {m['label']:<32} "
-                             f"{'DFT' if m['visited'] else '   '}  {trust}{flag}")
-    return "\n".join(lines)
+    return loop_text({"rounds": result.rounds, "status": {**result.to_dict()}})
 
 
 def cmd_export(a: argparse.Namespace) -> int:

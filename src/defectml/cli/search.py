@@ -35,7 +35,12 @@ def add_parsers(sub) -> None:
                     "OUT/results.db; rerunning the same command resumes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_structure_args(s)
+    add_structure_args(s, defect_required=False)
+    s.add_argument("--trials-from", default=None, metavar="SNB_DIR",
+                   help="a ShakeNBreak folder (SNB_DIR/<defect>_<q>/<trial>/POSCAR and "
+                        "distortion_metadata.json): its POSCARs, as they are, are the trials and their "
+                        "cell the supercell (supercell and trial options do not apply); --defect and "
+                        "--charge pick folders (default: all); _High_Energy folders are left out")
     s.add_argument("--out", default="runs/defectml", help="output folder (runs/defectml)")
     s.add_argument("--no-report", action="store_true", help="do not write OUT/report.html")
     add_search_args(s)
@@ -89,11 +94,17 @@ def cmd_search(a: argparse.Namespace) -> int:
     from defectml.search.report import table, write_outputs
     from defectml.structure_io import read_structure
 
+    if a.defect is None and not a.trials_from:
+        raise InputError("--defect is required: v_Cd, Se_Te, Cd_i, a JSON file of defects or all (or "
+                         "--trials-from SNB_DIR: a ShakeNBreak folder's trials)")
+    if a.trials_from:  # settings.yaml keeps it absolute: --config reruns it from anywhere
+        a.trials_from = str(Path(a.trials_from).resolve())
     host = read_structure(a.structure)
     say = messages(a.quiet)
     result = search(
-        host, a.defect, parse_charges(a.charge), out=a.out, db=a.db, settings=search_settings(a),
-        progress=not a.quiet, log_fn=say, **execution(a),
+        host, a.defect or "all", parse_charges(a.charge), out=a.out, db=a.db,
+        settings=search_settings(a, trials_from=a.trials_from), progress=not a.quiet, log_fn=say,
+        **execution(a),
     )
     extra = {
         "structure": str(a.structure), "model": result.model, "model_version": result.model_version,
@@ -195,11 +206,28 @@ def cmd_show(a: argparse.Namespace) -> int:
         fidelity = "mlip" if store.count(kind="relaxation", fidelity="mlip") else "dft"
     summaries = summarise(store, run_key(store, a.run, a.run_key, fidelity), soap=soap(a),
                           threshold=a.soap_threshold, max_drop=a.max_drop, fidelity=fidelity)
+    loop = _loop_state(a.run)
     if a.json:
-        print(json.dumps({"defects": [s.to_dict() for s in summaries]}, indent=2))
+        print(json.dumps({"defects": [s.to_dict() for s in summaries],
+                          **({"loop": loop["status"]} if loop and loop.get("status") else {})}, indent=2))
     else:
         print(table(summaries), end="")
+        if loop:
+            from defectml.dft.loop import loop_text
+
+            print(f"\nactive loop ({Path(a.run) / 'loop' / 'loop.json'}):\n{loop_text(loop)}")
     return 0
+
+
+def _loop_state(run: str) -> dict | None:
+    """The run folder's active-loop record (``RUN/loop/loop.json``), if it has one."""
+    from defectml.store import is_url
+
+    if is_url(run):
+        return None
+    folder = Path(run) if Path(run).is_dir() else Path(run).parent
+    path = folder / "loop" / "loop.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def cmd_report(a: argparse.Namespace) -> int:

@@ -35,7 +35,7 @@ from ase import Atoms
 from ase.io import read
 
 from defectml.errors import InputError
-from defectml.records import DefectRecord, HostRecord, RelaxationRecord, Trajectory
+from defectml.records import DefectRecord, HostRecord, RelaxationRecord, Trajectory, trial_key
 from defectml.search.defects import DEFECT_SPEC, guess_oxidation_states
 from defectml.search.relax import CONVERGED, UNCONVERGED
 from defectml.store import ResultStore, content_key
@@ -261,7 +261,7 @@ def _ingest_charge_folder(store, cf: Path, host_atoms, host_key, settings_key, r
     done = store.done_trial_keys(settings_key)
     for td in trial_dirs:
         trial = normalise_trial_name(td.name)
-        tkey = content_key(settings_key, defect_key, charge, trial)
+        tkey = trial_key(settings_key, defect_key, charge, trial)
         if tkey in done:
             continue
         frames, initial = read_vasp_relaxation(td)

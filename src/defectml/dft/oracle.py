@@ -7,15 +7,15 @@ of theory. A request the oracle cannot answer is answered ``failed`` with a reas
 records it and goes on); a request whose answer is not there *yet* (the folder oracle) is
 returned as pending and the loop stops cleanly until it is.
 
-* :class:`CalculatorOracle`: any ASE calculator (GPAW; tblite's GFN1-xTB as a cheap stand-in,
-  named as such), relaxing from the MLIP minimum's structure;
+* :class:`CalculatorOracle`: any ASE calculator (GPAW; tblite's GFN1-xTB or a shipped model as
+  a cheap stand-in, named as such), relaxing from the requested start;
 * :class:`FolderOracle`: writes VASP inputs (and the starting structure as ``start.extxyz``)
   under ``FOLDER/<defect>_<charge>/<trial>/`` and reads back what the user ran there on a
   cluster: ``vasprun.xml``/``OUTCAR`` (gzipped too) or a ``result.extxyz`` trajectory;
-* :class:`ReplayOracle`: answers from a finished ShakeNBreak DFT search by trial name, for
-  benchmarks. The DFT started from ShakeNBreak's own distorted structure of that name, not from
-  ours (the bond distortion is the same, the rattle is not), unless our trials were made from
-  its POSCARs.
+* :class:`ReplayOracle`: answers from a finished ShakeNBreak DFT search, for benchmarks, and only
+  what it was asked: a request whose start is that trial's own POSCAR there (``search
+  --trials-from`` the same folder, ``loop --dft-start trial``). Any other start is refused in one
+  line: DFT from there could end elsewhere, and the replay cannot say where.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ class Request:
         defect: Defect name (``Mg_O``).
         charge: Supercell charge.
         trial: Trial name (``Bond_Distortion_-30.0%``).
-        start: Where the relaxation starts (the MLIP minimum the trial fell into).
+        start: Where the relaxation starts.
         initial: The trial's unrelaxed structure.
+        start_kind: What ``start`` is: ``trial`` (the trial's own unrelaxed start, as
+            ShakeNBreak starts DFT) or ``minimum`` (the model's minimum the trial fell into).
     """
 
     defect: str
@@ -49,6 +51,7 @@ class Request:
     trial: str
     start: Atoms
     initial: Atoms | None = None
+    start_kind: str = "trial"
 
     @property
     def label(self) -> str:
@@ -96,6 +99,12 @@ class CalculatorOracle:
         self.calculator_for, self.theory = calculator_for, theory
         self.fmax, self.max_steps = fmax, max_steps
 
+    def key(self) -> str:
+        """Content key of what decides the answers: the level of theory, fmax and max_steps."""
+        from defectml.store import content_key
+
+        return content_key(self.kind, self.theory, self.fmax, self.max_steps)
+
     def ask(self, requests: list[Request]) -> tuple[list[Answer], list[str]]:
         """Relax each request; a calculator error fails that request only."""
         from defectml.search.relax import relax_one
@@ -119,10 +128,14 @@ class CalculatorOracle:
         return answers, []
 
 
-def calculator_oracle(name: str, fmax: float = 0.05, max_steps: int = 300) -> CalculatorOracle:
+def calculator_oracle(name: str, fmax: float = 0.05, max_steps: int = 300, *, device: str = "cpu",
+                      threads: int | None = None) -> CalculatorOracle:
     """A built-in calculator oracle.
 
-    ``gpaw`` (DFT), ``xtb`` (GFN1-xTB via tblite, a cheap stand-in for DFT) or ``emt`` (tests only).
+    ``gpaw`` (DFT), ``xtb`` (GFN1-xTB via tblite, a cheap stand-in for DFT), ``emt`` (tests only),
+    or a shipped model as a stand-in for DFT (:mod:`defectml.dft.standin`): ``chgnet-0.2.0``,
+    ``sevennet-mf-0@R2SCAN``, any spelling ``parse_model`` accepts, optionally plus stated pair
+    wells, ``chgnet+well:Se-Se:0.4:2.45:0.35`` (``well:A-B:DEPTH:R0:WIDTH``, eV, Å, Å).
     """
     from defectml.dft.shortlist import THEORY, dft_calculator
 
@@ -136,10 +149,18 @@ def calculator_oracle(name: str, fmax: float = 0.05, max_steps: int = 300) -> Ca
             return TBLite(method="GFN1-xTB", charge=float(charge), verbosity=0)
 
         return CalculatorOracle(xtb, "tblite GFN1-xTB (a stand-in for DFT)", fmax, max_steps)
-    if name not in THEORY:
-        raise InputError(f"unknown oracle calculator {name!r}: use gpaw, xtb (GFN1-xTB) or emt")
-    dft_calculator(name)  # fails now, with the install hint, if the code is missing
-    return CalculatorOracle(lambda q: dft_calculator(name, q), THEORY[name], fmax, max_steps)
+    if name in THEORY:
+        dft_calculator(name)  # fails now, with the install hint, if the code is missing
+        return CalculatorOracle(lambda q: dft_calculator(name, q), THEORY[name], fmax, max_steps)
+    from defectml.dft.standin import parse_standin
+    from defectml.models.ref import BUILTIN_MODELS
+
+    try:
+        return parse_standin(name, fmax, max_steps, device, threads)
+    except InputError as exc:
+        raise InputError(f"oracle calculator {name!r}: {exc}; use gpaw, xtb (GFN1-xTB), emt, or a "
+                         f"model as a stand-in for DFT ({', '.join(BUILTIN_MODELS)} or a weights "
+                         "file), optionally +well:A-B:DEPTH:R0:WIDTH") from None
 
 
 class ReplayOracle:
@@ -151,12 +172,24 @@ class ReplayOracle:
     """
 
     kind = "replay"
+    starts = ("trial",)  # it holds DFT from ShakeNBreak's own starts only
+    #: Largest displacement (Å) of any atom between a request's start and the replay's POSCAR.
+    tolerance = 0.01
 
     def __init__(self, folder: str | Path, theory: str | None = None):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise InputError(f"replay oracle: not a folder: {self.folder}")
         self.theory = theory or f"replay of {self.folder.name} (ShakeNBreak DFT)"
+
+    def key(self) -> str:
+        """Content key of the replay data: the folder's path and every file in it (name, sha256)."""
+        from defectml.models.ref import sha256_file
+        from defectml.store import content_key
+
+        files = sorted(p for p in self.folder.rglob("*") if p.is_file())
+        return content_key(self.kind, str(self.folder.resolve()), self.theory,
+                           [[str(p.relative_to(self.folder)), sha256_file(p)] for p in files])
 
     def trials(self, label: str) -> list[str]:
         """The trial names the replay data hold for one defect label."""
@@ -169,13 +202,27 @@ class ReplayOracle:
                       if p.is_dir() and TRIAL_FOLDER.match(p.name))
 
     def _trial_dir(self, label: str, trial: str) -> Path | None:
-        names = ["Bond_Distortion_0.0%", "Bond_Distortion_-0.0%"] if trial == "Rattled" else [trial]
+        rattled = ["Rattled", "Bond_Distortion_0.0%", "Bond_Distortion_-0.0%"]  # ShakeNBreak's names
+        names = rattled if trial == "Rattled" else [trial]
         return next((self.folder / label / n for n in names if (self.folder / label / n).is_dir()), None)
 
     def ask(self, requests: list[Request]) -> tuple[list[Answer], list[str]]:
-        """Look each request up; an unknown trial fails with the reason."""
+        """Look each request up; an unknown trial fails with the reason.
+
+        Every request is checked first: a defect the replay does not hold, or a start that is not
+        the replay's POSCAR, is refused (one line) before anything is answered.
+        """
         from defectml.dft.ingest import read_snb_energies, read_vasp_relaxation
 
+        for q in requests:
+            if not (self.folder / q.label).is_dir():
+                held = sorted(p.name for p in self.folder.iterdir() if p.is_dir())
+                raise InputError(f"replay oracle: {self.folder} holds no {q.label} (it has "
+                                 f"{', '.join(held) or 'no defect folders'}): a replay answers only its own "
+                                 "defects' trials")
+            tdir = self._trial_dir(q.label, q.trial)
+            if tdir is not None:
+                self.check_start(q, tdir)
         answers = []
         for q in requests:
             tdir = self._trial_dir(q.label, q.trial)
@@ -198,6 +245,44 @@ class ReplayOracle:
         return answers, []
 
 
+    def check_start(self, q: Request, tdir: Path) -> None:
+        """Refuse (one line, naming the trial) a request that does not start at the replay's POSCAR."""
+        from ase.io import read
+
+        poscar = tdir / "POSCAR"
+        if not poscar.exists():
+            raise InputError(f"replay oracle: {poscar} is missing: cannot tell where DFT started {q.trial}")
+        moved = start_mismatch(read(poscar), q.start)
+        if moved > self.tolerance:
+            how = "the model's minimum" if q.start_kind == "minimum" else "a start"
+            raise InputError(
+                f"replay oracle: {q.label} {q.trial} was asked from {how} {moved:.3f} Å (max atom "
+                f"displacement) away from the replay's POSCAR ({poscar}); it answers only those starts: "
+                f"search with --trials-from {self.folder} and loop with --dft-start trial")
+
+
+def start_mismatch(reference: Atoms, start: Atoms) -> float:
+    """Largest distance (Å) of a ``reference`` atom to its nearest same-element atom in ``start``.
+
+    Atoms are matched by element and nearest position under periodic images (the two may list
+    atoms in another order); a different cell, atom count or composition is ``inf``.
+    """
+    if len(reference) != len(start) or sorted(reference.numbers) != sorted(start.numbers):
+        return float("inf")
+    if not np.allclose(reference.cell.array, start.cell.array, atol=1e-3):
+        return float("inf")
+    inv = np.linalg.inv(reference.cell.array)
+    worst = 0.0
+    for z in set(reference.numbers.tolist()):
+        a = reference.positions[reference.numbers == z]
+        b = start.positions[start.numbers == z]
+        frac = (a[:, None, :] - b[None, :, :]) @ inv
+        frac -= np.round(frac)
+        d = np.linalg.norm(frac @ reference.cell.array, axis=2)
+        worst = max(worst, float(d.min(axis=1).max()))
+    return worst
+
+
 class FolderOracle:
     """Writes inputs for people who run DFT elsewhere, and reads their results back.
 
@@ -213,6 +298,12 @@ class FolderOracle:
                  overrides: dict | None = None):
         self.folder = Path(folder)
         self.fmax, self.theory, self.overrides = fmax, theory, overrides
+
+    def key(self) -> str:
+        """Content key of the folder (its path) and what decides how its results are read."""
+        from defectml.store import content_key
+
+        return content_key(self.kind, str(self.folder.resolve()), self.fmax, self.theory, self.overrides)
 
     def path(self, q: Request) -> Path:
         """Where one request's inputs and results live."""
@@ -252,22 +343,34 @@ class FolderOracle:
             if not (where / "start.extxyz").exists():
                 where.mkdir(parents=True, exist_ok=True)
                 write_vasp(q.start, q.charge, where, self.overrides)
-                write(where / "start.extxyz", q.start, format="extxyz")
+                start = q.start.copy()
+                start.info["dft_start"] = q.start_kind  # which start this is: the trial's or the model's
+                write(where / "start.extxyz", start, format="extxyz")
+                (where / "DFT_START").write_text(
+                    f"{q.start_kind}: " + ("the trial's own unrelaxed start (as ShakeNBreak starts DFT)\n"
+                                           if q.start_kind == "trial" else
+                                           "the model's minimum this trial relaxed into\n"))
             pending.append(str(where))
         return answers, pending
 
 
-def parse_oracle(spec: str, fmax: float = 0.05, max_steps: int = 300):
-    """An oracle from ``replay:DIR``, ``folder:DIR`` or ``calculator:NAME`` (gpaw, xtb, emt)."""
+def parse_oracle(spec: str, fmax: float = 0.05, max_steps: int = 300, *, device: str = "cpu",
+                 threads: int | None = None):
+    """An oracle from ``replay:DIR``, ``folder:DIR`` or ``calculator:NAME``.
+
+    ``NAME``: gpaw, xtb, emt, or a model as a stand-in for DFT with optional pair wells
+    (``chgnet-0.2.0``, ``chgnet+well:Se-Se:0.4:2.45:0.35``; :func:`calculator_oracle`).
+    ``device`` and ``threads`` are where a stand-in's model runs.
+    """
     kind, _, arg = spec.partition(":")
     if not arg:
         raise InputError(f"--oracle {spec!r}: use replay:DIR, folder:DIR or calculator:NAME "
-                         "(gpaw, xtb, emt)")
+                         "(gpaw, xtb, emt, or a model such as chgnet-0.2.0 as a stand-in for DFT)")
     if kind == "replay":
         return ReplayOracle(arg)
     if kind == "folder":
         return FolderOracle(arg, fmax)
     if kind == "calculator":
-        return calculator_oracle(arg, fmax, max_steps)
+        return calculator_oracle(arg, fmax, max_steps, device=device, threads=threads)
     raise InputError(f"--oracle {spec!r}: unknown kind {kind!r}; use replay:DIR, folder:DIR or "
                      "calculator:NAME")

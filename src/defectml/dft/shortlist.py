@@ -81,7 +81,7 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
     Returns:
         The number of relaxations run (already stored ones are skipped).
     """
-    from defectml.records import RelaxationRecord
+    from defectml.records import RelaxationRecord, trial_key
     from defectml.search.relax import relax_one
     from defectml.store import content_key
 
@@ -93,7 +93,7 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
     done = store.done_trial_keys(settings_key)
     ran = 0
     for m in chosen:
-        tkey = content_key(settings_key, summary.defect_key, summary.charge, m.trial)
+        tkey = trial_key(settings_key, summary.defect_key, summary.charge, m.trial)
         if tkey in done:
             continue
         trial = next(t for t in summary.trials if t.name == m.trial)

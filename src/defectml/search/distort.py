@@ -91,9 +91,11 @@ class Trial:
         name: ``Unperturbed``, ``Rattled``, ``Dimer`` or ``Bond_Distortion_X%`` (with a
             ``_a-b`` suffix naming the distorted atoms in all-pairs mode).
         atoms: The starting structure.
-        seed: The seed used for its rattle (0 for the unperturbed trial).
+        seed: The seed used for its rattle (0 for the unperturbed trial and for ShakeNBreak's
+            POSCARs, whose rattle came with them).
         distortion: The bond-distortion factor, 0.0 for ``Rattled``, ``None`` otherwise.
         distorted_indices: Indices of the atoms moved by the distortion or dimer.
+        source: The file the trial was read from (``search --trials-from``); ``None``: generated.
     """
 
     name: str
@@ -101,6 +103,7 @@ class Trial:
     seed: int
     distortion: float | None = None
     distorted_indices: tuple[int, ...] = field(default_factory=tuple)
+    source: str | None = None
 
 
 def number_of_distorted_neighbours(excess_electrons: int) -> int:

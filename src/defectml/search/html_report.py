@@ -222,17 +222,42 @@ def _extras(folder: Path | None) -> str:
             parts.append(_image(md.parent / "thermo.png"))
     loop = folder / "loop" / "loop.json"
     if loop.exists():
-        doc = json.loads(loop.read_text())
-        rows = []
-        for rd in doc.get("rounds", []):
-            asked = "; ".join(f"{k}: {', '.join(v)}" for k, v in rd.get("picks", {}).items() if v)
-            state = "; ".join(f"{k}: {v['reason']}" for k, v in rd.get("items", {}).items())
-            rows.append(f"<tr><td>{rd['round']}</td><td>{_esc(asked)}</td><td>{_esc(state)}</td></tr>")
-        status = doc.get("status", {})
-        parts.append("<h2>Active loop</h2><table><tr><th>round</th><th>asked DFT</th><th>assessment</th>"
-                     f"</tr>{''.join(rows)}</table><p class='meta'>{_esc(status.get('status', ''))}: "
-                     f"{_esc(status.get('reason', ''))}</p>")
+        parts.append(_loop_section(json.loads(loop.read_text())))
     return "\n".join(parts)
+
+
+def _verdict(check: dict) -> str:
+    if check["ok"] is None:
+        return "nothing to check"
+    return "reproduces its DFT" if check["ok"] else f"does not reproduce its DFT ({check['reason']})"
+
+
+def _loop_section(doc: dict) -> str:
+    """The active loop: each round's picks and starts, the model's check against its DFT, answers."""
+    rows = []
+    for rd in doc.get("rounds", []):
+        starts = rd.get("starts", {})
+        asked = "; ".join(f"{k}: {', '.join(v)} (from the {starts.get(k, 'trial')})"
+                          for k, v in (rd.get("picks") or {}).items() if v)
+        fits = rd.get("fits") or []
+        check = "; ".join(f"{k}: {_verdict(c)}" for k, c in (fits[-1]["reproduces"].items() if fits else []))
+        check += f" (after {len(fits)} fit(s))" if fits else ""
+        state = "; ".join(f"{k}: {v['status']}: {v['reason']}" for k, v in rd.get("items", {}).items())
+        rows.append(f"<tr><td>{rd['round']}</td><td>{_esc(asked)}</td><td>{_esc(check)}</td>"
+                    f"<td>{_esc(state)}</td></tr>")
+    status = doc.get("status", {})
+    answers = []
+    for k, d in (status.get("defects") or {}).items():
+        a = d.get("answer")
+        what = (f"{a['trial']}: {a['label']}, {a['energy_eV']:.3f} eV; the model "
+                f"{'agrees' if a['model_agrees'] else 'disagrees'}") if a else "no DFT answer"
+        answers.append(f"<tr><td>{_esc(k)}</td><td>{_esc(d['status'])}</td><td>{_esc(what)}</td>"
+                       f"<td>{d['dft_relaxations']}</td><td>{_esc(str(d['model_reproduces_dft']))}</td></tr>")
+    return ("<h2>Active loop</h2><table><tr><th>round</th><th>asked DFT</th><th>model vs its DFT</th>"
+            f"<th>assessment</th></tr>{''.join(rows)}</table>"
+            "<table><tr><th>defect</th><th>status</th><th>answer (DFT's lowest)</th><th>DFT relaxations</th>"
+            f"<th>model reproduces its DFT</th></tr>{''.join(answers)}</table>"
+            f"<p class='meta'>{_esc(status.get('status', ''))}: {_esc(status.get('reason', ''))}</p>")
 
 
 def write_report(summaries: list[DefectSummary], path: Path, *, title: str = "defectml search",

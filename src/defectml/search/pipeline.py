@@ -22,7 +22,7 @@ from pymatgen.core import Structure
 from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
 from defectml.models.model import default_threads
-from defectml.records import DefectRecord, HostRecord, RelaxationRecord
+from defectml.records import DefectRecord, HostRecord, RelaxationRecord, trial_key
 from defectml.search.defects import (
     Defect,
     bulk_nn_distance,
@@ -74,6 +74,9 @@ class SearchSettings:
         env_shells: Neighbour shells that define an environment.
         pre_relax: A trained direct predictor (``defectml predictor train``) that moves every
             trial to its predicted relaxed positions before the MLIP relaxation.
+        trials_from: A ShakeNBreak folder whose trial POSCARs are the trials, exactly as they are
+            (:mod:`~defectml.search.snb_trials`); its cells are the supercells, so the supercell
+            and trial settings do not apply.
     """
 
     model: str | ModelRef = "chgnet"
@@ -94,6 +97,7 @@ class SearchSettings:
     sites: str = "symmetry"
     env_shells: int = 1
     pre_relax: str | None = None
+    trials_from: str | None = None
 
     def validate(self) -> None:
         """Raise ``InputError`` for out-of-range numbers."""
@@ -107,9 +111,24 @@ class SearchSettings:
             raise InputError("bond distortions must lie strictly between -1 and 1")
         if self.sites not in ("symmetry", "environment"):
             raise InputError(f"sites must be 'symmetry' or 'environment', got {self.sites!r}")
+        if self.trials_from and self.sites == "environment":
+            raise InputError("--trials-from takes the folder's own cells and sites: "
+                             "not with sites=\"environment\"")
 
     def key(self, model_key: str, host_key: str) -> str:
-        """The run's key: the host's and the model's keys and every setting that changes results."""
+        """The run's key: the host's and the model's keys and every setting that changes results.
+
+        Trials from a folder (``trials_from``) are a run of their own, whatever the folder's path:
+        their POSCARs' content keys each defect and so each relaxation (:func:`defect_store_key`),
+        and the supercell and trial settings, which they do not use, are left out.
+        """
+        if self.trials_from:
+            return content_key(
+                host_key, model_key, self.fmax, self.max_steps, self.relax_host, self.oxidation_states,
+                "trials_from",
+                *(["early_stop", self.soap_threshold] if self.early_stop else []),
+                *(["pre_relax", _file_key(self.pre_relax)] if self.pre_relax else []),
+            )
         return content_key(
             host_key, model_key, self.fmax, self.max_steps, self.min_length, self.max_atoms,
             self.force_diagonal, self.relax_host, self.oxidation_states, self.trials.as_dict(),
@@ -160,17 +179,35 @@ def pre_relax_trials(items: list[DefectCharge], checkpoint: str, log_fn=log.info
 
 @dataclass
 class DefectCharge:
-    """One defect in one charge state, with its trial structures."""
+    """One defect in one charge state, with its trial structures.
+
+    ``source``: content key of the POSCARs its trials were read from (``trials_from``), ``None``
+    for generated trials; ``notes``: what reading them found worth saying.
+    """
 
     defect: Defect
     charge: int
     trials: list[Trial]
     dropped: list[str]
+    source: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
         """Folder label, e.g. ``v_Cd_0``."""
         return charge_label(self.defect.name, self.charge)
+
+
+def defect_store_key(host_key: str, item: DefectCharge, min_length: float) -> str:
+    """Store key of an item's defect row (and so of its relaxations, :func:`~defectml.records.trial_key`).
+
+    Trials read from a folder are keyed by its POSCARs' content (``item.source``) instead of the
+    supercell settings: a changed POSCAR is a new defect row, relaxed anew.
+    """
+    d = item.defect
+    if item.source is not None:
+        return content_key(host_key, d.name, d.sc_matrix, "trials_from", item.source)
+    return content_key(host_key, d.name, d.sc_matrix, min_length)
 
 
 @dataclass
@@ -211,6 +248,8 @@ def plan(
         InputError: for impossible defect specs, charges or supercell requests.
     """
     s = settings or SearchSettings()
+    if s.trials_from:
+        return _folder_plan(host, defects, charges, s)
     if not isinstance(defects, str):
         if s.sites == "environment":
             raise InputError("defect objects sit on the host's own sites: not with sites=\"environment\"")
@@ -242,6 +281,19 @@ def plan(
             )
             items.append(DefectCharge(d, q, trials, dropped))
     return items
+
+
+def _folder_plan(host: Structure, defects, charges: list[int] | None,
+                 s: SearchSettings) -> list[DefectCharge]:
+    """The plan of a ``trials_from`` search: the folder's POSCARs, for the defects and charges named."""
+    from defectml.search.snb_trials import read_trials_folder
+
+    if not isinstance(defects, str) or defects.lower().endswith(".json"):
+        raise InputError("--trials-from takes the folder's defects: name them (e.g. --defect Mg_O) or "
+                         "give --defect all, not defect objects")
+    found = read_trials_folder(s.trials_from, host, defects, charges, s.oxidation_states)
+    return [DefectCharge(f.defect, f.charge, f.trials, f.skipped, source=f.key, notes=f.notes)
+            for f in found]
 
 
 def _matrix_text(m) -> str:
@@ -384,10 +436,15 @@ def search(
         structure = host_of(defects, structure)
         log_fn(f"host: the cell the {len(defects)} defect object(s) were made on "
                f"({structure.composition.reduced_formula}, {len(structure)} atoms)")
-    foreign = _foreign_elements(defects, structure)  # also validates the defect specs early
-    # defects, charges and supercell sizes checked on the host as given, before any work (the
-    # model's host relaxation changes the lattice by a little, not what is possible)
-    plan(structure, defects, charges, s, reference=structure)
+    if s.trials_from:  # the folder's POSCARs read and checked before any work
+        host_elements = {sp.symbol for sp in structure.composition.elements}
+        foreign = {el for it in plan(structure, defects, charges, s)
+                   for el in it.defect.supercell.symbol_set} - host_elements
+    else:
+        foreign = _foreign_elements(defects, structure)  # also validates the defect specs early
+        # defects, charges and supercell sizes checked on the host as given, before any work (the
+        # model's host relaxation changes the lattice by a little, not what is possible)
+        plan(structure, defects, charges, s, reference=structure)
     model = wrap_calculator(calculator) if calculator is not None else load_model(
         s.model, s.device, s.threads
     )
@@ -438,6 +495,12 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
             t0) -> SearchResult:
     relaxed_host, host_key = _host(store, structure, model, s, log_fn)
     items = plan(relaxed_host, defects, charges, s, reference=structure)
+    if s.trials_from:
+        left_out = [f"{it.label}/{note}" for it in items for note in it.dropped]
+        log_fn(f"trials from {s.trials_from}: {sum(len(it.trials) for it in items)} POSCARs as they are"
+               + (f"; left out: {'; '.join(left_out)}" if left_out else ""))
+        for note in (n for it in items for n in it.notes):
+            log_fn(f"note: {note}")
     log_fn(describe_plan(items, model.name, _threads_note(s, model, execution)))
     if s.pre_relax:
         pre_relax_trials(items, s.pre_relax, log_fn)
@@ -455,7 +518,7 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
     pending = []
     wanted = set()
     for it in items:
-        defect_key = content_key(host_key, it.defect.name, it.defect.sc_matrix, s.min_length)
+        defect_key = defect_store_key(host_key, it, s.min_length)
         wanted.add((defect_key, it.charge))
         d = it.defect
         store.add(DefectRecord(to_atoms(d.supercell), defect_key, host_key, d.name, d.site,
@@ -463,7 +526,7 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
                                {"multiplicity": d.multiplicity, "site_symmetry": d.site_symmetry,
                                 "oxi_change": d.oxi_change}))
         for t in it.trials:
-            tkey = content_key(skey, defect_key, it.charge, t.name)
+            tkey = trial_key(skey, defect_key, it.charge, t.name)
             if tkey not in done:
                 pending.append((it, defect_key, t, tkey))
     skipped = sum(len(it.trials) for it in items) - len(pending)
@@ -536,7 +599,8 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
             trajectory=r.trajectory, model_key=model.key, seed=t.seed, distortion=t.distortion,
             extra={"initial_positions": t.atoms.positions, "distorted_indices": list(t.distorted_indices),
                    "reason": r.reason, "model_version": model.version, "model_ref": model.ref.to_dict(),
-                   "seconds": r.seconds, "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of},
+                   "seconds": r.seconds, "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of,
+                   **({"source": t.source} if t.source else {})},
         ))
         if job.watch is not None and r.status == CONVERGED:
             job.watch.add(t.name, r.atoms, r.energy)

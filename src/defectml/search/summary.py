@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from ase import Atoms
 from ase.build import make_supercell
 
 from defectml.errors import StoreError
@@ -171,6 +172,28 @@ def _named_run(folder: Path) -> str | None:
         return None
 
 
+@dataclass
+class DefectContext:
+    """What every structure of one defect is judged against: its bulk cell, charges of ions, start."""
+
+    defect_row: object
+    bulk: Atoms
+    oxidation_states: dict[str, int]
+    reference: Atoms  # the unrelaxed defect supercell
+    vacancy: bool
+
+
+def defect_context(store: ResultStore, defect_key: str) -> DefectContext:
+    """The stored defect's bulk supercell, oxidation states and unrelaxed cell."""
+    defect_row = store.first(kind="defect", defect_key=defect_key)
+    host_row = store.first(kind="host", host_key=defect_row.host_key) if defect_row else None
+    if defect_row is None or host_row is None:
+        raise StoreError(f"results database {store.target} lacks the defect/host of {defect_key}")
+    bulk = make_supercell(host_row.toatoms(), np.asarray(defect_row.data["sc_matrix"]))
+    return DefectContext(defect_row, bulk, dict(host_row.data["oxidation_states"]), defect_row.toatoms(),
+                         defect_row.data.get("kind") == "vacancy")
+
+
 def summarise(
     store: ResultStore,
     settings_key: str | None = None,
@@ -201,18 +224,13 @@ def summarise(
     for (defect_key, charge), group in groups.items():
         if only is not None and (defect_key, charge) not in only:
             continue
-        defect_row = store.first(kind="defect", defect_key=defect_key)
-        host_row = store.first(kind="host", host_key=defect_row.host_key) if defect_row else None
-        if defect_row is None or host_row is None:
-            raise StoreError(f"results database {store.target} lacks the defect/host of {defect_key}")
-        host = host_row.toatoms()
-        bulk = make_supercell(host, np.asarray(defect_row.data["sc_matrix"]))
-        oxi = dict(host_row.data["oxidation_states"])
+        ctx = defect_context(store, defect_key)
+        defect_row = ctx.defect_row
         trials = [relaxed_trial_from_row(r) for r in sorted(group, key=lambda r: r.id)]
         minima, bad = find_minima(
-            trials, bulk=bulk, oxidation_states=oxi,
-            threshold=threshold, soap=soap, max_drop=max_drop, reference=defect_row.toatoms(),
-            vacancy=defect_row.data.get("kind") == "vacancy",
+            trials, bulk=ctx.bulk, oxidation_states=ctx.oxidation_states,
+            threshold=threshold, soap=soap, max_drop=max_drop, reference=ctx.reference,
+            vacancy=ctx.vacancy,
         )
         cell = defect_row.toatoms().cell
         supercell = {"matrix": np.asarray(defect_row.data["sc_matrix"]).tolist(),

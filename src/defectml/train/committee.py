@@ -137,7 +137,8 @@ def member_frames(frames: list[Atoms], member: int, seed: int = 0) -> list[Atoms
 
 
 def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, settings, members: int = 3,
-                    log: Callable[[str], None] = lambda m: None) -> list[Path]:
+                    log: Callable[[str], None] = lambda m: None,
+                    bases: list[str] | None = None) -> list[Path]:
     """Fine-tune ``members`` models on ``train`` (member 0 on all of it, the rest on resamples).
 
     Args:
@@ -149,6 +150,8 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
             ``settings.seed + i``.
         members: Committee size (1: a single model, no trust score).
         log: Progress messages.
+        bases: Member ``i`` starts from ``bases[i]`` (default: every one from ``settings.base``),
+            e.g. from its own earlier version when training further.
 
     Returns:
         The members' weights files, member 0 first.
@@ -175,7 +178,8 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
             if not data.exists():
                 write_frames(data, member_frames(frames, i, settings.seed))
         log(f"committee member {i + 1}/{members}")
-        finetune(data, val, path, replace(settings, seed=settings.seed + i), log=log)
+        base = bases[i] if bases else settings.base
+        finetune(data, val, path, replace(settings, seed=settings.seed + i, base=base), log=log)
     write_json(out_dir / "committee.json", {"members": [p.name for p in paths]})
     return paths
 
