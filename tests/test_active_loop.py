@@ -355,7 +355,6 @@ def test_loop_cli_bad_input(emt_vacancy_run, capsys):
 
 
 def test_xtb_oracle_is_a_real_calculation_with_the_cell_charge():
-    pytest.importorskip("tblite")
     atoms = bulk("MgO", "rocksalt", a=4.21, cubic=True)
     atoms.rattle(0.05, seed=1)
     oracle = parse_oracle("calculator:xtb", fmax=0.1, max_steps=3)

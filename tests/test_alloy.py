@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 
 from defectml.cli import main
@@ -31,10 +32,11 @@ def test_vacancy_environments_cover_every_site(cdte):
         counts = dict(re.findall(r"([A-Z][a-z]?)(\d+)", env))
         assert sum(int(v) for v in counts.values()) == 4 and set(counts) <= {"Se", "Te"}
         assert len(d.supercell) == 63 and d.kind == "vacancy"
-        # the representative really has that environment
-        i = next(j for j, s in enumerate(alloy) if s.specie.symbol == "Cd"
-                 and local_environment(alloy, j) == env)
-        assert i is not None
+        # the representative (the site removed) really has that environment, and is gone
+        j = int(np.argmin(np.linalg.norm(alloy.cart_coords - d.site, axis=1)))
+        assert np.allclose(alloy[j].coords, d.site) and alloy[j].specie.symbol == "Cd"
+        assert local_environment(alloy, j) == env
+        assert not d.supercell.get_sites_in_sphere(d.site, 1.0)
     pure = environment_defects(cdte, "v_Cd")  # a small ordered cell is expanded first
     assert [d.name for d in pure] == ["v_Cd_Te4"] and pure[0].multiplicity == 32
     with pytest.raises(InputError, match="not interstitials"):

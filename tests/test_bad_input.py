@@ -101,7 +101,11 @@ def test_non_ase_sqlite_database(tmp_path, capsys, copper_cif):
     con.commit()
     con.close()
     code, err = _run(capsys, "search", str(copper_cif), "--defect", "v_Cu", "--out", str(out), *EMT)
-    assert code == 2 and "not an ASE database" in err[0] or "corrupted" in err[0]
+    assert code == 2 and len(err) == 1, err
+    assert "not an ASE database (no ASE 'systems' table)" in err[0] and "left untouched" in err[0], err
+    con = sqlite3.connect(out / "results.db")  # and it was: no ASE tables added to someone's database
+    assert {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")} == {"other"}
+    con.close()
 
 
 def test_show_without_results(tmp_path, capsys):

@@ -131,8 +131,10 @@ def test_charge_aware_finetune_learns_the_charge_dependence_of_a_held_out_charge
     a.calc = None
     (e0, _), (e2, _) = model.batch()([with_charge(a, 0), with_charge(a, 2)])
     assert e2 - e0 == pytest.approx(2 * OFFSET, abs=0.15)
-    assert result.card["metrics"]["val_best"]["e"] < result.card["metrics"]["val_base"]["e"] or \
-        result.card["metrics"]["val_base"]["e"] < 0.005
+    # and training lowered the held-out charge's errors (measured: energy 5.5 -> 3.7 meV/atom,
+    # forces 84 -> 40 meV/Å in 2 epochs)
+    base, best = result.card["metrics"]["val_base"], result.card["metrics"]["val_best"]
+    assert best["e"] < 0.9 * base["e"] and best["f"] < 0.75 * base["f"], (base, best)
     # a charge-blind fine-tune of the same data cannot tell the charges apart
     blind = load_model(str(finetune(data / "train.extxyz", data / "val.extxyz", tmp_path / "blind.pth.tar",
                                     FinetuneSettings(epochs=1, batch_size=3, threads=2)).weights), threads=2)

@@ -1,12 +1,14 @@
 """The DFT loop: ingest real ShakeNBreak+VASP data, shortlist, write inputs, evaluate."""
 
 import copy
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from ase.build import bulk
+from conftest import require
 
 from defectml import ResultStore, summarise
 from defectml.cli import main
@@ -92,10 +94,14 @@ def test_cli_ingest_show_evaluate(tmp_path, capsys):
     # a single VASP-style relaxation with explicit metadata
     single = tmp_path / "single"
     shutil.copytree(MGO / "Mg_O_0" / "Bond_Distortion_40.0%", single)
+    stored = ResultStore(out / "results.db").count(kind="relaxation")
+    capsys.readouterr()
     code = main(["ingest", str(single), "--out", str(out), "--defect", "Mg_O", "--charge", "0",
                  "--site", "0.5,0.5,0.5", "--host", str(MGO / "MgO_bulk_relaxed_CONTCAR")])
-    # CONTCAR only: no energy in the folder -> clear error
-    assert code == 2
+    # CONTCAR only: no energy in the folder -> one clear line naming it, and nothing stored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"defectml: error: no relaxation with energies in {single}"], err
+    assert ResultStore(out / "results.db").count(kind="relaxation") == stored
 
 
 def test_shortlist_selection(cdte, tmp_path):
@@ -193,18 +199,27 @@ def test_shortlist_relaxed_by_a_calculator_then_evaluated(tmp_path, copper_cif, 
     assert main(["shortlist", str(out), "--calculator", "vasp-magic"]) == 2
 
 
-def test_gpaw_adapter_on_a_tiny_cell():
-    """Real DFT through the --calculator gpaw adapter (runs where GPAW is installed)."""
-    pytest.importorskip("gpaw")
+def test_gpaw_adapter_relaxes_a_tiny_molecule():
+    """Real DFT relaxations through the --calculator gpaw adapter (LCAO dzp, PBE, spin-polarised):
+    H2 and H2+ in a 5 Å box, each from a stretched 0.9 Å bond (about 6 s each on one core)."""
+    require(importlib.util.find_spec("gpaw") is not None, "GPAW (pip install gpaw gpaw-data)")
     import numpy as np
+    from ase import Atoms
 
     from defectml.dft.shortlist import dft_calculator
+    from defectml.search.relax import relax_one
 
-    atoms = bulk("CdTe", "zincblende", a=6.48, cubic=True)  # 8 atoms, Γ-point
-    atoms.positions[1] += [0.1, 0.0, 0.0]
-    atoms.calc = dft_calculator("gpaw", 0)
-    energy = atoms.get_potential_energy()
-    forces = atoms.get_forces()
-    assert np.isfinite(energy)
-    assert np.abs(forces.sum(axis=0)).max() < 0.05  # momentum conservation
-    assert forces[1, 0] < 0 < forces[0, 0]  # the displaced Te is pushed back
+    bond, energy = {}, {}
+    for charge in (0, 1):
+        atoms = Atoms("H2", positions=[[0, 0, 0], [0.9, 0, 0]], cell=[5.0] * 3, pbc=False)
+        atoms.center()
+        r = relax_one(atoms, dft_calculator("gpaw", charge), fmax=0.05, max_steps=60)
+        assert r.status == "converged" and r.steps >= 3, (r.status, r.reason)
+        assert np.abs(r.forces).max() < 0.05 and np.abs(r.forces.sum(axis=0)).max() < 0.02
+        energies = r.trajectory.energies
+        assert energies[-1] < energies[0] - 0.05  # the stretched bond relaxed downhill
+        bond[charge], energy[charge] = r.atoms.get_distance(0, 1), r.energy
+    # PBE in this basis: H2 0.78 Å (0.74 Å measured), H2+ 1.18 Å (1.06 Å; PBE's self-interaction
+    # stretches it); the charge reaches GPAW: one electron fewer costs about H2's ionisation energy
+    assert 0.75 < bond[0] < 0.80 and 1.10 < bond[1] < 1.25, bond
+    assert 14.0 < energy[1] - energy[0] < 16.5, energy

@@ -76,7 +76,7 @@ def test_shakenbreak_distortion_metadata_sets_the_trials(tmp_path):
 
 
 def test_shakenbreaks_own_reader_reads_the_exported_folders(run, tmp_path):
-    analysis = pytest.importorskip("shakenbreak.analysis")
+    from shakenbreak import analysis
     out, _ = run
     assert main(["export", str(out), "--format", "snb", "--out", str(tmp_path / "snb"), "--quiet"]) == 0
     energies = analysis.get_energies("v_Cu_0", output_path=str(tmp_path / "snb"), verbose=False)
@@ -92,7 +92,7 @@ def test_shakenbreaks_own_reader_reads_the_exported_folders(run, tmp_path):
 
 
 def test_dopeds_defect_entry_reads_the_exported_entries(run, tmp_path):
-    core = pytest.importorskip("doped.core")
+    from doped import core
     out, _ = run
     assert main(["export", str(out), "--format", "entries", "--out", str(tmp_path / "e"), "--quiet"]) == 0
     doc = json.loads((tmp_path / "e" / "v_Cu_0.json").read_text())

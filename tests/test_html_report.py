@@ -6,13 +6,12 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import require
 
 from defectml.cli import main
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(n)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None,
-                                    reason="no headless Chromium here (apt-get install chromium)")
 BROWSER = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=8000",
            "--enable-logging=stderr", "--v=0"]
 
@@ -43,8 +42,8 @@ def test_report_command_rewrites_it(report, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nothing")]) == 2
 
 
-@needs_chromium
 def test_report_loads_in_a_headless_browser_without_errors(report, tmp_path):
+    require(CHROMIUM is not None, "a headless Chromium (apt-get install chromium)")
     dom = subprocess.run([CHROMIUM, *BROWSER, "--dump-dom", report.as_uri()], capture_output=True,
                          text=True, timeout=180)
     assert dom.returncode == 0, dom.stderr[-2000:]

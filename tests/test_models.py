@@ -96,7 +96,6 @@ def test_emt_equals_ases_own_calculator():
 @pytest.mark.parametrize("name, modal", [("sevennet-0", None), ("sevennet-mf-0", "PBE"),
                                          ("sevennet-mf-0@R2SCAN", "R2SCAN")])
 def test_sevennet_equals_sevenns_own_calculator(name, modal):
-    pytest.importorskip("sevenn")
     from sevenn.calculator import SevenNetCalculator
 
     atoms = _cell()
@@ -114,7 +113,6 @@ def test_sevennet_equals_sevenns_own_calculator(name, modal):
 
 
 def test_sevennet_checkpoint_file_keeps_its_modal(tmp_path):
-    pytest.importorskip("sevenn")
     from sevenn.util import pretrained_name_to_path
 
     path = tmp_path / "checkpoint_ft.pth"

@@ -47,7 +47,21 @@ from defectml.records import SCHEMA_VERSION, DefectRecord, HostRecord, Record
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable ``parts``."""
     text = json.dumps(parts, sort_keys=True, default=_json_default)
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    digest = hashlib.sha1(text.encode()).hexdigest()
+    key = digest[:16]
+    if _reads_as_number(key):
+        # ASE's database refuses a string value that reads as a number (all digits, or digits
+        # around one 'e', about 1 key in 800): such a key could never be stored, so a letter first
+        key = "k" + digest[:15]
+    return key
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _json_default(obj: Any):
