@@ -110,3 +110,28 @@ def test_start_mismatch_matches_atoms_in_any_order():
     c.positions[0] += a.cell[0]  # a periodic image is the same atom
     assert start_mismatch(a, c) == pytest.approx(0.0, abs=1e-9)
     assert start_mismatch(a, a[:-1]) == np.inf
+
+
+def _pair(atoms, site, i, j, d):
+    out = atoms.copy()
+    mid = (out.positions[i] + out.positions[j]) / 2
+    for k in (i, j):
+        u = out.positions[k] - mid
+        out.positions[k] = mid + u / np.linalg.norm(u) * d / 2
+    return out
+
+
+def test_a_bond_either_side_of_its_limit_is_one_bond_and_an_equivalent_dimer_is_one_basin(vacancy):
+    geo, open_, _ = vacancy
+    first = [int(i) for i in np.argsort(np.linalg.norm(open_.positions - geo.site, axis=1))[:4]]
+    limit = 1.15 * 2 * 1.05  # S-S: 1.15 x the covalent radii, below 0.9 x the bulk S-S distance
+    below = _pair(open_, geo.site, first[0], first[1], limit - 0.02)
+    above = _pair(open_, geo.site, first[0], first[1], limit + 0.02)
+    assert len(geo.bonds(below)) == 1 and geo.bonds(above) == []
+    assert geo.same_bonds(below, above) and geo.stays(below, above)  # 0.04 Å apart: the same dimer
+    assert not geo.same_bonds(below, open_)  # 1.4 Å apart: no
+    # the same dimer between another pair of the vacancy's neighbours: other atoms moved (RMSD),
+    # the same basin by symmetry (SOAP)
+    other = _pair(open_, geo.site, first[2], first[3], limit - 0.02)
+    assert geo.rmsd(below, other) > 0.2 and geo.same_basin(below, other)
+    assert not geo.stays(below, other)  # a relaxation from one that ends in the other moved

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
+from defectml.errors import InputError
 from defectml.search.defects import site_symmetry
 from defectml.search.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
 from defectml.search.relax import CONVERGED, IN_BASIN
@@ -22,6 +23,13 @@ from defectml.search.relax import CONVERGED, IN_BASIN
 DEFAULT_SOAP_THRESHOLD = 0.005
 #: Relaxations this far (eV) below the median of their defect are quarantined as phase changes.
 DEFAULT_PHASE_CHANGE_DROP = 3.0
+#: Relaxations this far (eV) above the Unperturbed one (the median where there is none) are
+#: quarantined as broken, high-energy structures. ShakeNBreak sets a relaxation aside as
+#: High_Energy 2 eV above Unperturbed (its SnB_run.sh, for one still unconverged after 150 steps);
+#: these are converged ones, so a little more room: at 1500 K a configuration 3 eV up has a
+#: Boltzmann weight of e^-23 (1e-10), nothing to any population or ranking window (0.5 eV), while
+#: the broken "minima" seen on CdTe Cd_i (a host atom pushed onto another site) lay at +31 and +65 eV.
+DEFAULT_MAX_RISE = 3.0
 
 
 @dataclass
@@ -82,13 +90,21 @@ class Minimum:
         return "Unperturbed" in self.trials
 
 
-def quarantine(trials: list[RelaxedTrial], max_drop: float = DEFAULT_PHASE_CHANGE_DROP):
+def quarantine(trials: list[RelaxedTrial], max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
+               max_rise: float = DEFAULT_MAX_RISE):
     """Split trials into rankable ones and quarantined ones (with reasons).
 
-    Quarantined: failed relaxations (NaN, atoms too close, model error), unconverged ones, and
+    Quarantined: failed relaxations (NaN, atoms too close, model error), unconverged ones,
     energies more than ``max_drop`` eV below the median of the rest (a likely phase change or
-    model hole, not a defect minimum).
+    model hole, not a defect minimum), and energies more than ``max_rise`` eV above the
+    ``Unperturbed`` relaxation (above the median where it is not among them; a
+    broken structure, not a candidate: ShakeNBreak's High_Energy).
+
+    Raises:
+        InputError: ``max_rise`` is not positive.
     """
+    if not max_rise > 0:
+        raise InputError(f"--max-rise must be positive (eV above the unperturbed relaxation), got {max_rise}")
     good = [t for t in trials if t.status == CONVERGED and t.energy is not None]
     bad = [(t, t.reason or t.status) for t in trials if t not in good and t.status != IN_BASIN]
     if len(good) >= 3:
@@ -101,7 +117,29 @@ def quarantine(trials: list[RelaxedTrial], max_drop: float = DEFAULT_PHASE_CHANG
             else:
                 keep.append(t)
         good = keep
-    return good, bad
+    return _set_aside_high(good, bad, max_rise)
+
+
+def _set_aside_high(good: list[RelaxedTrial], bad: list, max_rise: float):
+    """Move the trials more than ``max_rise`` eV above the reference from ``good`` to ``bad``.
+
+    The reference is the ``Unperturbed`` relaxation, else the median of three or more.
+    """
+    unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
+    if unperturbed is not None:
+        reference, what = unperturbed.energy, "the Unperturbed relaxation"
+    elif len(good) >= 3:
+        reference, what = statistics.median(t.energy for t in good), "the median"
+    else:
+        return good, bad
+    keep = []
+    for t in good:
+        rise = t.energy - reference
+        if rise > max_rise:
+            bad.append((t, f"energy {rise:.2f} eV above {what}: a broken, high-energy structure"))
+        else:
+            keep.append(t)
+    return keep, bad
 
 
 def group_minima(
@@ -204,11 +242,13 @@ def new_bonds(
     oxidation_states: dict[str, int],
     bulk_like_distances: dict[tuple[str, str], float],
     radius: float,
+    slack: float = 0.0,
 ) -> list[tuple[str, str, float]]:
     """Short bonds between like ions (same element, or same sign of charge) near the defect.
 
     A pair counts when it is shorter than 1.15 × the sum of covalent radii and, if such a pair
-    exists in the host, shorter than 0.9 × its shortest distance there.
+    exists in the host, shorter than 0.9 × its shortest distance there; ``slack`` (Å) widens
+    both limits (a tolerant comparison of two structures' bonds).
     """
     vec = _mic(atoms, centre, range(len(atoms)))
     near = [int(i) for i in np.flatnonzero(np.linalg.norm(vec, axis=1) <= radius)]
@@ -227,7 +267,7 @@ def new_bonds(
             bulk = bulk_like_distances.get(tuple(sorted((sa, sb))))
             if bulk is not None:
                 limit = min(limit, 0.9 * bulk)
-            if d < limit:
+            if d < limit + slack:
                 bonds.append((*sorted((sa, sb)), round(d, 3)))
     return sorted(bonds, key=lambda x: x[2])
 
@@ -322,6 +362,7 @@ def find_minima(
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
     reference: Atoms | None = None,
     vacancy: bool = False,
+    max_rise: float = DEFAULT_MAX_RISE,
 ) -> tuple[list[Minimum], list[tuple[RelaxedTrial, str]]]:
     """Rank the unique minima of one defect in one charge state.
 
@@ -338,11 +379,12 @@ def find_minima(
         reference: The unrelaxed defect supercell (same atom order as the trials): with it each
             minimum says whether the defect changed kind or site (:func:`identity_change`).
         vacancy: Whether the defect is a vacancy (its empty site is a site too).
+        max_rise: High-energy quarantine threshold (eV above the unperturbed relaxation).
 
     Returns:
         The minima (lowest first) and the quarantined trials with reasons.
     """
-    good, bad = quarantine(trials, max_drop)
+    good, bad = quarantine(trials, max_drop, max_rise)
     if not good:
         return [], bad
     like = like_pair_distances(bulk)
