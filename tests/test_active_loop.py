@@ -389,8 +389,9 @@ def test_a_model_that_cannot_reproduce_its_dft_trains_further_and_is_never_conve
     asked = {t for r in res.rounds for t in r["picks"]["v_Cu_0"]}
     assert d["dft_relaxations"] == 2 and d["answer"]["trial"] in asked
     assert d["dft_ionic_steps"] is not None and d["dft_ionic_steps"] >= 2  # EMT relaxations have paths
-    rows = store.select(kind="relaxation", fidelity="dft")
-    assert {r.data["dft_start"] for r in rows} == {"trial"}
+    dft_key = json.loads((tmp_path / "loop" / "loop.json").read_text())["dft_key"]
+    rows = store.select(kind="relaxation", fidelity="dft", settings_key=dft_key)
+    assert len(rows) == 2 and {r.data["dft_start"] for r in rows} == {"trial"}
 
 
 def test_auto_starts_dft_from_the_model_once_it_reproduces_its_dft(chgnet_vacancy_run, tmp_path, capsys):

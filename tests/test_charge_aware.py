@@ -123,6 +123,9 @@ def test_charge_aware_finetune_learns_the_charge_dependence_of_a_held_out_charge
     result = finetune(data / "train.extxyz", data / "val.extxyz", out, s)
     card = json.loads((tmp_path / "aware.pth.tar.card.json").read_text())
     assert card["charge_aware"] and card["charges"] == [0, 1, 3] and card["charge_energy_fit_eV"]
+    # the size of the cells its charge energy is valid on (`levels` compares its supercell with it)
+    size = round((7.22 * 7.22 * 3.61) ** (1 / 3), 3)  # the 2x2x1 conventional Cu cells
+    assert card["training_cells"] == {"size_A": [size, size], "atoms": [15, 15], "charged_frames": 6}
     model = load_model(str(out), threads=2)
     assert model.charge_aware and "charge-aware" in model.version
     # the same structure, the held-out charge +2 and the neutral state: the model's difference

@@ -75,3 +75,19 @@ def test_a_bad_settings_file_is_one_line(tmp_path, copper_cif, capsys):
         assert len(err) == 1 and msg in err[0], err
     assert main(["search", str(copper_cif), "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "cannot read --config" in capsys.readouterr().err
+
+
+def test_max_rise_is_an_option_of_every_command_that_ranks_minima_and_reaches_the_search(
+        tmp_path, copper_cif, capsys):
+    from defectml.cli import main
+    from defectml.cli.common import search_settings
+
+    for command in ("search", "show", "report", "alloy", "shortlist", "evaluate", "export"):
+        text = " ".join(_subcommands()[command].format_help().split())
+        assert "--max-rise MAX_RISE" in text and "high-energy structures (3.0)" in text, command
+    a = build_parser().parse_args(["search", str(copper_cif), "--defect", "v_Cu", "--max-rise", "5"])
+    assert search_settings(a).max_rise == 5.0 and a.max_rise == 5.0
+    assert main(["search", str(copper_cif), "--defect", "v_Cu", "--model", "emt", "--max-rise", "0",
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max rise must be positive" in err[0], err

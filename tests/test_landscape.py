@@ -74,6 +74,47 @@ def test_quarantine_failed_unconverged_and_phase_changes(vcd):
     assert reasons["nan"].startswith("non-finite") and reasons["slow"] == "unconverged"
 
 
+def test_relaxations_far_above_the_unperturbed_one_are_quarantined_with_their_reason(vcd):
+    from defectml.errors import InputError
+    from defectml.search.landscape import DEFAULT_MAX_RISE
+    from defectml.search.report import table
+    from defectml.search.summary import DefectSummary
+
+    v, atoms, bulk = vcd
+    # as a CdTe Cd_i search gave: two "minima" at +31.0 and +64.9 eV (a host atom pushed onto
+    # another site), beside a metastable one 2.5 eV up (within a few eV: a candidate)
+    trials = [_trial("Unperturbed", atoms, -100.0, v.site),
+              _trial("Bond_Distortion_10.0%", atoms.copy(), -100.001, v.site),
+              _trial("Dimer", _dimerised(atoms, v.site), -97.5, v.site),
+              _trial("Bond_Distortion_-60.0%", atoms.copy(), -69.0, v.site),
+              _trial("Bond_Distortion_60.0%", atoms.copy(), -35.1, v.site)]
+    assert DEFAULT_MAX_RISE == 3.0
+    minima, bad = find_minima(trials, bulk=bulk, oxidation_states=OXI)
+    reasons = {t.name: r for t, r in bad}
+    assert set(reasons) == {"Bond_Distortion_-60.0%", "Bond_Distortion_60.0%"}
+    assert reasons["Bond_Distortion_-60.0%"].startswith("energy 31.00 eV above the Unperturbed relaxation")
+    assert reasons["Bond_Distortion_60.0%"] == ("energy 64.90 eV above the Unperturbed relaxation: "
+                                                "a broken, high-energy structure")
+    ranked = {name for m in minima for name in m.trials}
+    assert ranked == {"Unperturbed", "Bond_Distortion_10.0%", "Dimer"}
+    assert max(m.delta_e for m in minima) == pytest.approx(2.5)
+    # the summary (summary.json, summary.txt) lists them with the reason
+    summary = DefectSummary("v_Cd", 0, "test", trials, minima, bad)
+    listed = {q["trial"]: q["reason"] for q in summary.to_dict()["quarantined"]}
+    assert listed == reasons
+    assert f"quarantined Bond_Distortion_60.0%: {reasons['Bond_Distortion_60.0%']}" in table([summary])
+    # a stricter threshold sets the +2.5 eV one aside too
+    _, bad = find_minima(trials, bulk=bulk, oxidation_states=OXI, max_rise=2.0)
+    assert "Dimer" in {t.name for t, _ in bad}
+    # without an Unperturbed relaxation the median is the reference
+    good, bad = quarantine(trials[1:4])
+    assert [t.name for t in good] == ["Bond_Distortion_10.0%", "Dimer"]
+    (high, reason), = bad
+    assert high.name == "Bond_Distortion_-60.0%" and reason.startswith("energy 28.50 eV above the median")
+    with pytest.raises(InputError, match="max-rise must be positive"):
+        quarantine(trials, max_rise=0.0)
+
+
 def test_reference_falls_back_to_lowest_without_unperturbed(vcd):
     v, atoms, bulk = vcd
     minima, _ = find_minima([_trial("Rattled", atoms, -5.0, v.site)], bulk=bulk, oxidation_states=OXI)

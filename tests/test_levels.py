@@ -91,8 +91,13 @@ def test_levels_command_on_a_search_with_two_charge_states(tmp_path, copper_cif,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--dielectric" in err[0]
     assert main(["levels", str(run), "--gap", "1.5", "--mu", "Cu=-3.5", "--dielectric", "10", "-q"]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     doc = json.loads((run / "levels" / "levels.json").read_text())
+    # EMT has no charge input: one energy surface for every charge state, said in one line (even
+    # with -q) and kept in levels.json
+    warned = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and warned[0].startswith("warning: emt has no charge input: every charge state")
+    assert doc["warnings"] == [warned[0].removeprefix("warning: ")]
     states = doc["defects"]["v_Cu"]["charge_states"]
     assert set(states) == {"-1", "+0"} and states["+0"]["correction_eV"] == 0.0
     # ε(0/−1) where the lines cross: E_f(−1, 0) − E_f(0, 0); EMT has no charge input, so both
@@ -132,3 +137,70 @@ def test_levels_command_on_a_search_with_two_charge_states(tmp_path, copper_cif,
     assert main(["levels", str(run), "--gap", "1.5", "--dielectric", "10", "-q", "--mu", "Cu=-3.5",
                  "--T", "300", "--thermo", str(tmp_path / "v_Cu_-1"), "--out", str(tmp_path / "y")]) == 2
     assert "v_Zn_0 match no charge state" in capsys.readouterr().err
+
+
+def test_a_charge_aware_model_is_valid_at_its_training_cells_size():
+    from ase.build import bulk
+
+    from defectml.models.charged import cell_size, cell_size_warning, has_charge_input, training_cells
+
+    small = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))  # L = 7.22 Å
+    big = small.repeat((2, 1, 1))
+    assert cell_size(small.cell) == pytest.approx(7.22)
+    frames = [small.copy(), small.copy(), big.copy()]
+    frames[0].info["charge"], frames[2].info["charge"] = 1, -2  # the neutral one is left out
+    cells = training_cells(frames)
+    assert cells == {"size_A": [7.22, round(7.22 * 2 ** (1 / 3), 3)], "atoms": [32, 64], "charged_frames": 2}
+    assert training_cells(frames[1:2])["charged_frames"] == 0 and training_cells([]) is None
+    card = {"charge_aware": True, "training_cells": {"size_A": [7.22, 7.22]}}
+    assert cell_size_warning("aware", card, 7.22 * 1.04) is None  # within 5%: the training size
+    # a cell twice the size keeps the training cells' image energy: the corrected energy is off by
+    # the difference of the two cells' corrections (0.8 eV at 14.44 Å, 1.6 eV at 7.22 Å: −0.8 eV)
+    line = cell_size_warning("aware", card, 14.44, correction=(2, 0.8))
+    assert "L = 7.22-7.22 Å" in line and "L = 14.44 Å" in line and "about -0.80 eV at q = +2" in line
+    assert "\n" not in line
+    assert "aware's card does not record the size" in cell_size_warning("aware", {"charge_aware": True}, 7.22)
+    assert "no model card beside aware records the size" in cell_size_warning("aware", None, 7.22)
+    assert has_charge_input("chgnet", card) and has_charge_input("chgnet", None, "chgnet 0.4.2 charge-aware")
+    assert has_charge_input("emt", None, "ase emt") is False and has_charge_input("calculator", None) is None
+
+
+def test_levels_warns_when_a_charge_aware_model_meets_another_cell_size(tmp_path, copper_cif, capsys):
+    import json
+
+    import torch
+
+    from defectml.cli import main
+    from defectml.models import load_model
+    from defectml.models.charged import charged_chgnet_class
+
+    model = charged_chgnet_class().from_base(load_model("chgnet", threads=2).calculator.model)
+    with torch.no_grad():
+        model.charge_energy.weight[:, 0] = 0.4  # E(q) = E(0) + 0.4 q
+    weights = tmp_path / "aware.pth.tar"
+    torch.save({"model": model.as_dict()}, weights)
+    card = tmp_path / "aware.pth.tar.card.json"
+    card.write_text(json.dumps({"charge_aware": True, "charges": [-1, 0]}))
+    run = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--model", str(weights), "--defect", "v_Cu", "--charge", "-1,0",
+                 "--min-length", "5", "--distortions", "-0.3", "--no-rattled", "--no-dimer", "--threads", "2",
+                 "--out", str(run), "--no-report", "--quiet"]) == 0
+    levels = ["levels", str(run), "--gap", "1.5", "--mu", "Cu=-3.5", "--dielectric", "10", "-q"]
+
+    def warnings_of(card_doc):
+        card.write_text(json.dumps(card_doc))
+        capsys.readouterr()
+        assert main(levels) == 0
+        err = capsys.readouterr().err
+        return [line for line in err.splitlines() if line.startswith("warning:")]
+
+    # a card without the training cells' size (written before it was recorded): one line says so
+    (line,) = warnings_of({"charge_aware": True, "charges": [-1, 0]})
+    assert "does not record the size of its training cells" in line and "(L = 7.2" in line
+    # trained on this supercell's size (2x2x2 conventional Cu cells, L = 7.2 Å): nothing to say
+    assert warnings_of({"charge_aware": True, "training_cells": {"size_A": [7.1, 7.3]}}) == []
+    # trained on 2.5x larger cells: one line with the error estimate
+    (line,) = warnings_of({"charge_aware": True, "training_cells": {"size_A": [18.05, 18.05]}})
+    assert "learned its charge energy on cells of L = 18.05-18.05 Å" in line and "at q = -1" in line
+    doc = json.loads((run / "levels" / "levels.json").read_text())
+    assert doc["warnings"] == [line.removeprefix("warning: ")]

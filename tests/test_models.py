@@ -194,3 +194,45 @@ def test_checkpoint_through_search_thermo_and_dynamics(tmp_path, copper_cif, che
     assert main(["thermo", str(run), "--T", "300", "--vib", "none", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "changed since these results were made" in err and "Traceback" not in err
+
+
+def test_a_moved_weights_file_is_taken_back_by_its_content_key_and_another_refused(
+        tmp_path, copper_cif, checkpoint, capsys):
+    from defectml.models.ref import builtin_weights_path
+
+    weights = tmp_path / "mine.pth.tar"
+    shutil.copy(builtin_weights_path("chgnet"), weights)  # chgnet's own 0.3.0 file, as it ships
+    run = tmp_path / "run"
+    assert main(["search", str(copper_cif), "--model", str(weights), "--out", str(run), "--no-report",
+                 *SEARCH]) == 0
+    key = parse_model(str(weights)).key
+    moved = tmp_path / "elsewhere" / "renamed.pth.tar"
+    moved.parent.mkdir()
+    weights.rename(moved)
+    other = tmp_path / "other.pth.tar"
+    shutil.copy(checkpoint, other)  # other weights (one layer scaled), same family, loadable
+    other_key = parse_model(str(other)).key
+    assert other_key != key
+    thermo = ["thermo", str(run), "--T", "300", "--vib", "none", "--quiet"]
+    levels = ["levels", str(run), "--gap", "1.5", "--mu", "Cu=-3.5", "-q"]
+    dynamics = ["dynamics", str(run), "--defect", "v_Cu", "--steps", "2", "--interval", "1", "--quiet"]
+
+    def one_line_error(args) -> str:
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], err
+        return err[0]
+
+    line = one_line_error(thermo)
+    assert "is gone" in line and str(weights) in line and key in line and "--model" in line
+    assert main([*thermo, "--model", str(moved)]) == 0
+    assert key in json.loads((run / "thermo" / "v_Cu_0" / "thermo.json").read_text())["model"]
+    assert main([*dynamics, "--model", str(moved)]) == 0
+    assert key in json.loads((run / "dynamics" / "v_Cu_0" / "dynamics.json").read_text())["model"]
+    assert main([*levels, "--model", str(moved)]) == 0
+    assert main([*levels, "--model", "chgnet"]) == 0  # the same bytes under their built-in name
+    for command in (thermo, levels, dynamics):
+        line = one_line_error([*command, "--model", str(other)])
+        assert ("--model other.pth.tar is not the model these results were made with: "
+                f"its key is {other_key}, theirs {key} (mine.pth.tar)") in line

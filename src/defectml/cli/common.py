@@ -10,7 +10,7 @@ from defectml.errors import InputError
 from defectml.models.ref import BUILTIN_MODELS
 from defectml.search.distort import DEFAULT_DISTORTIONS, TrialSettings
 from defectml.search.fingerprint import SoapSettings
-from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
+from defectml.search.landscape import DEFAULT_MAX_RISE, DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
 
 EPILOG = """examples:
   defectml search examples/CdTe.cif --defect v_Cd --charge 0 --out runs/cdte
@@ -162,8 +162,8 @@ def search_settings(a: argparse.Namespace, **over):
         min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
         relax_host=not a.no_relax_host, oxidation_states=parse_oxi(a.oxi),
         trials=trial_settings(a), soap=soap(a), soap_threshold=a.soap_threshold,
-        max_drop=a.max_drop, early_stop=a.early_stop, pre_relax=a.pre_relax, sites=a.sites,
-        env_shells=a.shells,
+        max_drop=a.max_drop, max_rise=a.max_rise, early_stop=a.early_stop, pre_relax=a.pre_relax,
+        sites=a.sites, env_shells=a.shells,
     )
     kw.update(over)
     return SearchSettings(**kw)
@@ -196,6 +196,9 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-drop", type=float, default=DEFAULT_PHASE_CHANGE_DROP,
                    help="quarantine relaxations this many eV below the median as phase changes "
                         f"({DEFAULT_PHASE_CHANGE_DROP})")
+    g.add_argument("--max-rise", type=float, default=DEFAULT_MAX_RISE,
+                   help="quarantine relaxations this many eV above the Unperturbed one (the median "
+                        f"where there is none) as broken, high-energy structures ({DEFAULT_MAX_RISE})")
     p.add_argument("--json", action="store_true", help="print the JSON summary instead of a table")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar or messages")
 

@@ -189,7 +189,7 @@ def cmd_shortlist(a: argparse.Namespace) -> int:
 
     store = open_store(a.run)
     summaries = summarise(store, run_key(store, a.run, a.run_key), soap=soap(a), threshold=a.soap_threshold,
-                          max_drop=a.max_drop)
+                          max_drop=a.max_drop, max_rise=a.max_rise)
     overrides = load_overrides(a.overrides)
     codes = [c.strip() for c in a.codes.split(",") if c.strip()]
     out = Path(a.out) if a.out else run_folder(a.run) / "dft"
@@ -269,7 +269,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from defectml.dft.evaluate import evaluate, parity_plot, table, to_dict
     from defectml.search.summary import summarise
 
-    kw = {"soap": soap(a), "threshold": a.soap_threshold, "max_drop": a.max_drop}
+    kw = {"soap": soap(a), "threshold": a.soap_threshold, "max_drop": a.max_drop, "max_rise": a.max_rise}
     ml_store = open_store(a.run)
     ml = summarise(ml_store, run_key(ml_store, a.run, a.run_key), **kw)
     dft_store = open_store(a.dft or a.run)
@@ -328,7 +328,8 @@ def cmd_export(a: argparse.Namespace) -> int:
 
     store = open_store(a.run)
     key = run_key(store, a.run, a.run_key)
-    summaries = summarise(store, key, soap=soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    summaries = summarise(store, key, soap=soap(a), threshold=a.soap_threshold, max_drop=a.max_drop,
+                          max_rise=a.max_rise)
     out = Path(a.out)
     if a.format == "snb":
         starts = {}

@@ -205,7 +205,8 @@ def cmd_show(a: argparse.Namespace) -> int:
     if fidelity == "auto":
         fidelity = "mlip" if store.count(kind="relaxation", fidelity="mlip") else "dft"
     summaries = summarise(store, run_key(store, a.run, a.run_key, fidelity), soap=soap(a),
-                          threshold=a.soap_threshold, max_drop=a.max_drop, fidelity=fidelity)
+                          threshold=a.soap_threshold, max_drop=a.max_drop, max_rise=a.max_rise,
+                          fidelity=fidelity)
     loop = _loop_state(a.run)
     if a.json:
         print(json.dumps({"defects": [s.to_dict() for s in summaries],
@@ -238,7 +239,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
     store = open_store(a.run)
     key = run_key(store, a.run, a.run_key)
-    summaries = summarise(store, key, soap=soap(a), threshold=a.soap_threshold, max_drop=a.max_drop)
+    summaries = summarise(store, key, soap=soap(a), threshold=a.soap_threshold, max_drop=a.max_drop,
+                          max_rise=a.max_rise)
     folder = None if is_url(a.run) else (Path(a.run) if Path(a.run).is_dir() else Path(a.run).parent)
     out = Path(a.out) if a.out else (folder or Path(".")) / "report.html"
     models = sorted({s.model for s in summaries})

@@ -36,7 +36,9 @@ def add_parsers(sub) -> None:
                     help="configurations within this many eV of the lowest")
     th.add_argument("--mesh", type=int, default=4, help="q-mesh n (n x n x n) for supercell free energies")
     th.add_argument("--displacement", type=float, default=0.01, help="phonopy displacement (Å)")
-    th.add_argument("--model", default=None, help="MLIP for phonons/TI (default: the search's model)")
+    th.add_argument("--model", default=None, metavar="FILE",
+                    help="the search's weights file where it moved or was renamed (accepted only with the "
+                         "search's content key; default: the search's model where it was)")
     th.add_argument("--ti", action="store_true", help="also the anharmonic route (thermodynamic integration)")
     th.add_argument("--ti-t0", type=float, default=300.0, help="Frenkel-Ladd temperature (K)")
     th.add_argument("--ti-t1", type=float, default=None, help="reversible scaling up to this T (K)")
@@ -77,8 +79,9 @@ def add_parsers(sub) -> None:
     lv.add_argument("--defect", default=None, help="only this defect")
     lv.add_argument("--bulk-energy", type=float, default=None,
                     help="pristine supercell energy (eV; default: the store's host energy)")
-    lv.add_argument("--model", default=None, help="model for missing chemical potentials "
-                    "(default: the search's)")
+    lv.add_argument("--model", default=None, metavar="FILE",
+                    help="the search's weights file where it moved (accepted only with the search's content "
+                         "key), for missing chemical potentials and the model card (default: the search's)")
     lv.add_argument("--thermo", action="append", default=[], metavar="THERMO_JSON",
                     help="a `defectml thermo` output (thermo.json or its folder) of one charge state; "
                          "repeat per state: its finite-T free energy at --T joins that state's formation "
@@ -103,7 +106,9 @@ def add_parsers(sub) -> None:
     dy.add_argument("--pressure", type=float, default=None, help="bar (NPT); default NVT")
     dy.add_argument("--quench", type=int, default=0, help="inherent structures from this many frames")
     dy.add_argument("--neb-to", type=int, default=None, help="NEB from minimum 0 to this minimum rank")
-    dy.add_argument("--model", default=None, help="MLIP (default: the search's model)")
+    dy.add_argument("--model", default=None, metavar="FILE",
+                    help="the search's weights file where it moved or was renamed (accepted only with the "
+                         "search's content key; default: the search's model where it was)")
     dy.add_argument("--seed", type=int, default=0, help="random seed of the velocities and thermostat")
     dy.add_argument("--out", default=None, help="output folder (default RUN/dynamics/<defect>)")
     dy.add_argument("--quiet", action="store_true", help="no progress messages")
@@ -185,7 +190,8 @@ def cmd_levels(a: argparse.Namespace) -> int:
         store, gap=a.gap, vbm=a.vbm, dielectric=a.dielectric, mu=_key_values(a.mu, "--mu"),
         temperature=a.temperature, electron_mass=a.electron_mass, hole_mass=a.hole_mass,
         fidelity=a.fidelity, defect=a.defect, bulk_energy=a.bulk_energy, model=a.model,
-        run=run_key(store, a.run, a.run_key, a.fidelity), free_energies=free, log=messages(a.quiet))
+        run=run_key(store, a.run, a.run_key, a.fidelity), free_energies=free, log=messages(a.quiet),
+        warn=lambda m: print(f"warning: {m}", file=sys.stderr))  # warnings even with --quiet
     lines = doc.pop("_lines")
     base = Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path(".")) / "levels"
     base.mkdir(parents=True, exist_ok=True)

@@ -11,16 +11,17 @@ Starting from a finished search (round 0: the universal model's landscape), each
    reproduces its DFT for that defect, then ``minimum`` where the oracle can start there. Every
    answer is stored as a ``fidelity="dft"`` row (with its start kind; a failed one too, with its
    reason: it is never asked again);
-3. **fits** a committee (:mod:`defectml.train.committee`) from the last round's models on every
-   DFT relaxation so far, its path as well as its end point (``frames_per_relaxation`` evenly
-   spaced frames of each trajectory: the path into a basin teaches the basin). Energies are
-   anchored once per round, one shift per defect and charge on the round's starting model, and
-   every member learns the same labels: their spread is disagreement, not offsets. Then it
-   **checks** the lead model against its DFT (:func:`defectml.dft.agreement.reproduction`):
-   every DFT end point re-relaxed with it must stay in its DFT basin, and the DFT minima must
-   come out in DFT's order. A failed check trains further along :data:`FIT_SCHEDULE`, up to
-   ``fit_attempts``; a defect that still fails is reported "model cannot reproduce its DFT" and
-   is never converged;
+3. **fits** the lead model from the last round's on every DFT relaxation so far, its path as
+   well as its end point (``frames_per_relaxation`` evenly spaced frames of each trajectory: the
+   path into a basin teaches the basin). Energies are anchored once per round, one shift per
+   defect and charge on the round's starting model, shared by every member. Then it **checks**
+   the lead against its DFT (:func:`defectml.dft.agreement.reproduction`): every DFT end point
+   re-relaxed with it must stay in its DFT basin, and the DFT minima must come out in DFT's
+   order. A failed check trains it further along :data:`FIT_SCHEDULE`, up to ``fit_attempts``;
+   a defect that still fails is reported "model cannot reproduce its DFT" and is never
+   converged. The other committee members (:mod:`defectml.train.committee`) then start from the
+   final lead and learn bootstrap resamples of the relaxations: their spread is the disagreement
+   the data leave around the model the loop relaxes with, not offsets;
 4. **re-relaxes** every trial of the unfinished defects from its start with the lead model (in
    the search's batched engine), after the DFT end points (trials that reach a known basin stop
    early); each relaxation is stored with its committee trust score;
@@ -691,12 +692,11 @@ class _Loop:
             frames.extend(picked)
         return frames
 
-    def round_start(self, round_no: int) -> list[str]:
-        """The models this round's members start from (member ``i`` from last round's member ``i``)."""
+    def round_start(self, round_no: int) -> str:
+        """The model this round's training starts from: the last round's lead (round 1: the search's)."""
         if round_no == 1:
-            return [_model_spec(self.start_ref)] * self.s.committee
-        prev = self.rounds[round_no - 2].models
-        return [f"{self.start_ref.family}:{prev[min(i, len(prev) - 1)]}" for i in range(self.s.committee)]
+            return _model_spec(self.start_ref)
+        return f"{self.start_ref.family}:{self.rounds[round_no - 2].models[0]}"
 
     def write_data(self, rd: Round, folder: Path) -> tuple[Path, Path]:
         """The round's training and validation frames, energies anchored once for every member."""
@@ -710,7 +710,7 @@ class _Loop:
         if not frames:
             raise InputError("no DFT answer to learn from (every request failed): see the oracle's "
                              "reasons in loop.json")
-        start = load_model(self.round_start(rd.round)[0], self.s.device, self.s.threads)
+        start = load_model(self.round_start(rd.round), self.s.device, self.s.threads)
         labels, shifts = anchored_energies(frames, predicted_energies(start, frames))
         frames = [_relabel(f, e) for f, e in zip(frames, labels, strict=True)]
         ids = sorted({f.info["run_id"] for f in frames})
@@ -731,7 +731,13 @@ class _Loop:
         return paths
 
     def fit(self, rd: Round, active: list[str]) -> None:
-        """Train, check the lead model against its DFT, train further while it fails (see the module)."""
+        """Train the lead, check it against its DFT, train it further while it fails; then the committee.
+
+        The fit attempts train the lead model alone (member 0: every frame), each warm-started
+        from the last; the other members then start from the final lead and learn bootstrap
+        resamples of the relaxations (the first attempt's schedule), so their spread is the
+        disagreement the data leave around the model the loop relaxes with.
+        """
         from defectml.train.committee import Committee, train_committee
 
         folder = self.out / f"round_{rd.round:02d}"
@@ -741,31 +747,42 @@ class _Loop:
         n_atoms = max(len(a) for a in self.starts[active[0]].values()) if active else 0
         while True:
             a = len(rd.fits)
-            bases = self.round_start(rd.round) if a == 0 else \
-                [f"{self.start_ref.family}:{m}" for m in rd.fits[-1]["models"]]
+            base = self.round_start(rd.round) if a == 0 else \
+                f"{self.start_ref.family}:{rd.fits[-1]['models'][0]}"
             t0 = time.perf_counter()
-            fs = self.s.finetune(bases[0], self.s.seed, a, n_atoms)
-            paths = train_committee(train, val, folder / f"fit_{a}", fs, self.s.committee, log=self.log,
-                                    bases=bases)
+            fs = self.s.finetune(base, self.s.seed, a, n_atoms)
+            (lead,) = train_committee(train, val, folder / f"fit_{a}", fs, 1, log=self.log)
             seconds = time.perf_counter() - t0
             key = content_key("loop-ml", self.key, rd.round, a)
-            committee = Committee.load(paths, self.s.device, self.s.threads)
-            checks = {}
-            for lb in active:
-                self.relax(committee, self.items[lb], key, rd.round, dft_only=True)
-                checks[lb] = self.check(lb, key).to_dict()
+            checks = self.check_all(Committee.load([lead], self.s.device, self.s.threads), active, key,
+                                    rd.round)
             rd.fits.append({"attempt": a, "epochs": fs.epochs, "lr": fs.lr, "energy_weight": fs.energy_weight,
-                            "models": [str(p) for p in paths], "ml_key": key,
+                            "models": [str(lead)], "ml_key": key,
                             "train_seconds": round(seconds, 1), "reproduces": checks})
             self.save()
-            failing = [lb for lb, c in checks.items() if c["ok"] is False]
-            for lb in failing:
-                self.log(f"round {rd.round} fit {a + 1}: {lb}: the model does not reproduce its DFT "
-                         f"({checks[lb]['reason']})")
-            if not failing or a + 1 >= self.s.fit_attempts:
+            if all(c["ok"] is not False for c in checks.values()) or a + 1 >= self.s.fit_attempts:
                 break
-        rd.models, rd.ml_key, rd.fitted = rd.fits[-1]["models"], rd.fits[-1]["ml_key"], True
-        rd.training["seconds"] = round(sum(f["train_seconds"] for f in rd.fits), 1)
+        lead = rd.fits[-1]["models"][0]
+        t0 = time.perf_counter()
+        members = [Path(lead)]
+        if self.s.committee > 1:
+            fs = self.s.finetune(f"{self.start_ref.family}:{lead}", self.s.seed, 0, n_atoms)
+            members += train_committee(train, val, folder / "committee", fs, self.s.committee, log=self.log,
+                                       first=1)
+        rd.models = [str(m) for m in members]
+        rd.ml_key, rd.fitted = content_key("loop-ml", self.key, rd.round, "final"), True
+        rd.training["seconds"] = round(sum(f["train_seconds"] for f in rd.fits) + time.perf_counter() - t0, 1)
+
+    def check_all(self, committee, active: list[str], key: str, round_no: int) -> dict[str, dict]:
+        """Relax every active defect's DFT end points with the lead model; check each against its DFT."""
+        checks = {}
+        for lb in active:
+            self.relax(committee, self.items[lb], key, round_no, dft_only=True)
+            checks[lb] = self.check(lb, key).to_dict()
+            if checks[lb]["ok"] is False:
+                self.log(f"round {round_no}: {lb}: the model does not reproduce its DFT "
+                         f"({checks[lb]['reason']})")
+        return checks
 
     def check(self, label: str, ml_key: str) -> Reproduction:
         """The model (``ml_key``'s relaxations of the DFT end points) against its DFT."""

@@ -153,14 +153,12 @@ def calculator_oracle(name: str, fmax: float = 0.05, max_steps: int = 300, *, de
         dft_calculator(name)  # fails now, with the install hint, if the code is missing
         return CalculatorOracle(lambda q: dft_calculator(name, q), THEORY[name], fmax, max_steps)
     from defectml.dft.standin import parse_standin
-    from defectml.models.ref import BUILTIN_MODELS
 
     try:
         return parse_standin(name, fmax, max_steps, device, threads)
     except InputError as exc:
-        raise InputError(f"oracle calculator {name!r}: {exc}; use gpaw, xtb (GFN1-xTB), emt, or a "
-                         f"model as a stand-in for DFT ({', '.join(BUILTIN_MODELS)} or a weights "
-                         "file), optionally +well:A-B:DEPTH:R0:WIDTH") from None
+        raise InputError(f"oracle calculator {name!r}: {exc} (a model is a stand-in for DFT, optionally "
+                         "+well:A-B:DEPTH:R0:WIDTH; the other calculators: gpaw, xtb, emt)") from None
 
 
 class ReplayOracle:

@@ -216,7 +216,7 @@ class StandInOracle(CalculatorOracle):
         try:
             self.ref = parse_model(model, device)
         except ModelError as exc:
-            raise InputError(f"stand-in oracle: {exc}") from None
+            raise InputError(str(exc)) from None
         self.wells = tuple(wells)
         self.device, self.threads = device, threads
         self._calc: Calculator | None = None
@@ -268,5 +268,5 @@ def parse_standin(text: str, fmax: float = 0.05, max_steps: int = 300, device: s
     model, *rest = text.split("+" + WELL_PREFIX)
     if not model.strip():
         raise InputError(f"stand-in oracle {text!r}: name a model first (chgnet+well:...)")
-    wells = [parse_well(w) for w in rest]
+    wells = [parse_well(WELL_PREFIX + w) for w in rest]
     return StandInOracle(model.strip(), wells, fmax, max_steps, device, threads)

@@ -253,10 +253,44 @@ def check_key(stored: dict[str, Any]) -> ModelRef:
             "reloaded from the store: pass the model again (--model or calculator=)"
         )
     if ref.weights_path is not None and not ref.weights_path.is_file():
-        raise ModelError(f"the model these results were made with is gone: {ref.weights_path}")
+        key = f" (key {stored['key']})" if stored.get("key") else ""
+        raise ModelError(f"the model these results were made with is gone: {ref.weights_path}{key}; "
+                         "if the file moved, pass its new path with --model (accepted when its "
+                         "content key is that one)")
     if stored.get("key") and ref.key != stored["key"]:
         raise ModelError(
             f"the weights of {ref.label} changed since these results were made "
-            f"(key {stored['key']} then, {ref.key} now); pass --model to choose a model explicitly"
+            f"(key {stored['key']} then, {ref.key} now); restore them, pass the original file's new "
+            "path with --model, or rerun the search with the new weights"
+        )
+    return ref
+
+
+def check_moved(stored: dict[str, Any], spec: str | ModelRef, device: str = "cpu") -> ModelRef:
+    """The model ``spec`` names, standing in for the one a stored result was made with.
+
+    A weights file moved or renamed after a search keeps its content key, so ``--model NEWPATH``
+    can point the search's results at it; a file with other weights is another model and is
+    refused: the stored energies were made with the stored model, so a phonon, chemical
+    potential or MD of another model would not match them. A user calculator's results (and a
+    reference without a key) have no key to compare: ``spec`` is then taken as given.
+
+    Args:
+        stored: The stored reference (:meth:`ModelRef.to_dict`, with its ``key``).
+        spec: ``--model`` text (a weights file or a built-in name) or a :class:`ModelRef`.
+        device: ``cpu`` or ``cuda``.
+
+    Raises:
+        ModelError: ``spec`` names no loadable model, or a model whose key is not the stored one.
+    """
+    ref = parse_model(spec, device)
+    want = stored.get("key")
+    if stored.get("family") == "calculator" or not want:
+        return ref
+    if ref.key != want:
+        made = ModelRef.from_dict(stored).label
+        raise ModelError(
+            f"--model {ref.label} is not the model these results were made with: its key is {ref.key}, "
+            f"theirs {want} ({made}); pass that model's file, or rerun the search with this one"
         )
     return ref

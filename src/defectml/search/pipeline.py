@@ -37,7 +37,12 @@ from defectml.search.defects import (
 from defectml.search.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
 from defectml.search.engine import Job, ModelSpec, run_jobs
 from defectml.search.fingerprint import SoapSettings
-from defectml.search.landscape import DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD, BasinWatch
+from defectml.search.landscape import (
+    DEFAULT_MAX_RISE,
+    DEFAULT_PHASE_CHANGE_DROP,
+    DEFAULT_SOAP_THRESHOLD,
+    BasinWatch,
+)
 from defectml.search.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.store import ResultStore, content_key, is_url
@@ -66,6 +71,8 @@ class SearchSettings:
         soap: SOAP settings for telling minima apart.
         soap_threshold: Cosine distance below which two relaxed trials are the same minimum.
         max_drop: Quarantine relaxations this far (eV) below the median as phase changes.
+        max_rise: Quarantine relaxations this far (eV) above the Unperturbed one (the median
+            where there is none) as broken, high-energy structures.
         early_stop: Stop a relaxation once it has reached the basin of an already relaxed
             minimum (same defect-site SOAP within the threshold, energy within 0.05 eV).
         sites: ``symmetry`` (inequivalent sites of an ordered host, in a new supercell) or
@@ -93,6 +100,7 @@ class SearchSettings:
     soap: SoapSettings = field(default_factory=SoapSettings)
     soap_threshold: float = DEFAULT_SOAP_THRESHOLD
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP
+    max_rise: float = DEFAULT_MAX_RISE
     early_stop: bool = False
     sites: str = "symmetry"
     env_shells: int = 1
@@ -107,6 +115,9 @@ class SearchSettings:
             raise InputError(f"max steps must be at least 1, got {self.max_steps}")
         if not 0 <= self.soap_threshold < 2:
             raise InputError(f"SOAP threshold must be in [0, 2), got {self.soap_threshold}")
+        if not self.max_rise > 0:
+            raise InputError(f"max rise must be positive (eV above the unperturbed relaxation), "
+                             f"got {self.max_rise}")
         if any(abs(f) >= 1 for f in self.trials.distortions):
             raise InputError("bond distortions must lie strictly between -1 and 1")
         if self.sites not in ("symmetry", "environment"):
@@ -536,7 +547,8 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
                      model.calculator if model.ref.family == "calculator" else None)
     _relax_pending(store, pending, model, spec, s, skey, progress, execution, log_fn)
     summaries = summarise(
-        store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted
+        store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted,
+        max_rise=s.max_rise,
     )
     return SearchResult(
         summaries, model.name, model.version, skey, len(pending), skipped,

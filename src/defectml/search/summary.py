@@ -17,6 +17,7 @@ from ase.build import make_supercell
 from defectml.errors import StoreError
 from defectml.search.fingerprint import SoapSettings
 from defectml.search.landscape import (
+    DEFAULT_MAX_RISE,
     DEFAULT_PHASE_CHANGE_DROP,
     DEFAULT_SOAP_THRESHOLD,
     Minimum,
@@ -203,6 +204,7 @@ def summarise(
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP,
     only: set[tuple[str, int]] | None = None,
     fidelity: str = "mlip",
+    max_rise: float = DEFAULT_MAX_RISE,
 ) -> list[DefectSummary]:
     """Summaries of every (defect, charge) relaxed under ``settings_key`` (default: the only run).
 
@@ -214,6 +216,7 @@ def summarise(
         max_drop: Phase-change quarantine threshold (eV).
         only: Restrict to these ``(defect_key, charge)`` pairs.
         fidelity: ``mlip`` (searches) or ``dft`` (ingested or DFT-relaxed results).
+        max_rise: High-energy quarantine threshold (eV above the unperturbed relaxation).
     """
     key = settings_key or choose_run(store, None, fidelity)
     rows = store.select(kind="relaxation", settings_key=key, fidelity=fidelity)
@@ -230,7 +233,7 @@ def summarise(
         minima, bad = find_minima(
             trials, bulk=ctx.bulk, oxidation_states=ctx.oxidation_states,
             threshold=threshold, soap=soap, max_drop=max_drop, reference=ctx.reference,
-            vacancy=ctx.vacancy,
+            vacancy=ctx.vacancy, max_rise=max_rise,
         )
         cell = defect_row.toatoms().cell
         supercell = {"matrix": np.asarray(defect_row.data["sc_matrix"]).tolist(),

@@ -9,7 +9,8 @@ import numpy as np
 from ase.build import make_supercell
 
 from defectml.errors import DefectMLError
-from defectml.models import Model, check_key, load_model
+from defectml.models import Model, ModelRef, check_key, load_model
+from defectml.models.ref import check_moved
 from defectml.search.landscape import local_symmetry
 from defectml.search.summary import charge_label, summarise
 from defectml.store import ResultStore
@@ -17,17 +18,28 @@ from defectml.thermo.freeenergy import ThermoResult, ThermoSettings, exchanged_a
 from defectml.thermo.reference import elemental_mu
 
 
-def search_model(summary, override: str | None = None) -> Model:
-    """The model to continue a search's work with.
+def search_model_ref(summary, override: str | None = None) -> ModelRef | str:
+    """Which model continues a search's work, checked but not loaded.
 
-    ``override`` if given, else exactly the search's own: its stored reference, refused if the
-    weights changed since.
+    Exactly the search's own: its stored reference, refused if the weights changed since or are
+    gone. ``override`` (``--model``) points it at a moved or renamed weights file and is
+    accepted only with the stored content key (:func:`~defectml.models.ref.check_moved`). A
+    store that records no reference (written before model references, or DFT) gives the
+    override, or the stored model name.
+
+    Raises:
+        ModelError: the stored model is gone or changed, or ``override`` is another model.
     """
-    if override:
-        return load_model(override)
     if summary.model_ref is None:  # a store written before model references: by name
-        return load_model(summary.model)
-    return load_model(check_key(summary.model_ref))
+        return override or summary.model
+    if override:
+        return check_moved(summary.model_ref, override)
+    return check_key(summary.model_ref)
+
+
+def search_model(summary, override: str | None = None) -> Model:
+    """The model to continue a search's work with (see :func:`search_model_ref`), loaded."""
+    return load_model(search_model_ref(summary, override))
 
 
 def thermo_from_store(
@@ -211,6 +223,7 @@ def levels_from_store(
     run: str | None = None,
     free_energies: dict[str, float] | None = None,
     log: Callable[[str], None] = print,
+    warn: Callable[[str], None] | None = None,
 ) -> dict:
     """Formation-energy lines, transition levels and the charge-neutral Fermi level of a store's defects.
 
@@ -221,13 +234,20 @@ def levels_from_store(
     (an ingested ShakeNBreak folder has none) or another is wanted. ``free_energies``: finite-T
     terms (eV) by charge-state label (``v_Cd_0``, ``Mg_O_+2``; :func:`finite_t_terms` reads them
     from ``thermo``'s output), added to those states' formation energies: the levels and the Fermi
-    level are then at that temperature.
+    level are then at that temperature. ``model`` (``--model``): the search's weights file where it
+    moved (checked at once: its content key must be the stored one).
+
+    Warnings (one line each, to ``warn``, default ``log``; also under ``"warnings"``): a charge-blind
+    model (every charge state's energy from one surface: the levels are then the corrections'),
+    and a charge-aware model used on a supercell of another size than its training cells'
+    (:func:`~defectml.models.charged.cell_size_warning`).
 
     Returns:
         A JSON-ready document (per defect: charge states, energies, corrections, intercepts,
-        levels; the Fermi level, carriers and concentrations) and the :class:`DefectLines`
-        under ``"_lines"``.
+        levels; the Fermi level, carriers and concentrations; warnings) and the
+        :class:`DefectLines` under ``"_lines"``.
     """
+    from defectml.models.charged import cell_size, cell_size_warning
     from defectml.thermo.levels import (
         ChargeState,
         formation_lines,
@@ -249,6 +269,7 @@ def levels_from_store(
     if unmatched:
         have = ", ".join(sorted(charge_label(s.defect, s.charge) for s in summaries))
         raise DefectMLError(f"--thermo: {', '.join(unmatched)} match no charge state here ({have})")
+    chosen = search_model_ref(summaries[0], model) if model else None  # a wrong --model fails first
     mu = dict(mu or {})
     calculator = None
     by_defect: dict[str, list] = {}
@@ -256,7 +277,21 @@ def levels_from_store(
         if s.minima:
             by_defect.setdefault(s.defect, []).append(s)
     doc: dict = {"fidelity": fidelity, "gap_eV": gap, "vbm_eV": vbm, "dielectric": dielectric,
-                 "temperature_K": temperature, "defects": {}}
+                 "temperature_K": temperature, "defects": {}, "warnings": []}
+
+    def say(message: str) -> None:
+        if message not in doc["warnings"]:
+            doc["warnings"].append(message)
+            (warn or (lambda m: log(f"warning: {m}")))(message)
+
+    # the model's charge input (DFT energies carry their own charge: nothing to say)
+    label, card, aware = ("", None, None)
+    if fidelity == "mlip":
+        label, card, aware = _charge_input(store, summaries[0], chosen)
+    if aware is False and any(s.charge for g in by_defect.values() for s in g):
+        say(f"{label} has no charge input: every charge state's energy is the same neutral surface's (the "
+            "states differ only in their trials), so the levels show the charge corrections and q·E_F, not "
+            "the defect; use a charge-aware model (finetune --charge-aware) or DFT (--fidelity dft)")
     lines = []
     for name, group in sorted(by_defect.items()):
         row = store.first(kind="defect", defect_key=group[0].defect_key)
@@ -274,7 +309,7 @@ def levels_from_store(
         for el in exchanged:
             if el not in mu:
                 if calculator is None:
-                    calculator = search_model(group[0], model).calculator
+                    calculator = load_model(chosen or search_model_ref(group[0])).calculator
                 mu[el] = elemental_mu(el, calculator)
                 log(f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from the model's relaxed elemental "
                     "phase (give --mu for other conditions)")
@@ -283,6 +318,12 @@ def levels_from_store(
             corr = point_charge_correction(bulk.cell.array, s.charge, dielectric) if dielectric else 0.0
             extra[s.charge] = (free_energies or {}).get(charge_label(name, s.charge))
             states.append(ChargeState(s.charge, float(s.minima[0].energy) + (extra[s.charge] or 0.0), corr))
+        if aware and any(st.charge for st in states):
+            top = max(states, key=lambda st: abs(st.charge))
+            line = cell_size_warning(label, card, cell_size(bulk.cell),
+                                     (top.charge, top.correction) if dielectric else None)
+            if line:
+                say(line)
         mult = float(row.data.get("multiplicity") or 1.0)
         d = formation_lines(name, states, e_bulk, exchanged, mu, vbm,
                             sites_per_cm3(mult, float(host.get_volume())))
@@ -313,6 +354,27 @@ def levels_from_store(
                                                     for k, v in sol.concentrations.items()}}
     doc["_lines"] = lines
     return doc
+
+
+def _charge_input(store: ResultStore, summary, chosen: ModelRef | str | None) -> tuple:
+    """The search model's name, card and whether it reads the charge (``None``: cannot tell).
+
+    The card is the one beside ``chosen`` (a moved file's new place) where given, else beside
+    the stored file; the stored version string says "charge-aware" for a charge-aware CHGNet.
+    """
+    from defectml.errors import ModelError
+    from defectml.models.charged import has_charge_input
+
+    if not summary.model_ref:
+        return summary.model, None, None
+    stored = ModelRef.from_dict(summary.model_ref)
+    try:
+        card = (chosen if isinstance(chosen, ModelRef) else stored).card
+    except ModelError:  # an unreadable card: the version string still tells
+        card = None
+    row = store.first(kind="relaxation", settings_key=summary.settings_key, defect_key=summary.defect_key)
+    version = row.data.get("model_version") if row is not None else None
+    return stored.label, card, has_charge_input(stored.family, card, version)
 
 
 def finite_t_terms(paths: list[str | Path], temperature: float) -> dict[str, float]:

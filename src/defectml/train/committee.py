@@ -138,7 +138,7 @@ def member_frames(frames: list[Atoms], member: int, seed: int = 0) -> list[Atoms
 
 def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, settings, members: int = 3,
                     log: Callable[[str], None] = lambda m: None,
-                    bases: list[str] | None = None) -> list[Path]:
+                    first: int = 0) -> list[Path]:
     """Fine-tune ``members`` models on ``train`` (member 0 on all of it, the rest on resamples).
 
     Args:
@@ -150,8 +150,8 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
             ``settings.seed + i``.
         members: Committee size (1: a single model, no trust score).
         log: Progress messages.
-        bases: Member ``i`` starts from ``bases[i]`` (default: every one from ``settings.base``),
-            e.g. from its own earlier version when training further.
+        first: Train members ``first`` to ``members - 1`` only (member 0 made elsewhere: the loop's
+            lead model); their paths are returned.
 
     Returns:
         The members' weights files, member 0 first.
@@ -167,7 +167,7 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
     suffix = SUFFIX.get(parse_model(settings.base).family, ".pth.tar")
     frames = read_frames(train)
     paths = []
-    for i in range(members):
+    for i in range(first, members):
         path = out_dir / f"member_{i}{suffix}"
         paths.append(path)
         if path.exists():
@@ -178,8 +178,7 @@ def train_committee(train: str | Path, val: str | Path, out_dir: str | Path, set
             if not data.exists():
                 write_frames(data, member_frames(frames, i, settings.seed))
         log(f"committee member {i + 1}/{members}")
-        base = bases[i] if bases else settings.base
-        finetune(data, val, path, replace(settings, seed=settings.seed + i, base=base), log=log)
+        finetune(data, val, path, replace(settings, seed=settings.seed + i), log=log)
     write_json(out_dir / "committee.json", {"members": [p.name for p in paths]})
     return paths
 

@@ -64,7 +64,7 @@ from ase import Atoms, units
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from defectml.errors import InputError, ModelError
-from defectml.models.charged import charge_of
+from defectml.models.charged import charge_of, training_cells
 from defectml.settings import FromOptions
 from defectml.structure_io import write_json
 
@@ -978,6 +978,8 @@ def finetune(train: str | Path, val: str | Path, out: str | Path, s: FinetuneSet
         "heads": heads, "default_head": default_head, "base_head": ref.head,
         "charge_aware": s.charge_aware,
         "charges": sorted({charge_of(f) for f in train_frames}) if s.charge_aware else None,
+        # the charge energy is valid on cells of this size only (defectml.models.charged)
+        "training_cells": training_cells(train_frames) if s.charge_aware else None,
         "charge_energy_fit_eV": charge_fit or None,
         "strategy": s.strategy, "replay": replay_info,
         "training_data_sha256": {"train": data_keys[0], "val": data_keys[1]},
