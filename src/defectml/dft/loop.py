@@ -397,7 +397,7 @@ def assess(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], dft
         why.append(f"{len(blocking)} minimum/minima in the window unconfirmed by DFT and untrusted "
                    f"({', '.join(blocking)})")
     if not why:
-        return done("converged", f"converged: the model reproduces its DFT, DFT lowest ({lowest[0]}) "
+        return done("converged", f"the model reproduces its DFT, DFT lowest ({lowest[0]}) "
                     f"unchanged for {stable} round(s), every minimum within {s.window} eV settled")
     return done("cannot_reproduce" if reproduces is False else "open", "; ".join(why), finished=False)
 
@@ -878,7 +878,7 @@ class _Loop:
             rd.items[lb] = asdict(a)
             if a.finished:
                 st["finished"][lb] = {"round": rd.round, "status": a.status, "reason": a.reason}
-            self.log(f"round {rd.round} {lb}: " + ("finished, " if a.finished else "") + a.reason)
+            self.log(f"round {rd.round} {lb}: {a.status}: {a.reason}")
 
     # --- one round ----------------------------------------------------------------------------
     def ml_key(self, round_no: int) -> str:
