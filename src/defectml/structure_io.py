@@ -160,3 +160,10 @@ def write_frames(path: Path, frames: list[Atoms]) -> Path:
     from ase.io import write
 
     return write_atomic(path, lambda tmp: write(tmp, frames, format="extxyz"))
+
+
+def minimum_image(atoms: Atoms, vectors: np.ndarray) -> np.ndarray:
+    """Minimum-image versions of Cartesian ``vectors`` (Å) in the cell of ``atoms``."""
+    cell = atoms.cell.array
+    frac = np.linalg.solve(cell.T, np.atleast_2d(np.asarray(vectors, float)).T).T
+    return (frac - np.round(frac)) @ cell

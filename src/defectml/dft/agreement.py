@@ -35,6 +35,7 @@ import numpy as np
 from ase import Atoms
 
 from defectml.search.landscape import bond_signature, describe, like_pair_distances, local_symmetry, new_bonds
+from defectml.structure_io import minimum_image
 
 #: Largest RMSD (Å) of the defect's neighbourhood between two structures of one basin.
 DEFAULT_MAX_RMSD = 0.2
@@ -109,9 +110,9 @@ class Geometry:
         """RMSD (Å) of the atoms within ``radius`` of the defect in ``a``, drift removed."""
         if len(a) != len(b) or list(a.numbers) != list(b.numbers):
             return float("inf")
-        d = _mic(a, b.positions - a.positions)
+        d = minimum_image(a, b.positions - a.positions)
         d -= d.mean(axis=0)
-        near = np.linalg.norm(_mic(a, a.positions - self.centre(a)), axis=1) <= self.radius
+        near = np.linalg.norm(minimum_image(a, a.positions - self.centre(a)), axis=1) <= self.radius
         return float(np.sqrt((d[near] ** 2).sum(axis=1).mean())) if near.any() else 0.0
 
     def stays(self, start: Atoms, end: Atoms, max_rmsd: float = DEFAULT_MAX_RMSD) -> bool:
@@ -123,13 +124,6 @@ class Geometry:
         if not self.same_bonds(a, b):
             return False
         return self.rmsd(a, b) <= max_rmsd or self.soap_distance(a, b) <= SOAP_MATCH
-
-
-def _mic(atoms: Atoms, vectors: np.ndarray) -> np.ndarray:
-    cell = atoms.cell.array
-    frac = np.linalg.solve(cell.T, np.asarray(vectors, float).T).T
-    frac -= np.round(frac)
-    return frac @ cell
 
 
 @dataclass(frozen=True)

@@ -181,12 +181,12 @@ class ReplayOracle:
         self.theory = theory or f"replay of {self.folder.name} (ShakeNBreak DFT)"
 
     def key(self) -> str:
-        """Content key of the replay data: the folder's path and every file in it (name, sha256)."""
+        """Content key of the replay data: every file in the folder (relative name, sha256)."""
         from defectml.models.ref import sha256_file
         from defectml.store import content_key
 
         files = sorted(p for p in self.folder.rglob("*") if p.is_file())
-        return content_key(self.kind, str(self.folder.resolve()), self.theory,
+        return content_key(self.kind, self.theory,
                            [[str(p.relative_to(self.folder)), sha256_file(p)] for p in files])
 
     def trials(self, label: str) -> list[str]:

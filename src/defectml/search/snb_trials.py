@@ -45,7 +45,7 @@ from defectml.search.defects import (
 )
 from defectml.search.distort import Trial
 from defectml.store import content_key
-from defectml.structure_io import to_structure
+from defectml.structure_io import minimum_image, to_structure
 
 #: ``v_X``, ``A_B`` or ``X_i``, with any tag (doped's ``v_Cd_Td_Te2.83``, ``Te_i_C3v``).
 DEFECT_NAME = re.compile(
@@ -279,20 +279,13 @@ def metadata_site(meta: dict, name: str, cell: np.ndarray, where: Path) -> np.nd
     return np.asarray(entry["unique_site"], dtype=float) @ cell
 
 
-def _mic(atoms: Atoms, vectors: np.ndarray) -> np.ndarray:
-    """Minimum-image versions of Cartesian ``vectors`` in the cell of ``atoms``."""
-    cell = atoms.cell.array
-    frac = np.linalg.solve(cell.T, np.atleast_2d(vectors).T).T
-    return (frac - np.round(frac)) @ cell
-
-
 def defect_atom(reference: Atoms, site: np.ndarray, kind: str, added: str | None, where: Path) -> int | None:
     """Index of the defect atom: the ``added`` atom at ``site`` (``None`` for a vacancy).
 
     Raises:
         InputError: no such atom near the site, or (vacancy) an atom on the vacant site.
     """
-    dist = np.linalg.norm(_mic(reference, reference.positions - site), axis=1)
+    dist = np.linalg.norm(minimum_image(reference, reference.positions - site), axis=1)
     symbols = reference.get_chemical_symbols()
     if kind == "vacancy":
         j = int(np.argmin(dist))
@@ -378,10 +371,10 @@ def _common_centre(reference: Atoms, trial: Atoms, factor: float, indices: list[
     """The centre the ``indices`` atoms were distorted about, if they agree on one at an anchor."""
     if len(trial) != len(reference) or abs(factor) < 1e-6:
         return None
-    delta = _mic(reference, trial.positions[indices] - reference.positions[indices])
+    delta = minimum_image(reference, trial.positions[indices] - reference.positions[indices])
     centres = reference.positions[indices] - delta / factor
-    spread = np.linalg.norm(_mic(reference, centres - centres[0]), axis=1).max()
-    near = np.linalg.norm(_mic(reference, anchors - centres[0]), axis=1).min()
+    spread = np.linalg.norm(minimum_image(reference, centres - centres[0]), axis=1).max()
+    near = np.linalg.norm(minimum_image(reference, anchors - centres[0]), axis=1).min()
     return centres[0] if spread <= CENTRE_TOLERANCE and near <= CENTRE_TOLERANCE else None
 
 
@@ -485,9 +478,9 @@ def _snb_trials(atoms: dict[str, Atoms], paths: dict[str, Path], meta: dict, met
                                       bonds if "Unperturbed" in atoms else [],
                                       np.vstack([reference.positions, defect.site]), meta_path)
     notes = []
-    off = np.linalg.norm(_mic(reference, centre - defect.site)) if centre is not None else 0.0
+    off = np.linalg.norm(minimum_image(reference, centre - defect.site)) if centre is not None else 0.0
     if off > 0.5:
-        j = int(np.argmin(np.linalg.norm(_mic(reference, reference.positions - centre), axis=1)))
+        j = int(np.argmin(np.linalg.norm(minimum_image(reference, reference.positions - centre), axis=1)))
         notes.append(f"{label}: ShakeNBreak's bond distortions are centred on atom {j} "
                      f"({reference[j].symbol}), {off:.2f} Å from the defect site (atom "
                      f"{defect.defect_index}): its trials distort another atom's bonds")
