@@ -664,6 +664,12 @@ def collect(loop_options: dict | None = None) -> dict:
                "base_misses_by_more_than_0.05eV": sum(
                    bool(r.get("base_misses"))
                    and (r["base_lowest"]["oracle_relaxed"]["above_gs_eV"] or 0) > 0.05 for r in kept)}
+    base_s = [r["seconds"]["base_relaxations_sum"] for r in records]
+    oracle_s = [r["seconds"]["oracle_full_search_sum"] for r in records]
+    summary["seconds"] = {  # one torch thread, on a 2-core machine shared with other jobs
+        "base_searches": round(sum(base_s), 1), "oracle_full_searches": round(sum(oracle_s), 1),
+        "per_candidate_median": {"base": round(float(np.median(base_s)), 1) if base_s else None,
+                                 "oracle": round(float(np.median(oracle_s)), 1) if oracle_s else None}}
     per_mode = {}
     for mode, by in loops.items():
         rows = [(r, by[f"{r['host']}/{r['defect']}"]) for r in kept if f"{r['host']}/{r['defect']}" in by]
@@ -736,6 +742,12 @@ def markdown(doc: dict) -> str:
                      f"{v['shortlist_correct_at_same_budget']}")
     if not s.get("per_start"):
         lines.append(f"- loop: not run yet ({doc['loop_status']})")
+    t = s["seconds"]
+    lines.append(f"- time (one torch thread, a 2-core machine shared with other jobs): base searches "
+                 f"{t['base_searches'] / 60:.0f} min, oracle full searches "
+                 f"{t['oracle_full_searches'] / 60:.0f} min "
+                 f"in all; per candidate (median) {t['per_candidate_median']['base']} s and "
+                 f"{t['per_candidate_median']['oracle']} s")
     scan = doc.get("well_scan") or {}
     if scan:
         lines += ["", "## How the well was chosen (`scan`)", "",

@@ -383,7 +383,7 @@ def test_a_model_that_cannot_reproduce_its_dft_trains_further_and_is_never_conve
         assert rd["fits"][1]["epochs"] == 3 * rd["fits"][0]["epochs"]
         assert all(c["ok"] is False for f in rd["fits"] for c in f["reproduces"].values())
         assert rd["items"]["v_Cu_0"]["status"] == "cannot_reproduce"
-        assert rd["starts"]["v_Cu_0"] == "trial"  # auto: the model never earned a minimum start
+        assert rd["starts"]["v_Cu_0"] == "trial"  # the default
     d = res.defects["v_Cu_0"]
     assert d["status"] == "cannot_reproduce" and d["model_reproduces_dft"] is False
     asked = {t for r in res.rounds for t in r["picks"]["v_Cu_0"]}
@@ -399,7 +399,7 @@ def test_auto_starts_dft_from_the_model_once_it_reproduces_its_dft(chgnet_vacanc
     out = tmp_path / "loop"
     code = main(["loop", str(run), "--run", key, "--oracle", "calculator:emt", "--oracle-steps", "50",
                  "--k", "1", "--rule", "lowest", "--committee", "1", "--epochs", "1", "--max-rounds", "2",
-                 "--out", str(out), "--quiet", "--json"])
+                 "--dft-start", "auto", "--out", str(out), "--quiet", "--json"])
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["status"] in ("stopped", "finished") and set(doc["defects"]) == {"v_Cu_0"}

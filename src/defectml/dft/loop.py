@@ -5,10 +5,13 @@ Starting from a finished search (round 0: the universal model's landscape), each
 1. **picks** up to ``k`` trials per defect and charge for DFT (the rules below), never one
    already asked;
 2. asks the **oracle** (:mod:`defectml.dft.oracle`) from where ``dft_start`` says: the trial's
-   own unrelaxed, distorted start (``trial``, as ShakeNBreak does, so DFT explores independently
-   of the model's errors), the model's minimum the trial fell into (``minimum``: fewer ionic
-   steps, only worth it where the model is right), or ``auto``: ``trial`` until the model
-   reproduces its DFT for that defect, then ``minimum`` where the oracle can start there. Every
+   own unrelaxed, distorted start (``trial``, the default, as ShakeNBreak does, so DFT explores
+   independently of the model's errors), the model's minimum the trial fell into (``minimum``:
+   fewer ionic steps, only worth it where the model is right), or ``auto``: ``trial`` until the
+   model reproduces its DFT for that defect, then ``minimum`` where the oracle can start there
+   (measured on the stand-in ZnSe V_Zn: reproducing the basins DFT has seen says nothing of the
+   ones it has not; from the model's dimer minimum the −60% trial never reached the ground state,
+   and ``auto`` converged on the wrong answer where ``trial`` found it). Every
    answer is stored as a ``fidelity="dft"`` row (with its start kind; a failed one too, with its
    reason: it is never asked again);
 3. **fits** the lead model from the last round's on every DFT relaxation so far, its path as
@@ -141,7 +144,7 @@ class LoopSettings(FromOptions):
 
     k: int = 2
     rule: str = "mix"
-    dft_start: str = "auto"
+    dft_start: str = "trial"
     budget: int | None = None
     max_rounds: int = 6
     patience: int = 1
