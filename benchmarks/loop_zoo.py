@@ -568,7 +568,8 @@ def random_correct(n: int, g: int, budget: int) -> float:
 
 #: The loop's settings here (the rest: LoopSettings' defaults); --k, --committee, ... override them
 #: and name their own results (``loop_<start>_<key>``), so runs with other settings never mix.
-LOOP_OPTIONS: dict = {"committee": 2, "epochs": 10}  # CPU: two members, ten epochs a round
+#: explore_k named so that the runs before it (two blind picks a round) never mix with these.
+LOOP_OPTIONS: dict = {"committee": 2, "epochs": 10, "explore_k": 1}  # CPU: two members, ten epochs a round
 
 
 def loop_name(start_mode: str, loop_options: dict) -> str:
@@ -669,10 +670,14 @@ def collect(loop_options: dict | None = None) -> dict:
                 lp = p.parent / f"{loop_name(mode, loop_options)}.json"
                 if lp.exists():
                     loops.setdefault(mode, {})[f"{host.name}/{rec['defect']}"] = json.loads(lp.read_text())
+    earlier = _earlier()
+    _carry(records, earlier.get("defects", []))
+    _carry(controls, earlier.get("controls", []))
+    loops, earlier_loops = _carry_loops(loops, earlier, loop_options)
     order = {(h.name, spec): (i, j) for i, h in enumerate(HOSTS.values())
              for j, spec in enumerate(h.defects + h.controls)}
-    records.sort(key=lambda r: (order[(r["host"], r["spec"])], r["defect"]))
-    controls.sort(key=lambda r: (order[(r["host"], r["spec"])], r["defect"]))
+    records.sort(key=lambda r: (order[(r["host"], _spec(r))], r["defect"]))
+    controls.sort(key=lambda r: (order[(r["host"], _spec(r))], r["defect"]))
     kept = [r for r in records if r["kept"]]
     summary = {"candidates": len(records), "defects": len(kept),
                "hosts": sorted({r["host"] for r in kept}),
@@ -730,15 +735,55 @@ def collect(loop_options: dict | None = None) -> dict:
                          "excluded": "CdTe and its alloys"},
             "summary": summary, "defects": records, "loops": loops,
             # the controls in brief (their full records stay under runs/loop_zoo)
-            "controls": [{k: r.get(k) for k in ("host", "defect", "label", "supercell", "n_trials", "kept",
-                                                "oracle_minima_within_1eV", "gs", "gs_trials", "base_misses",
-                                                "full_search", "seconds")}
+            "controls": [{k: r.get(k) for k in ("host", "spec", "defect", "label", "supercell", "n_trials",
+                                                "kept", "oracle_minima_within_1eV", "gs", "gs_trials",
+                                                "base_misses", "full_search", "seconds")}
                          | {"base_lowest": {"label": r.get("base_lowest", {}).get("label"),
                                             "oracle_relaxed": r.get("base_lowest", {}).get("oracle_relaxed")}}
                          for r in controls],
             "well_scan": json.loads((WORK / "scan.json").read_text())
-            if (WORK / "scan.json").exists() else {},
-            "loop_options": loop_options, "loop_status": loop_available() or "available"}
+            if (WORK / "scan.json").exists() else earlier.get("well_scan", {}),
+            "loop_options": loop_options, "loop_status": loop_available() or "available",
+            "earlier_loops": earlier_loops}
+
+
+def _earlier() -> dict:
+    """The committed results: candidates whose ``runs/`` folder is not on this machine, earlier loops."""
+    path = RESULTS / "loop_zoo.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _spec(rec: dict) -> str:
+    """The candidate spec a record came from (older brief records do not name it)."""
+    if rec.get("spec"):
+        return rec["spec"]
+    host = HOSTS[rec["host"]]
+    return next(sp for sp in host.defects + host.controls
+                if rec["defect"] == sp or rec["defect"].startswith(sp + "_"))
+
+
+def _carry(records: list[dict], committed: list[dict]) -> None:
+    """Add the committed records of candidates not searched on this machine (their runs are elsewhere)."""
+    have = {(r["host"], r["defect"]) for r in records}
+    records += [r for r in committed if (r["host"], r["defect"]) not in have]
+
+
+def _carry_loops(loops: dict, earlier: dict, options: dict) -> tuple[dict, list[dict]]:
+    """This setting's loops (the committed ones of defects not rerun here) and earlier settings' loops.
+
+    Loops made with other options (``loop_options``) never mix with these: they are kept apart,
+    with their own summary, under ``earlier_loops``.
+    """
+    kept = [e for e in earlier.get("earlier_loops", []) if e.get("options") != options]
+    if earlier.get("loops") and earlier.get("loop_options") == options:
+        for mode, by in earlier["loops"].items():
+            for key, lp in by.items():
+                loops.setdefault(mode, {}).setdefault(key, lp)
+    elif earlier.get("loops"):
+        kept = [e for e in kept if e.get("options") != earlier.get("loop_options")]
+        kept.append({"options": earlier.get("loop_options"), "loops": earlier["loops"],
+                     "per_start": earlier.get("summary", {}).get("per_start", {})})
+    return loops, kept
 
 
 def markdown(doc: dict) -> str:
@@ -771,6 +816,12 @@ def markdown(doc: dict) -> str:
                      f"{v['shortlist_correct_at_same_budget']}")
     if not s.get("per_start"):
         lines.append(f"- loop: not run yet ({doc['loop_status']})")
+    lines.append(f"- loop settings: {json.dumps(doc['loop_options'])} (the rest: `LoopSettings`' defaults)")
+    for e in doc.get("earlier_loops", []):
+        for mode, v in e.get("per_start", {}).items():
+            lines.append(f"- earlier loop settings {json.dumps(e['options'])}, `dft_start={mode}`: correct "
+                         f"{v['loop_correct']} of {v['defects']}, oracle relaxations {v['oracle_share']:.0%} "
+                         f"of the full searches' ({', '.join(e['loops'].get(mode, {}))})")
     t = s["seconds"]
     lines.append(f"- time (one torch thread, a 2-core machine shared with other jobs): base searches "
                  f"{t['base_searches'] / 60:.0f} min, oracle full searches "

@@ -99,6 +99,20 @@ def test_a_model_that_folds_every_trial_into_one_minimum_still_gets_k_diverse_pi
     assert choose(s, {}, {"Unperturbed", "Bond_Distortion_60.0%"}, 1, "mix") == ["Bond_Distortion_-30.0%"]
 
 
+def test_a_round_with_every_minimum_settled_explores_explore_k_trials_only():
+    e = {"Unperturbed": -1.0, "Bond_Distortion_-30.0%": -0.99, "Bond_Distortion_60.0%": -0.98,
+         "Bond_Distortion_-60.0%": -0.97}
+    d = {"Bond_Distortion_-30.0%": -0.3, "Bond_Distortion_60.0%": 0.6, "Bond_Distortion_-60.0%": -0.6}
+    s = _summary(e, [list(e)], d)
+    asked = {"Unperturbed"}
+    # the only minimum is settled: blind exploration, one trial (the farthest distortion, then the lowest)
+    assert choose(s, {}, asked, 2, "mix", {"Unperturbed"}, explore=1) == ["Bond_Distortion_60.0%"]
+    assert choose(s, {}, asked, 2, "mix", {"Unperturbed"}) == ["Bond_Distortion_60.0%",
+                                                                "Bond_Distortion_-60.0%"]
+    # an unsettled minimum: k as usual, the fill-up included
+    assert len(choose(s, {}, set(), 2, "mix", set(), explore=1)) == 2
+
+
 def test_dft_lowest_history():
     assert lowest_changed_round([None, -1.0, -1.02, -1.5, -1.51], 0.05) == 3
     assert lowest_changed_round([None, None], 0.05) is None

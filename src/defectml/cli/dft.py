@@ -104,6 +104,9 @@ def add_parsers(sub) -> None:
                     help="only these defect labels, comma-separated (e.g. Mg_O_0,Mg_O_+2; default: all)")
     lp.add_argument("--k", type=int, default=None, help=f"DFT relaxations per defect and charge per round "
                     f"({d.k})")
+    lp.add_argument("--explore-k", type=int, default=None,
+                    help="DFT relaxations in a round where every minimum of the model is settled (only "
+                         f"blind exploration: the distortions farthest from those asked) ({d.explore_k})")
     lp.add_argument("--rule", choices=RULES, default=None,
                     help="which trials go to DFT: lowest predicted energy; one per minimum DFT has not "
                          f"settled; the most uncertain such minima; or alternately the last two ({d.rule})")

@@ -52,6 +52,9 @@ Rules for picking (``rule``); "unsettled" minima are those neither confirmed nor
 
 When a rule yields fewer than ``k`` (a model that misses a reconstruction folds most trials into
 one minimum), the rest are the trials whose bond distortion lies farthest from every one asked.
+When it yields none (every minimum of the model within reach is settled), the round only explores
+blindly, and asks ``explore_k`` such trials (default one): the model gives no reason to spend more,
+and the next round's model decides on the next (measured on the stand-in zoo, ``benchmarks/loop_zoo.py``).
 
 State lives in ``OUT/loop.json`` (one :class:`Round` per round) and the store (every relaxation,
 keyed). A killed loop resumes at the step it was in: answers already stored are not asked again,
@@ -110,6 +113,8 @@ class LoopSettings(FromOptions):
 
     Attributes:
         k: DFT relaxations per defect and charge per round.
+        explore_k: DFT relaxations in a round where every minimum of the model is settled (blind
+            exploration only: the trials farthest in distortion from every one asked).
         rule: ``lowest``, ``unvisited``, ``uncertain`` or ``mix``.
         dft_start: ``trial``, ``minimum`` or ``auto`` (where DFT starts).
         budget: DFT relaxations in all (every defect); ``None``: no limit.
@@ -143,6 +148,7 @@ class LoopSettings(FromOptions):
     """
 
     k: int = 2
+    explore_k: int = 1
     rule: str = "mix"
     dft_start: str = "trial"
     budget: int | None = None
@@ -177,8 +183,8 @@ class LoopSettings(FromOptions):
 
     def validate(self) -> None:
         """Raise ``InputError`` for values out of range."""
-        if self.k < 1:
-            raise InputError(f"--k must be at least 1, got {self.k}")
+        if self.k < 1 or self.explore_k < 1:
+            raise InputError(f"--k and --explore-k must be at least 1, got {self.k} and {self.explore_k}")
         if self.rule not in RULES:
             raise InputError(f"--rule must be one of {', '.join(RULES)}, not {self.rule!r}")
         if self.dft_start not in STARTS:
@@ -224,7 +230,7 @@ class LoopSettings(FromOptions):
 
 # --- pure pieces ------------------------------------------------------------------------------
 def choose(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], k: int, rule: str,
-           settled: set[str] | None = None) -> list[str]:
+           settled: set[str] | None = None, explore: int | None = None) -> list[str]:
     """The next ``k`` trials of one defect and charge to relax with DFT (see the module's rules).
 
     Args:
@@ -234,6 +240,7 @@ def choose(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], k: 
         k: How many.
         rule: One of :data:`RULES`.
         settled: Representative trials of the minima DFT has confirmed or refuted.
+        explore: At most this many when the rule yields nothing (blind exploration only).
     """
     settled = settled or set()
     energy = {t.name: t.energy for t in summary.trials if t.energy is not None}
@@ -262,6 +269,8 @@ def choose(summary: DefectSummary, trust: dict[str, Trust], asked: set[str], k: 
             break
         if t not in picked:
             picked.append(t)
+    if not picked and explore is not None:
+        k = min(k, explore)
     return fill_up(picked, summary, asked, k)
 
 
@@ -619,7 +628,7 @@ class _Loop:
         for lb in [lb for lb in self.items if lb not in st["finished"]]:
             land, trust = self.landscape(self.items[lb], prev_key)
             chosen = choose(land, trust, self.asked(self.items[lb]), s.k, s.rule,
-                            self.settling(lb, land).settled)
+                            self.settling(lb, land).settled, s.explore_k)
             if not chosen:
                 st["finished"][lb] = {"round": rd.round - 1, "status": "exhausted",
                                       "reason": "nothing left to ask: every trial has DFT"}
