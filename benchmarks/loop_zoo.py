@@ -568,8 +568,10 @@ def random_correct(n: int, g: int, budget: int) -> float:
 
 #: The loop's settings here (the rest: LoopSettings' defaults); --k, --committee, ... override them
 #: and name their own results (``loop_<start>_<key>``), so runs with other settings never mix.
-#: explore_k named so that the runs before it (two blind picks a round) never mix with these.
-LOOP_OPTIONS: dict = {"committee": 2, "epochs": 10, "explore_k": 1}  # CPU: two members, ten epochs a round
+#: CPU: one model a round (no committee, so no trust score: every minimum in the window must be
+#: confirmed or refuted by the oracle; a committee of two doubled the training, ~45 min a defect
+#: here), ten epochs. explore_k named so that the runs before it (two blind picks) never mix.
+LOOP_OPTIONS: dict = {"committee": 1, "epochs": 10, "explore_k": 1}
 
 
 def loop_name(start_mode: str, loop_options: dict) -> str:
@@ -669,7 +671,9 @@ def collect(loop_options: dict | None = None) -> dict:
             for mode in ("trial", "auto"):
                 lp = p.parent / f"{loop_name(mode, loop_options)}.json"
                 if lp.exists():
-                    loops.setdefault(mode, {})[f"{host.name}/{rec['defect']}"] = json.loads(lp.read_text())
+                    loops.setdefault(mode, {})[f"{host.name}/{rec['defect']}"] = {
+                        **json.loads(lp.read_text()),
+                        "rounds": _rounds(p.parent / loop_name(mode, loop_options) / "loop.json")}
     earlier = _earlier()
     _carry(records, earlier.get("defects", []))
     _carry(controls, earlier.get("controls", []))
@@ -745,6 +749,26 @@ def collect(loop_options: dict | None = None) -> dict:
             if (WORK / "scan.json").exists() else earlier.get("well_scan", {}),
             "loop_options": loop_options, "loop_status": loop_available() or "available",
             "earlier_loops": earlier_loops}
+
+
+def _rounds(path: Path) -> list[dict] | None:
+    """Each round of one loop in brief: what it asked and how the defect stood after it."""
+    if not path.exists():
+        return None
+    out = []
+    for rd in json.loads(path.read_text()).get("rounds", []):
+        items = list(rd.get("items", {}).values())
+        out.append({"round": rd["round"], "asked": [t for v in (rd.get("picks") or {}).values() for t in v],
+                    "fit_attempts": len(rd.get("fits", [])),
+                    "reproduces": [f["reproduces"] and all(c.get("ok") is not False
+                                                           for c in f["reproduces"].values())
+                                   for f in rd.get("fits", [])],
+                    "status": items[0]["status"] if items else None,
+                    "dft_lowest": (items[0].get("dft_lowest") or {}).get("trial") if items else None,
+                    "seconds": {"oracle": round(rd.get("oracle_seconds", 0.0), 1),
+                                "training": (rd.get("training") or {}).get("seconds"),
+                                "relax": rd.get("relax_seconds")}})
+    return out
 
 
 def _earlier() -> dict:
@@ -851,6 +875,7 @@ def markdown(doc: dict) -> str:
               "anion vacancy, the complex Baraff and Schlüter proposed for V_Ga in GaAs; an interstitial "
               "pushed a lattice anion off its site).", "", *header]
     lines += [_row(r, doc.get("loops", {})) for r in doc["defects"]]
+    lines += _rounds_markdown(doc)
     c = s["controls"]
     lines += ["", "## Controls", "",
               f"Anion vacancies, cation antisites and cation interstitials: no anion-anion pair comes near "
@@ -878,6 +903,30 @@ def markdown(doc: dict) -> str:
               "inherit its stopping decisions; they say whether the picking helps, not whether the "
               "stop rule is right.", ""]
     return "\n".join(lines)
+
+
+def _rounds_markdown(doc: dict) -> list[str]:
+    """Per loop: what each round asked, whether the model reproduced its DFT, where it stood."""
+    gs = {f"{r['host']}/{r['defect']}": set(r.get("gs_trials", [])) for r in doc["defects"]}
+    out = []
+    for mode, by in doc.get("loops", {}).items():
+        rows = [(key, lp) for key, lp in by.items() if lp.get("rounds")]
+        if not rows:
+            continue
+        out += ["", f"## Loop rounds (`dft_start={mode}`)", "",
+                "Each round: the trials asked (**bold**: one the oracle's full search takes to its ground "
+                "state), fit attempts until the model reproduced its DFT (✓/✗ per attempt), the status "
+                "after it, and seconds (oracle / training / relaxations, one thread, shared machine).", "",
+                "| defect | round | asked | fits | status | s |", "|---|---|---|---|---|---|"]
+        for key, lp in rows:
+            for rd in lp["rounds"]:
+                asked = ", ".join(f"**{t}**" if t in gs.get(key, ()) else t for t in rd["asked"])
+                fits = " ".join("✓" if ok else "✗" for ok in rd["reproduces"])
+                sec = rd["seconds"]
+                out.append(f"| {key} | {rd['round']} | {asked.replace('Bond_Distortion_', '')} | {fits} | "
+                           f"{rd['status']} | {sec['oracle']:.0f} / {sec['training'] or 0:.0f} / "
+                           f"{sec['relax'] or 0:.0f} |")
+    return out
 
 
 def _row(r: dict, loops: dict) -> str:

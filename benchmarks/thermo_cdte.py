@@ -75,6 +75,12 @@ def emt_validation(steps: int = 3000) -> dict:
     }
 
 
+def kept_section(path: Path, title: str = "## Why u_f is low") -> str:
+    """The section ``cdte_vcd_formation.py`` wrote into ``path`` (kept across reruns), or ""."""
+    text = path.read_text() if path.is_file() else ""
+    return "\n" + title + text.split(title, 1)[1] if title in text else ""
+
+
 def main() -> None:
     warnings.filterwarnings("ignore")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -234,7 +240,7 @@ def main() -> None:
         f"{v['dissipation_eV']:.3f} eV): the machinery reproduces a near-harmonic solid.",
     ]
     md += [f"- note: {n}" for n in r.notes]
-    (out / "thermo_cdte.md").write_text("\n".join(md) + "\n")
+    (out / "thermo_cdte.md").write_text("\n".join(md) + "\n" + kept_section(out / "thermo_cdte.md"))
     print("\n".join(md))
 
 

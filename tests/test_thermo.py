@@ -241,6 +241,17 @@ def test_thermo_cli_on_emt_search(emt_vacancy_run, capsys):
         abs=1e-6,
     )
     assert (run / "thermo" / "v_Cu_0" / "thermo.png").exists()
+    # u_f recomputed by hand: E(defect) - E(bulk) + mu_Cu with the model's own fcc Cu; in Cu the
+    # bulk energy per atom is mu_Cu, so u_f = E(defect) - (N - 1) mu_Cu (a bulk cell of another size
+    # is off by |mu| per atom, a flipped sign of mu by 2|mu| = 0.014 eV with EMT)
+    from ase.db import connect
+
+    from defectml.thermo.reference import elemental_mu
+
+    n_defect = connect(run / "results.db").get(kind="defect").natoms
+    mu = elemental_mu("Cu", EMT())
+    assert cfg["u_f_eV"] == pytest.approx(cfg["energy_eV"] - n_defect * mu, abs=1e-3)
+    assert 0.5 < cfg["u_f_eV"] < 2.0  # EMT's Cu vacancy: about 1 eV
     # a rerun takes the phonons from the store
     rows = len(list(__import__("ase.db").db.connect(run / "results.db").select(kind="thermo")))
     assert main(["thermo", str(run), "--T", "300,600,900", "--mesh", "2", "--quiet"]) == 0
@@ -321,3 +332,22 @@ def test_thermo_qha_route(emt_vacancy_run):
     doc = json.loads((run / "thermo" / "v_Cu_0" / "thermo.json").read_text())
     f = np.array(doc["configurations"][0]["f_vib_eV"])
     assert np.all(np.isfinite(f)) and f[1] < f[0]  # the vacancy's vibrational entropy raises it with T
+
+
+# --- elemental references ---------------------------------------------------------------------------
+@pytest.mark.parametrize("element, bond", [("Se", 2.37), ("Te", 2.83)])
+def test_trigonal_chalcogen_references(element, bond):
+    from defectml.thermo.reference import elemental_reference
+
+    atoms = elemental_reference(element)  # ASE names them hcp without a basis: bulk() cannot build them
+    assert len(atoms) == 3 and atoms.get_chemical_symbols() == [element] * 3
+    i, d = neighbor_list("id", atoms, 3.0)
+    assert np.bincount(i).tolist() == [2, 2, 2]  # helical chains: two neighbours each
+    assert d.min() == pytest.approx(bond, abs=0.03)
+
+
+def test_reference_not_built_here_is_a_readable_error():
+    from defectml.thermo.reference import elemental_reference
+
+    with pytest.raises(DefectMLError, match="give --mu B="):
+        elemental_reference("B")

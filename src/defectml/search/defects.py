@@ -215,8 +215,37 @@ def _generate(host: Structure, spec: re.Match | None, elements: list[str]):
                             yield "substitution", d
         if spec is None or spec["int"]:
             species = elements if spec is None else [spec["int"]]
-            for d in VoronoiInterstitialGenerator().generate(host, species):
-                yield "interstitial", d
+            for d in VoronoiInterstitialGenerator().generate(wrapped(host), species):
+                yield "interstitial", _on_host(d, host)
+
+
+def wrapped(structure: Structure, tol: float = 1e-8) -> Structure:
+    """``structure`` with every fractional coordinate in [0, 1) (within ``tol`` of 0 or 1: 0).
+
+    The Voronoi generator keeps only atoms with 0 <= c < 1 (pymatgen-analysis-defects'
+    ``TopographyAnalyzer`` window): an atom at c = -1e-44, as a float32 model's relaxation can
+    leave it, drops out of the tessellation, and with it interstitial sites (the C3v site of
+    zinc blende). doped wraps and rounds the same way before its own Voronoi search.
+    """
+    frac = np.mod(structure.frac_coords, 1.0)
+    frac[(frac < tol) | (frac > 1.0 - tol)] = 0.0
+    return Structure(structure.lattice, structure.species, frac)
+
+
+def _on_host(d, host: Structure):
+    """The interstitial ``d`` (found on a wrapped copy of ``host``) on ``host`` itself.
+
+    Same lattice, so the same fractional site; the supercell is then made from ``host`` as given,
+    atom for atom as the vacancies' and substitutions' are.
+    """
+    from pymatgen.analysis.defects.core import Interstitial
+    from pymatgen.core import PeriodicSite
+
+    def on(site):
+        return PeriodicSite(site.species, site.frac_coords, host.lattice)
+
+    return Interstitial(host, on(d.site), multiplicity=d.multiplicity,
+                        equivalent_sites=[on(e) for e in d.equivalent_sites])
 
 
 def _validate_spec(spec: re.Match, text: str, elements: list[str]) -> None:
