@@ -13,7 +13,15 @@ from ase.calculators.emt import EMT
 
 from defectml.cli import main
 from defectml.dft.agreement import Reproduction
-from defectml.dft.loop import LoopSettings, Settling, assess, choose, lowest_changed_round, run_loop
+from defectml.dft.loop import (
+    LoopSettings,
+    Settling,
+    assess,
+    choose,
+    lowest_changed_round,
+    run_loop,
+    trial_kind,
+)
 from defectml.dft.oracle import CalculatorOracle, FolderOracle, ReplayOracle, Request, parse_oracle
 from defectml.errors import InputError
 from defectml.search.landscape import Minimum, RelaxedTrial
@@ -111,6 +119,22 @@ def test_a_round_with_every_minimum_settled_explores_explore_k_trials_only():
                                                                 "Bond_Distortion_-60.0%"]
     # an unsettled minimum: k as usual, the fill-up included
     assert len(choose(s, {}, set(), 2, "mix", set(), explore=1)) == 2
+
+
+def test_blind_exploration_asks_a_kind_of_trial_not_yet_asked_before_the_next_distortion():
+    """The stand-in ZnSe V_Zn: with Rattled and +60% asked, distortion alone ranked the Dimer trial
+    (distortion 0) last; the oracle's ground state was the dimer."""
+    e = {"Rattled": -1.0, "Bond_Distortion_60.0%": -0.99, "Bond_Distortion_-60.0%": -0.98, "Dimer": -0.97,
+         "Unperturbed": -0.96, "Bond_Distortion_-20.0%": -0.95}
+    d = {"Rattled": 0.0, "Bond_Distortion_60.0%": 0.6, "Bond_Distortion_-60.0%": -0.6,
+         "Bond_Distortion_-20.0%": -0.2}
+    s = _summary(e, [list(e)], d)
+    asked = {"Rattled", "Bond_Distortion_60.0%"}
+    assert choose(s, {}, asked, 2, "mix", {"Rattled"}, explore=1) == ["Dimer"]
+    # Unperturbed is Rattled's kind: after the Dimer, the farthest distortion
+    assert choose(s, {}, asked | {"Dimer"}, 2, "mix", {"Rattled"}, explore=1) == ["Bond_Distortion_-60.0%"]
+    assert [trial_kind(n) for n in ("Unperturbed", "Off_Centre_2", "Bond_Distortion_-0.0%", "x")] == [
+        "Rattled", "Off_Centre", "Bond_Distortion", "x"]
 
 
 def test_dft_lowest_history():
