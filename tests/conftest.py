@@ -68,6 +68,30 @@ def emt_labelled_frames(n: int, seed: int, amplitude: float = 0.1, repeat=(2, 2,
     return frames
 
 
+def held_out_errors(model, series: list[list]) -> dict[str, float]:
+    """A model's errors on labelled frames it was not trained on (a fine-tune's test of learning).
+
+    Args:
+        model: A loaded model (:class:`defectml.models.Model`).
+        series: Groups of labelled frames, each one relaxation's steps (one structure's rattles).
+
+    Returns:
+        ``f``: force MAE (eV/Å) over every component; ``de``: MAE (eV/atom) of the energies
+        relative to their series' mean, so that one constant shift per series (what anchored
+        labels leave free) does not count.
+    """
+    import numpy as np
+
+    forces, differences = [], []
+    for frames in series:
+        predicted = model.batch()(frames)
+        e = np.array([p[0] for p in predicted])
+        ref = np.array([f.get_potential_energy() for f in frames])
+        differences.append(np.abs((e - e.mean()) - (ref - ref.mean())) / np.array([len(f) for f in frames]))
+        forces += [np.abs(p[1] - f.get_forces()).ravel() for p, f in zip(predicted, frames, strict=True)]
+    return {"f": float(np.mean(np.concatenate(forces))), "de": float(np.mean(np.concatenate(differences)))}
+
+
 EMT_VACANCY_SEARCH = ["--defect", "v_Cu", "--charge", "0", "--model", "emt", "--quiet"]
 
 

@@ -9,7 +9,7 @@ import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.io import write
-from conftest import emt_labelled_frames
+from conftest import emt_labelled_frames, held_out_errors
 
 from defectml.cli import main
 from defectml.errors import InputError, ModelError
@@ -23,6 +23,11 @@ def _frames(n, charge, seed, defect="v_Cu_0"):
     for a in frames:
         a.info.update(host="Cu", functional="EMT", defect=defect, charge=charge, run_id=f"r{seed}")
     return frames
+
+
+def _held_out():
+    """Two relaxations no fine-tune here trains or validates on (other seeds, other rattles)."""
+    return [_frames(3, 0, 20), _frames(3, 1, 21, "v_Cu_1")]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +51,7 @@ def test_anchoring_keeps_differences_within_a_group_and_shifts_each_group_once()
 
 def test_finetune_writes_keyed_weights_and_a_card_that_search_models_read(data, tmp_path):
     out = tmp_path / "ft.pth.tar"
-    s = FinetuneSettings(epochs=2, batch_size=2, threads=2, patience=5)
+    s = FinetuneSettings(epochs=2, batch_size=2, lr=1e-3, threads=1, patience=5)
     result = finetune(data / "train.extxyz", data / "val.extxyz", out, s)
     card = json.loads((tmp_path / "ft.pth.tar.card.json").read_text())
     assert card == result.card and card["family"] == "chgnet"
@@ -54,11 +59,15 @@ def test_finetune_writes_keyed_weights_and_a_card_that_search_models_read(data, 
     assert card["elements"] == ["Cu"] and card["energies"] == "anchored" and not card["charge_aware"]
     assert set(card["training_data_sha256"]) == {"train", "val"} and card["metrics"]["epochs_run"] == 2
     assert len(result.history) == 2 and all(np.isfinite(h["val"]["f"]) for h in result.history)
-    model = load_model(str(out), threads=2)
+    model = load_model(str(out), threads=1)
     assert model.card == card and model.key != parse_model("chgnet").key  # its own weights, its own key
     atoms = _frames(1, 0, 9)[0]
     atoms.calc = model.calculator
     assert np.isfinite(atoms.get_potential_energy())
+    # it learned: on relaxations it never saw, its errors fell well below the base model's
+    # (measured: forces 93 -> 24 meV/Å, energy differences 5.6 -> 0.38 meV/atom; at lr 1e-14: none)
+    before, after = (held_out_errors(m, _held_out()) for m in (load_model("chgnet", threads=1), model))
+    assert after["f"] < 0.6 * before["f"] and after["de"] < 0.5 * before["de"], (before, after)
 
 
 def test_a_killed_finetune_resumes_where_it_stopped(data, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from ase.calculators.emt import EMT
 from ase.calculators.lj import LennardJones
 from ase.io import read, write
-from conftest import emt_labelled_frames
+from conftest import emt_labelled_frames, held_out_errors
 
 from defectml.cli import main
 from defectml.errors import InputError, ModelError
@@ -23,6 +23,28 @@ def _frames(n, charge, seed, defect="v_Cu_0"):
     for a in frames:
         a.info.update(host="Cu", functional="EMT", defect=defect, charge=charge, run_id=f"r{seed}")
     return frames
+
+
+def _held_out(calc=None):
+    """Two relaxations no fine-tune here trains or validates on (other seeds, other rattles).
+
+    ``calc``: label them with this calculator instead of EMT.
+    """
+    series = [_frames(3, 0, 20), _frames(3, 1, 21, "v_Cu_1")]
+    if calc is not None:
+        for frames in series:
+            for i, f in enumerate(frames):
+                a = f.copy()
+                a.calc = calc
+                a.get_potential_energy()
+                frames[i] = a
+    return series
+
+
+def _learned(base, tuned, series=None):
+    """The base model's and the fine-tuned model's errors on the held-out relaxations."""
+    series = series or _held_out()
+    return held_out_errors(base, series), held_out_errors(tuned, series)
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +68,18 @@ def _energy(model, atoms):
 def test_sevennet_finetunes_with_its_own_trainer_into_a_model_search_reads(data, tmp_path):
     out = tmp_path / "ft.pth"
     result = finetune(data / "train.extxyz", data / "val.extxyz", out,
-                      FinetuneSettings(base="sevennet-0", epochs=2, batch_size=2, threads=2))
+                      FinetuneSettings(base="sevennet-0", epochs=2, batch_size=2, lr=1e-3, threads=1))
     card = json.loads((tmp_path / "ft.pth.card.json").read_text())
     assert card["family"] == "sevennet" and card["heads"] is None and card["strategy"] == "standard"
     assert card["base_key"] == parse_model("sevennet-0").key and card["metrics"]["epochs_run"] == 2
     assert all(np.isfinite(h["val"]["f"]) and np.isfinite(h["train"]["f"]) for h in result.history)
-    tuned, base = load_model(str(out), threads=2), load_model("sevennet-0", threads=2)
+    tuned, base = load_model(str(out), threads=1), load_model("sevennet-0", threads=1)
     assert tuned.ref.family == "sevennet" and tuned.key != base.key and tuned.card == card
-    probe = _frames(1, 0, 9)[0]
-    assert np.isfinite(_energy(tuned, probe)) and abs(_energy(tuned, probe) - _energy(base, probe)) > 1e-6
+    assert np.isfinite(_energy(tuned, _frames(1, 0, 9)[0]))
+    # it learned: on relaxations it never saw, its errors fell well below the base model's
+    # (measured: forces 78 -> 33 meV/Å, energy differences 4.4 -> 0.44 meV/atom; at lr 1e-14: none)
+    before, after = _learned(base, tuned)
+    assert after["f"] < 0.6 * before["f"] and after["de"] < 0.5 * before["de"], (before, after)
 
 
 @pytest.mark.parametrize(("base", "suffix"), [("chgnet", ".pth.tar"), ("sevennet-0", ".pth"),
@@ -85,7 +110,7 @@ def test_multihead_adds_a_head_anchored_on_its_start_and_keeps_the_base_heads(da
 
     out = tmp_path / "mh.pth"
     s = FinetuneSettings(base="sevennet-mf-0", strategy="multihead", replay=str(data / "replay.extxyz"),
-                         epochs=1, batch_size=2, threads=2)
+                         epochs=1, batch_size=2, lr=1e-3, threads=1)
     result = finetune(data / "train.extxyz", data / "val.extxyz", out, s)
     card = result.card
     assert card["heads"] == ["R2SCAN", "PBE", "defect"] and card["default_head"] == "defect"
@@ -93,9 +118,9 @@ def test_multihead_adds_a_head_anchored_on_its_start_and_keeps_the_base_heads(da
     # the defect frames are anchored on the new head as append_modal starts it, not on the PBE head:
     # the start's validation energy error is the frames' spread only, far below the heads' gap
     val = read(data / "val.extxyz", ":")
-    start = load_model(f"{out.with_name('mh.pth.work') / 'start.pth'}@defect", threads=2)
-    gap = np.mean([abs(_energy(start, f) - _energy(load_model("sevennet-mf-0", threads=2), f)) / len(f)
-                   for f in val])
+    start = load_model(f"{out.with_name('mh.pth.work') / 'start.pth'}@defect", threads=1)
+    base = load_model("sevennet-mf-0@PBE", threads=1)
+    gap = np.mean([abs(_energy(start, f) - _energy(base, f)) / len(f) for f in val])
     assert card["metrics"]["val_base"]["e"] < 0.03 < gap
     # the new head's per-element energy shift started as the PBE head's
     cp = torch.load(out, map_location="cpu", weights_only=False)
@@ -104,10 +129,14 @@ def test_multihead_adds_a_head_anchored_on_its_start_and_keeps_the_base_heads(da
     first = torch.load(out.with_name("mh.pth.work") / "start.pth", map_location="cpu", weights_only=False)
     shift = first["model_state_dict"]["rescale_atomic_energy.shift"]
     assert torch.equal(shift[2], shift[1])
-    new, pbe = load_model(str(out), threads=2), load_model(f"{out}@PBE", threads=2)
+    new, pbe = load_model(str(out), threads=1), load_model(f"{out}@PBE", threads=1)
     assert new.ref.head == "defect" and pbe.ref.head == "PBE" and new.key != pbe.key
     probe = _frames(1, 0, 9)[0]
     assert abs(_energy(new, probe) - _energy(pbe, probe)) > 1e-3  # two heads, two answers
+    # the new head learned: on relaxations it never saw, its errors fell well below the base
+    # model's (measured: forces 95 -> 22 meV/Å, energy differences 5.6 -> 0.58 meV/atom)
+    before, after = _learned(base, new)
+    assert after["f"] < 0.6 * before["f"] and after["de"] < 0.5 * before["de"], (before, after)
 
 
 def _two_fidelities(d):
@@ -134,17 +163,25 @@ def test_multifidelity_trains_the_base_head_on_low_and_a_new_head_on_high_fideli
     hi, lo = _two_fidelities(tmp_path)
     out = tmp_path / "mf.pth"
     s = FinetuneSettings(base="sevennet-mf-0@PBE", strategy="multifidelity", epochs=1, batch_size=4,
-                         threads=2, lr=1e-3)
+                         threads=1, lr=1e-3)
     card = finetune(tmp_path / "mf_train.extxyz", tmp_path / "mf_val.extxyz", out, s).card
     assert card["heads"] == ["R2SCAN", "PBE", "HSE06"] and card["default_head"] == "HSE06"
     assert card["fidelities"] == {"HSE06": len(hi), "PBE": len(lo)} and card["replay"]["frames"] == len(lo)
     assert card["strategy"] == "multifidelity" and card["settings"]["head"] == "HSE06"
-    high, low = load_model(str(out), threads=2), load_model(f"{out}@PBE", threads=2)
-    base = load_model("sevennet-mf-0", threads=2)
+    high, low = load_model(str(out), threads=1), load_model(f"{out}@PBE", threads=1)
+    base = load_model("sevennet-mf-0@PBE", threads=1)
     probe = _frames(1, 0, 9)[0]
-    e = [_energy(m, probe) for m in (high, low, base)]
+    e = [_energy(m, probe) for m in (high, low)]
     assert high.ref.head == "HSE06" and abs(e[0] - e[1]) > 1e-4  # one model, two fidelities
-    assert abs(e[1] - e[2]) > 1e-5  # the PBE head learned from the low-fidelity frames
+    # each head learned its own fidelity: on relaxations neither saw, the HSE06 head's errors
+    # against the high-fidelity (EMT) labels fell well below the base model's (measured: forces
+    # 95 -> 33 meV/Å, energy differences 5.6 -> 1.2 meV/atom), and the PBE head's against the
+    # low-fidelity (Lennard-Jones) labels fell too, less in one epoch from so far (measured:
+    # forces 879 -> 757 meV/Å, energy differences 57 -> 49 meV/atom)
+    before, after = _learned(base, high)
+    assert after["f"] < 0.6 * before["f"] and after["de"] < 0.5 * before["de"], (before, after)
+    before, after = _learned(base, low, _held_out(LennardJones(sigma=2.3, epsilon=0.4, rc=5.0)))
+    assert after["f"] < 0.95 * before["f"] and after["de"] < 0.95 * before["de"], (before, after)
 
 
 def test_mixed_functionals_need_fidelity_heads(tmp_path, capsys):
@@ -181,15 +218,19 @@ def test_mixed_functionals_need_fidelity_heads(tmp_path, capsys):
 
 def test_replay_mixes_base_labelled_crystals_into_chgnet_training(data, tmp_path):
     out = tmp_path / "rp.pth.tar"
-    s = FinetuneSettings(strategy="replay", replay_variants=1, epochs=1, batch_size=4, threads=2)
+    s = FinetuneSettings(strategy="replay", replay_variants=1, epochs=1, batch_size=4, lr=1e-3, threads=1)
     result = finetune(data / "train.extxyz", data / "val.extxyz", out, s)
     replay = read(tmp_path / "rp.pth.tar.work" / "replay.extxyz", ":")
-    base = load_model("chgnet", threads=2)
+    base = load_model("chgnet", threads=1)
     assert result.card["replay"]["frames"] == len(replay) == len(od.prototypes("replay"))
     assert "not DFT" in result.card["replay"]["source"]
     assert {f.info["functional"] for f in replay} == {f"base:{base.key}"}
     # the labels are the base model's own
     assert abs(replay[0].get_potential_energy() - _energy(base, replay[0])) < 1e-3
+    # and it learned the defect frames: on relaxations it never saw, its errors fell well below
+    # the base model's (measured: forces 93 -> 31 meV/Å, energy differences 5.6 -> 0.53 meV/atom)
+    before, after = _learned(base, load_model(str(out), threads=1))
+    assert after["f"] < 0.6 * before["f"] and after["de"] < 0.5 * before["de"], (before, after)
 
 
 def test_a_killed_sevennet_finetune_resumes(data, tmp_path, monkeypatch):
