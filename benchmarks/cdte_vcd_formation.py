@@ -30,7 +30,7 @@ from ase.units import kB
 
 from defectml.models import load_model
 from defectml.search.defects import make_defects
-from defectml.search.relax import relax_host
+from defectml.search.relax import relax_host, relax_one
 from defectml.structure_io import read_structure, to_atoms, to_structure
 from defectml.thermo.formation import formation_energy
 from defectml.thermo.reference import elemental_mu, elemental_reference
@@ -59,13 +59,12 @@ def relaxed_energy_per_atom(atoms: Atoms, calc: Calculator, fmax: float = 0.01) 
 
 
 def fixed_cell_relax(atoms: Atoms, calc: Calculator, fmax: float = 0.02) -> tuple[float, float, int]:
-    """(unrelaxed energy, relaxed energy, FIRE steps) of ``atoms`` in its own cell."""
+    """(unrelaxed energy, relaxed energy, FIRE steps) of ``atoms`` in its own cell (the search's relaxer)."""
     work = atoms.copy()
     work.calc = calc
     e0 = float(work.get_potential_energy())
-    opt = FIRE(work, logfile=None)
-    opt.run(fmax=fmax, steps=1000)
-    return e0, float(work.get_potential_energy()), int(opt.nsteps)
+    r = relax_one(atoms, calc, fmax=fmax, max_steps=1000)
+    return e0, float(r.energy), int(r.steps)
 
 
 def one_model(name: str) -> dict:

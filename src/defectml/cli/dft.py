@@ -106,7 +106,8 @@ def add_parsers(sub) -> None:
                     f"({d.k})")
     lp.add_argument("--explore-k", type=int, default=None,
                     help="DFT relaxations in a round where every minimum of the model is settled (only "
-                         f"blind exploration: the distortions farthest from those asked) ({d.explore_k})")
+                         "blind exploration: a kind of trial not yet asked, then the distortion farthest "
+                         f"from those asked) ({d.explore_k})")
     lp.add_argument("--rule", choices=RULES, default=None,
                     help="which trials go to DFT: lowest predicted energy; one per minimum DFT has not "
                          f"settled; the most uncertain such minima; or alternately the last two ({d.rule})")

@@ -115,7 +115,7 @@ class LoopSettings(FromOptions):
     Attributes:
         k: DFT relaxations per defect and charge per round.
         explore_k: DFT relaxations in a round where every minimum of the model is settled (blind
-            exploration only: the trials farthest in distortion from every one asked).
+            exploration only, as :func:`fill_up` picks).
         rule: ``lowest``, ``unvisited``, ``uncertain`` or ``mix``.
         dft_start: ``trial``, ``minimum`` or ``auto`` (where DFT starts).
         budget: DFT relaxations in all (every defect); ``None``: no limit.
