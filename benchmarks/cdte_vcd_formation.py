@@ -28,9 +28,9 @@ from ase.filters import FrechetCellFilter
 from ase.optimize import FIRE
 from ase.units import kB
 
+from defectml.core.relax import relax_host, relax_one
 from defectml.models import load_model
 from defectml.search.defects import make_defects
-from defectml.search.relax import relax_host, relax_one
 from defectml.structure_io import read_structure, to_atoms, to_structure
 from defectml.thermo.formation import formation_energy
 from defectml.thermo.reference import elemental_mu, elemental_reference

@@ -338,8 +338,8 @@ def mgo_gs_relax(work: Path, which: str, threads: int | None, log) -> dict:
     """
     from ase.io import read
 
+    from defectml.core.relax import relax_one
     from defectml.models import load_model
-    from defectml.search.relax import relax_one
     from defectml.train.metrics import rmsd
 
     cache = work / f"mgo_gs_relax_{which}.json"

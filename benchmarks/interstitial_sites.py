@@ -103,7 +103,7 @@ def main() -> None:
     for name, host in hosts().items():
         variants = {"as given": host}
         if calc is not None:
-            from defectml.search.relax import relax_host
+            from defectml.core.relax import relax_host
 
             variants[f"relaxed ({a.model})"] = to_structure(relax_host(to_atoms(host), calc)[0])
         for variant, s in variants.items():

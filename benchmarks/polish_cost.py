@@ -30,8 +30,8 @@ def polish(rows, model, optimiser: str, fmax: float = 0.01, max_steps: int = 300
     """Relax each stored end point on to ``fmax``; steps, seconds and energies."""
     from ase.optimize import BFGS, LBFGS
 
-    from defectml.search.engine import calculator_batch_fn
-    from defectml.search.relax import relax_batched
+    from defectml.core.engine import calculator_batch_fn
+    from defectml.core.relax import relax_batched
 
     fn = calculator_batch_fn(model.calculator)
     steps, after = [], []

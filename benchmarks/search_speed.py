@@ -33,12 +33,12 @@ import numpy as np
 from chgnet.model.dynamics import CHGNetCalculator
 from pymatgen.core import Structure
 
+from defectml.core.engine import Job, ModelSpec, run_jobs
+from defectml.core.relax import relax_batched, relax_host, relax_one
 from defectml.models import load_model
 from defectml.search import SearchSettings, plan
 from defectml.search.defects import make_defects
-from defectml.search.engine import Job, ModelSpec, run_jobs
 from defectml.search.landscape import BasinWatch, RelaxedTrial, bond_signature, find_minima
-from defectml.search.relax import relax_batched, relax_host, relax_one
 from defectml.structure_io import to_atoms, to_structure
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,7 +39,7 @@ warnings.filterwarnings("ignore")
 from defectml.models import load_model
 from defectml.models.model import busy_cores
 from defectml.search.defects import make_defects
-from defectml.search.relax import relax_one
+from defectml.core.relax import relax_one
 from defectml.structure_io import read_structure, to_atoms
 threads = None if sys.argv[1] == "default" else int(sys.argv[1])
 busy = busy_cores()

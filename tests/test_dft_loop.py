@@ -206,8 +206,8 @@ def test_gpaw_adapter_relaxes_a_tiny_molecule():
     import numpy as np
     from ase import Atoms
 
+    from defectml.core.relax import relax_one
     from defectml.dft.shortlist import dft_calculator
-    from defectml.search.relax import relax_one
 
     bond, energy = {}, {}
     for charge in (0, 1):

@@ -8,8 +8,8 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 
 from defectml import SearchSettings, TrialSettings, search
+from defectml.core.relax import calculator_batch_fn, relax_batched, relax_one
 from defectml.search.landscape import BasinWatch
-from defectml.search.relax import calculator_batch_fn, relax_batched, relax_one
 
 
 def _cu_vacancies(n):
@@ -130,3 +130,34 @@ def test_early_stop_search_records_basin_membership(tmp_path, copper):
     for t in summary.trials:
         if t.status == "in_basin":
             assert any(t.name in m.trials and t.basin_of in m.trials for m in summary.minima)
+
+
+@pytest.mark.parametrize("name", ["lbfgs", "bfgs", "precon-fire"])
+def test_each_batched_optimizer_is_the_ase_optimizer_it_names(name):
+    from ase.optimize import BFGS, LBFGS
+    from ase.optimize.precon import Exp, PreconFIRE
+
+    from defectml.core.optimizers import PRECON_MU
+
+    make = {"lbfgs": lambda a: LBFGS(a, logfile=None),
+            "bfgs": lambda a: BFGS(a, logfile=None),
+            "precon-fire": lambda a: PreconFIRE(a, logfile=None, precon=Exp(mu=PRECON_MU),
+                                                use_armijo=False)}[name]
+    structures = _cu_vacancies(3)
+    batched = dict(relax_batched(structures, calculator_batch_fn(EMT()), fmax=0.02, max_batch=3,
+                                 optimizer=name))
+    for i, a in enumerate(structures):
+        work = a.copy()
+        work.calc = EMT()
+        opt = make(work)
+        assert opt.run(fmax=0.02, steps=1500)
+        b = batched[i]
+        assert b.status == "converged" and b.steps == opt.nsteps
+        assert np.allclose(b.atoms.positions, work.positions, atol=1e-6)
+
+
+def test_an_unknown_optimizer_is_refused_before_any_work():
+    from defectml.errors import InputError
+
+    with pytest.raises(InputError, match="unknown optimiser 'newton'"):
+        list(relax_batched(_cu_vacancies(1), calculator_batch_fn(EMT()), optimizer="newton"))

@@ -116,7 +116,7 @@ def test_bad_finetune_input_gives_one_line(data, tmp_path, capsys):
 
 def test_model_metrics_are_exact_for_the_model_that_made_the_labels(tmp_path, capsys):
     """EMT frames judged by EMT: zero errors, and its relaxation test ends on DFT's end point."""
-    from defectml.search.relax import relax_one
+    from defectml.core.relax import relax_one
 
     start = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     del start[0]

@@ -4,7 +4,7 @@ from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 from ase.calculators.emt import EMT
 
-from defectml.search.relax import CONVERGED, FAILED, UNCONVERGED, relax_one, relax_structures
+from defectml.core.relax import CONVERGED, FAILED, UNCONVERGED, relax_one, relax_structures
 
 
 def _rattled_cu(seed=0):

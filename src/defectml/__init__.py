@@ -13,6 +13,7 @@ The pipeline, one way: host → :func:`make_defects` → :func:`make_trials` →
             print(summary.label, m.rank, round(m.delta_e, 3), m.label)
 """
 
+from defectml.core.relax import Relaxation, relax_structures
 from defectml.errors import DefectMLError, InputError, ModelError, StoreError
 from defectml.models import Model, load_model, wrap_calculator
 from defectml.search import SearchResult, SearchSettings, plan, search
@@ -20,7 +21,6 @@ from defectml.search.defects import Defect, make_defects
 from defectml.search.distort import Trial, TrialSettings, make_trials
 from defectml.search.fingerprint import SoapSettings, soap_fingerprints
 from defectml.search.landscape import Minimum, RelaxedTrial, find_minima
-from defectml.search.relax import Relaxation, relax_structures
 from defectml.search.summary import DefectSummary, summarise
 from defectml.store import ResultStore
 from defectml.structure_io import read_structure

@@ -9,6 +9,9 @@ these records, so every relaxation, ML or DFT, carries the same fields:
 * ``charge_state``, ``status`` (read from the DFT output for DFT rows, never assumed), and a
   per-frame :class:`Trajectory` (positions, energy, forces, stress where known, cell).
 
+Beside the relaxations: ``kind="polish"`` rows, a relaxation continued to a tighter force
+threshold for the ranking (:class:`PolishRecord`; older code ignores them).
+
 Schema versions: 1 (defectml ≤ 0.1, no version stamp: no ``theory``, no model keys, DFT
 trajectories without forces or cells); 2 (this module). A version-1 store is migrated in place
 when a writer opens it (its rows gain ``theory``; nothing is dropped); a newer version than this
@@ -217,6 +220,44 @@ class RelaxationRecord:
 
 
 @dataclass
+class PolishRecord:
+    """One relaxation continued from its end point to a tighter force threshold: ``kind="polish"``.
+
+    The relaxation it continues keeps its row (nothing is overwritten); a summary ranks the
+    polished energy and structure in its place (:mod:`defectml.search.polish`).
+
+    Attributes:
+        atoms: Final structure.
+        energy: Final energy (eV) or ``None`` (failed).
+        forces: Final forces or ``None``.
+        trial_key: The polished relaxation's key.
+        settings_key: The run it belongs to.
+        fmax: The tighter force threshold (eV/Å).
+        status: ``converged``, ``unconverged`` or ``failed``.
+        steps: Steps taken from the relaxation's end point.
+        model_key: The model's content key.
+        extra: ``seconds``, ``reason``, ``start_energy`` (the relaxation's own energy).
+    """
+
+    atoms: Atoms
+    energy: float | None
+    forces: np.ndarray | None
+    trial_key: str
+    settings_key: str
+    fmax: float
+    status: str
+    steps: int
+    model_key: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> tuple[dict, dict]:
+        """(key-value pairs, data) of the row."""
+        return ({"kind": "polish", "trial_key": self.trial_key, "settings_key": self.settings_key,
+                 "polish_fmax": float(self.fmax), "status": self.status, "steps": int(self.steps),
+                 "model_key": self.model_key}, dict(self.extra))
+
+
+@dataclass
 class ThermoRecord:
     """A cached expensive thermodynamic result (phonons, TI): ``kind="thermo"``."""
 
@@ -229,4 +270,4 @@ class ThermoRecord:
         return {"kind": "thermo", "thermo_key": self.thermo_key}, dict(self.result)
 
 
-Record = HostRecord | DefectRecord | RelaxationRecord | ThermoRecord
+Record = HostRecord | DefectRecord | RelaxationRecord | PolishRecord | ThermoRecord

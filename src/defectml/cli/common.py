@@ -6,11 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from defectml.core.optimizers import OPTIMIZERS
 from defectml.errors import InputError
 from defectml.models.ref import BUILTIN_MODELS
 from defectml.search.distort import DEFAULT_DISTORTIONS, TrialSettings
 from defectml.search.fingerprint import SoapSettings
 from defectml.search.landscape import DEFAULT_MAX_RISE, DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
+from defectml.search.polish import DEFAULT_POLISH_FMAX, DEFAULT_POLISH_MEMBERS
 
 EPILOG = """examples:
   defectml search examples/CdTe.cif --defect v_Cd --charge 0 --out runs/cdte
@@ -140,6 +142,17 @@ def add_search_args(s: argparse.ArgumentParser) -> None:
     m.add_argument("--pre-relax", default=None, metavar="MODEL.pt",
                    help="move every trial to a trained direct predictor's relaxed positions first "
                         "(a,b.pt: the average of an ensemble)")
+    m.add_argument("--optimizer", choices=OPTIMIZERS, default="fire",
+                   help="how each relaxation steps: fire (ASE's FIRE, the default), lbfgs, bfgs, "
+                        "precon-fire (ASE's, batched; see benchmarks/results/optimizers.md)")
+    m.add_argument("--polish-fmax", type=float, default=DEFAULT_POLISH_FMAX, metavar="EV_PER_A",
+                   help="rank minima on energies continued to this force threshold: each minimum's "
+                        "lowest and highest relaxations and the Unperturbed one (0: rank on --fmax "
+                        "energies; "
+                        f"{DEFAULT_POLISH_FMAX})")
+    m.add_argument("--polish-members", type=int, default=DEFAULT_POLISH_MEMBERS, metavar="N",
+                   help="relaxations polished per minimum: the lowest, the highest, then the next lowest "
+                        f"(0: all; {DEFAULT_POLISH_MEMBERS})")
     m.add_argument("--early-stop", action="store_true",
                    help="stop a relaxation once it reaches the basin of an already relaxed "
                         "minimum (same defect-site SOAP, energy within 0.05 eV)")
@@ -163,7 +176,8 @@ def search_settings(a: argparse.Namespace, **over):
         relax_host=not a.no_relax_host, oxidation_states=parse_oxi(a.oxi),
         trials=trial_settings(a), soap=soap(a), soap_threshold=a.soap_threshold,
         max_drop=a.max_drop, max_rise=a.max_rise, early_stop=a.early_stop, pre_relax=a.pre_relax,
-        sites=a.sites, env_shells=a.shells,
+        sites=a.sites, env_shells=a.shells, polish_fmax=a.polish_fmax, polish_members=a.polish_members,
+        optimizer=a.optimizer,
     )
     kw.update(over)
     return SearchSettings(**kw)

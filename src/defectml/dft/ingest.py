@@ -34,10 +34,10 @@ import numpy as np
 from ase import Atoms
 from ase.io import read
 
+from defectml.core.relax import CONVERGED, UNCONVERGED
 from defectml.errors import InputError
 from defectml.records import DefectRecord, HostRecord, RelaxationRecord, Trajectory, trial_key
 from defectml.search.defects import DEFECT_SPEC, guess_oxidation_states
-from defectml.search.relax import CONVERGED, UNCONVERGED
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import read_structure, to_atoms, to_structure
 

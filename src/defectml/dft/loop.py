@@ -76,6 +76,7 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from defectml.core.relax import CONVERGED, FAILED, UNCONVERGED
 from defectml.dft.agreement import (
     DEFAULT_MAX_RMSD,
     DEFAULT_ORDER_TOL,
@@ -90,7 +91,6 @@ from defectml.dft.agreement import (
 from defectml.dft.oracle import Request
 from defectml.errors import InputError, ModelError
 from defectml.records import RelaxationRecord, Trajectory, trial_key
-from defectml.search.relax import CONVERGED, FAILED, UNCONVERGED
 from defectml.search.summary import DefectSummary, charge_label, defect_context, summarise
 from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key
@@ -1059,7 +1059,7 @@ def relax_trials(store: ResultStore, committee, jobs: list[tuple[str, Atoms]], m
     """
     from tqdm.auto import tqdm
 
-    from defectml.search.engine import Job, ModelSpec, run_jobs
+    from defectml.core.engine import Job, ModelSpec, run_jobs
     from defectml.search.landscape import BasinWatch
 
     lead = committee.lead

@@ -27,8 +27,8 @@ import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
+from defectml.core.relax import CONVERGED, FAILED
 from defectml.errors import InputError
-from defectml.search.relax import CONVERGED, FAILED
 from defectml.search.summary import charge_label
 
 
@@ -107,7 +107,7 @@ class CalculatorOracle:
 
     def ask(self, requests: list[Request]) -> tuple[list[Answer], list[str]]:
         """Relax each request; a calculator error fails that request only."""
-        from defectml.search.relax import relax_one
+        from defectml.core.relax import relax_one
 
         answers = []
         for q in requests:

@@ -81,8 +81,8 @@ def relax_shortlist(store, summary: DefectSummary, chosen: list[Minimum], calcul
     Returns:
         The number of relaxations run (already stored ones are skipped).
     """
+    from defectml.core.relax import relax_one
     from defectml.records import RelaxationRecord, trial_key
-    from defectml.search.relax import relax_one
     from defectml.store import content_key
 
     if not summary.trials:

@@ -8,7 +8,6 @@ from enum import IntEnum
 import numpy as np
 import torch
 from ase import Atoms
-from ase.data import atomic_numbers
 from ase.geometry import find_mic, get_distances
 from ase.neighborlist import neighbor_list
 
@@ -196,9 +195,3 @@ def build_graph(
         target,
     )
 
-
-def element_number(symbol: str) -> int:
-    """Atomic number, with a clear error for nonsense."""
-    if symbol not in atomic_numbers:
-        raise DefectMLError(f"unknown element {symbol!r}")
-    return atomic_numbers[symbol]

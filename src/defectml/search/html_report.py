@@ -186,6 +186,10 @@ def _minima_table(s: DefectSummary) -> str:
                     + (" <b>(identity changed)</b>" if m.identity_change else "")
                     + f"</td><td{cls}>{trust}</td><td>{_esc(trials)}</td></tr>")
     rows.append("</table>")
+    polished = [t.polish_fmax for t in s.trials if t.polish_fmax is not None]
+    if polished:
+        rows.append(f"<p class='meta'>Ranked on {len(polished)} relaxations continued to fmax "
+                    f"{max(polished):g} eV/Å; a spread is over a minimum's polished members.</p>")
     return "\n".join(rows)
 
 

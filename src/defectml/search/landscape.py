@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
+from defectml.core.relax import CONVERGED, IN_BASIN
 from defectml.errors import InputError
 from defectml.search.defects import site_symmetry
 from defectml.search.fingerprint import SoapSettings, cosine_distances, soap_fingerprints
-from defectml.search.relax import CONVERGED, IN_BASIN
 
 #: Default SOAP cosine-distance threshold for "same minimum". On CdTe V_Cd^0 relaxed trials of one
 #: basin lie within 1.8e-3 of each other; distinct motifs with the same bonds lie further apart.
@@ -47,6 +47,8 @@ class RelaxedTrial:
     steps: int = 0
     basin_of: str | None = None
     trust: dict | None = None  # a committee's spread on it (``defectml.train.committee.Trust``)
+    polish_fmax: float | None = None  # continued to this force threshold (eV/Å): energy and atoms are its
+    search_energy: float | None = None  # the energy where the search's relaxation stopped (polished ones)
 
     def centre(self) -> np.ndarray:
         """Defect-site position in the relaxed structure (the defect atom follows its atom)."""

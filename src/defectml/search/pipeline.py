@@ -19,6 +19,9 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator
 from pymatgen.core import Structure
 
+from defectml.core.engine import Job, ModelSpec, run_jobs
+from defectml.core.optimizers import OPTIMIZERS
+from defectml.core.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
 from defectml.models.model import default_threads
@@ -35,7 +38,6 @@ from defectml.search.defects import (
     resolve_defects,
 )
 from defectml.search.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
-from defectml.search.engine import Job, ModelSpec, run_jobs
 from defectml.search.fingerprint import SoapSettings
 from defectml.search.landscape import (
     DEFAULT_MAX_RISE,
@@ -43,7 +45,7 @@ from defectml.search.landscape import (
     DEFAULT_SOAP_THRESHOLD,
     BasinWatch,
 )
-from defectml.search.relax import CONVERGED, RelaxationFailure, relax_host
+from defectml.search.polish import DEFAULT_POLISH_FMAX, DEFAULT_POLISH_MEMBERS, polish_minima
 from defectml.search.summary import DefectSummary, charge_label, summarise
 from defectml.store import ResultStore, content_key, is_url
 from defectml.structure_io import check_host, image_distance, to_atoms, to_structure, with_charge
@@ -84,6 +86,13 @@ class SearchSettings:
         trials_from: A ShakeNBreak folder whose trial POSCARs are the trials, exactly as they are
             (:mod:`~defectml.search.snb_trials`); its cells are the supercells, so the supercell
             and trial settings do not apply.
+        polish_fmax: Continue what the ranking rests on to this force threshold (eV/Å) before
+            ranking (:mod:`~defectml.search.polish`); 0 ranks on the search's own energies. Not
+            part of the key: a continuation is a row of its own, the relaxations stay as they are.
+        optimizer: How every relaxation steps (:data:`~defectml.core.optimizers.OPTIMIZERS`);
+            part of the key unless ``fire``, the default (old runs keep their keys).
+        polish_members: Relaxations continued per minimum: the lowest, the highest, then the
+            next lowest (0: all).
     """
 
     model: str | ModelRef = "chgnet"
@@ -106,6 +115,9 @@ class SearchSettings:
     env_shells: int = 1
     pre_relax: str | None = None
     trials_from: str | None = None
+    optimizer: str = "fire"
+    polish_fmax: float = DEFAULT_POLISH_FMAX
+    polish_members: int = DEFAULT_POLISH_MEMBERS
 
     def validate(self) -> None:
         """Raise ``InputError`` for out-of-range numbers."""
@@ -113,6 +125,13 @@ class SearchSettings:
             raise InputError(f"fmax must be positive, got {self.fmax}")
         if self.max_steps < 1:
             raise InputError(f"max steps must be at least 1, got {self.max_steps}")
+        if self.polish_fmax < 0 or (self.polish_fmax and self.polish_fmax >= self.fmax):
+            raise InputError(f"polish fmax must lie below fmax ({self.fmax} eV/Å), or be 0 to rank on "
+                             f"the search's own energies; got {self.polish_fmax}")
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"unknown optimiser {self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
+        if self.polish_members < 0:
+            raise InputError(f"polish members must be 0 (all) or more, got {self.polish_members}")
         if not 0 <= self.soap_threshold < 2:
             raise InputError(f"SOAP threshold must be in [0, 2), got {self.soap_threshold}")
         if not self.max_rise > 0:
@@ -139,6 +158,7 @@ class SearchSettings:
                 "trials_from",
                 *(["early_stop", self.soap_threshold] if self.early_stop else []),
                 *(["pre_relax", _file_key(self.pre_relax)] if self.pre_relax else []),
+                *(["optimizer", self.optimizer] if self.optimizer != "fire" else []),
             )
         return content_key(
             host_key, model_key, self.fmax, self.max_steps, self.min_length, self.max_atoms,
@@ -146,6 +166,7 @@ class SearchSettings:
             *(["early_stop", self.soap_threshold] if self.early_stop else []),
             *(["environment", self.env_shells] if self.sites == "environment" else []),
             *(["pre_relax", _file_key(self.pre_relax)] if self.pre_relax else []),
+            *(["optimizer", self.optimizer] if self.optimizer != "fire" else []),
         )
 
 
@@ -546,10 +567,17 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
     spec = ModelSpec(model.ref, s.device, s.threads,
                      model.calculator if model.ref.family == "calculator" else None)
     _relax_pending(store, pending, model, spec, s, skey, progress, execution, log_fn)
-    summaries = summarise(
-        store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop, only=wanted,
-        max_rise=s.max_rise,
-    )
+
+    def landscapes():
+        return summarise(store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop,
+                         only=wanted, max_rise=s.max_rise)
+
+    summaries = landscapes()
+    if s.polish_fmax and polish_minima(store, summaries, model, spec, fmax=s.polish_fmax,
+                                       members=s.polish_members, max_steps=s.max_steps,
+                                       optimizer=s.optimizer,
+                                       execution=execution, progress=progress, log_fn=log_fn).relaxations:
+        summaries = landscapes()
     return SearchResult(
         summaries, model.name, model.version, skey, len(pending), skipped,
         time.perf_counter() - t0, {it.label: it.dropped for it in items if it.dropped},
@@ -602,7 +630,8 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
             for it, defect_key, t, tkey in pending]
     bar = tqdm(total=len(jobs), disable=not progress or not jobs, unit="trial", desc="relaxing")
     pace = Pace()
-    results = run_jobs(jobs, spec, fmax=s.fmax, max_steps=s.max_steps, model=model, **execution)
+    results = run_jobs(jobs, spec, fmax=s.fmax, max_steps=s.max_steps, model=model, optimizer=s.optimizer,
+                       **execution)
     for job, r in results:
         it, defect_key, t, tkey = job.tag
         store.add(RelaxationRecord(
@@ -612,6 +641,7 @@ def _relax_pending(store, pending, model: Model, spec: ModelSpec, s: SearchSetti
             extra={"initial_positions": t.atoms.positions, "distorted_indices": list(t.distorted_indices),
                    "reason": r.reason, "model_version": model.version, "model_ref": model.ref.to_dict(),
                    "seconds": r.seconds, "fmax": s.fmax, "max_steps": s.max_steps, "basin_of": r.basin_of,
+                   "optimizer": s.optimizer,
                    **({"source": t.source} if t.source else {})},
         ))
         if job.watch is not None and r.status == CONVERGED:

@@ -29,6 +29,11 @@ def table(summaries: list[DefectSummary]) -> str:
                 lines.append(f"   !  #{m.rank} is no longer the defect it started as: {m.identity_change}")
         for t, reason in s.quarantined:
             lines.append(f"   !  quarantined {t.name}: {reason}")
+        polished = [t for t in s.trials if t.polish_fmax is not None]
+        if polished:
+            fmax = max(t.polish_fmax for t in polished)
+            lines.append(f"      ranked on {len(polished)} relaxation{'s' if len(polished) > 1 else ''} "
+                         f"continued to fmax {fmax:g} eV/Å (a spread is over a minimum's polished ones)")
         if not s.minima:
             lines.append("      no converged relaxation to rank")
         lines.append("")
@@ -98,7 +103,9 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
     ``Rattled`` and the diamond on the dashed zero line ``Unperturbed`` (both labelled), stars to
     the right the other trials (``Dimer``, ...), each labelled. The energy axis is in meV when the
     whole range is under 0.1 eV. The legend gives each minimum's energy spread (the range of its
-    relaxations' energies) and flags untrusted ones.
+    relaxations' energies) and flags untrusted ones. Where some relaxations were polished to a
+    tighter force threshold (:mod:`~defectml.search.polish`), the others are drawn faint: their
+    energies carry the search's convergence noise.
     """
     import matplotlib
 
@@ -116,9 +123,12 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
     cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
     specials = []
+    polished = any(t.polish_fmax is not None for t in ranked)
     for t in ranked:
         de = scale * (t.energy - reference)
         colour = cmap(basin[t.name] % 10)
+        if polished and t.polish_fmax is None:
+            colour = (*colour[:3], 0.35)
         if t.name == "Unperturbed":
             ax.scatter(0.0, de, color=colour, marker="D", s=46, zorder=4, edgecolor="k", linewidth=0.6)
             ax.annotate("Unperturbed", (0.0, de), textcoords="offset points", xytext=(5, -11), fontsize=7)
@@ -144,6 +154,10 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
     handles += [Line2D([], [], color="grey", marker=mk, ls="", label=what) for mk, what in
                 (("o", "bond distortion"), ("s", "Rattled (0%)"), ("D", "Unperturbed (dashed: its energy)"),
                  ("*", "other trials"))]
+    if polished:
+        fmax = max(t.polish_fmax for t in ranked if t.polish_fmax is not None)
+        handles.append(Line2D([], [], color="grey", alpha=0.35, marker="o", ls="",
+                              label=f"faint: not polished to fmax {fmax:g} eV/Å"))
     ax.legend(handles=handles, fontsize=6.5, loc="best")
     ax.set_xlabel("Bond distortion (%)")
     ax.set_ylabel(f"Energy relative to unperturbed ({unit})")

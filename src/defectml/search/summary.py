@@ -66,11 +66,25 @@ class DefectSummary:
         return None if t is None else t["force"] > (DEFAULT_THRESHOLD if threshold is None else threshold)
 
     def spread(self, minimum: Minimum) -> float:
-        """Energy range (eV) of the converged relaxations in one minimum (0 for one alone)."""
-        names = set(minimum.trials)
-        e = [t.energy for t in self.trials
-             if t.name in names and t.status == "converged" and t.energy is not None]
+        """Energy range (eV) of one minimum's relaxations (0 for one alone).
+
+        Over its polished members where two or more are (:mod:`~defectml.search.polish`): the
+        search's own threshold leaves convergence noise that is not the landscape's.
+        """
+        e = [t.energy for t in self.spread_members(minimum)]
         return float(max(e) - min(e)) if len(e) > 1 else 0.0
+
+    def spread_members(self, minimum: Minimum) -> list[RelaxedTrial]:
+        """The relaxations :meth:`spread` is taken over: the polished ones where two or more are."""
+        names = set(minimum.trials)
+        done = [t for t in self.trials
+                if t.name in names and t.status == "converged" and t.energy is not None]
+        polished = [t for t in done if t.polish_fmax is not None]
+        return polished if len(polished) > 1 else done
+
+    def polish_fmax(self, minimum: Minimum) -> float | None:
+        """The force threshold (eV/Å) a minimum's representative was polished to (``None``: not)."""
+        return next((t.polish_fmax for t in self.trials if t.name == minimum.trial), None)
 
     @property
     def scored(self) -> bool:
@@ -92,6 +106,8 @@ class DefectSummary:
                     "delta_e_eV": round(m.delta_e, 4) + 0.0,
                     "energy_eV": round(m.energy, 4),
                     "energy_spread_eV": round(self.spread(m), 4),
+                    "spread_over": [t.name for t in self.spread_members(m)],
+                    "polish_fmax": self.polish_fmax(m),
                     "trial": m.trial,
                     "trials": m.trials,
                     "label": m.label,
@@ -218,8 +234,11 @@ def summarise(
         fidelity: ``mlip`` (searches) or ``dft`` (ingested or DFT-relaxed results).
         max_rise: High-energy quarantine threshold (eV above the unperturbed relaxation).
     """
+    from defectml.search.polish import polished_rows
+
     key = settings_key or choose_run(store, None, fidelity)
     rows = store.select(kind="relaxation", settings_key=key, fidelity=fidelity)
+    polished = polished_rows(store.select(kind="polish", settings_key=key))
     groups: dict[tuple[str, int], list] = {}
     for r in rows:
         groups.setdefault((r.defect_key, int(r.charge_state)), []).append(r)
@@ -229,7 +248,8 @@ def summarise(
             continue
         ctx = defect_context(store, defect_key)
         defect_row = ctx.defect_row
-        trials = [relaxed_trial_from_row(r) for r in sorted(group, key=lambda r: r.id)]
+        trials = [relaxed_trial_from_row(r, polished.get(r.trial_key))
+                  for r in sorted(group, key=lambda r: r.id)]
         minima, bad = find_minima(
             trials, bulk=ctx.bulk, oxidation_states=ctx.oxidation_states,
             threshold=threshold, soap=soap, max_drop=max_drop, reference=ctx.reference,
@@ -247,13 +267,14 @@ def summarise(
     return summaries
 
 
-def relaxed_trial_from_row(row) -> RelaxedTrial:
-    """A :class:`RelaxedTrial` from a stored relaxation row."""
+def relaxed_trial_from_row(row, polish=None) -> RelaxedTrial:
+    """A :class:`RelaxedTrial` from a stored relaxation row (its ``polish`` row's end point if given)."""
+    end = polish if polish is not None else row
     return RelaxedTrial(
         name=row.trial,
         status=row.status,
-        energy=row.get("energy"),
-        atoms=with_charge(row.toatoms(), int(row.charge_state)),
+        energy=end.get("energy"),
+        atoms=with_charge(end.toatoms(), int(row.charge_state)),
         site=np.asarray(row.data["site"]),
         defect_index=row.data.get("defect_index"),
         distortion=row.get("distortion"),
@@ -261,4 +282,6 @@ def relaxed_trial_from_row(row) -> RelaxedTrial:
         steps=int(row.steps),
         basin_of=row.data.get("basin_of"),
         trust=row.data.get("trust"),
+        polish_fmax=None if polish is None else float(polish.polish_fmax),
+        search_energy=None if polish is None else row.get("energy"),
     )

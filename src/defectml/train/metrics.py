@@ -149,7 +149,7 @@ def rmsd(a: Atoms, b: Atoms) -> float:
 def relaxation_test(model, sets: list[FrameSet], fmax: float = 0.05, max_steps: int = 500,
                     progress: Callable = lambda x: x) -> list[dict]:
     """Relax each relaxation's first frame with the model; compare with DFT's last frame."""
-    from defectml.search.relax import relax_one
+    from defectml.core.relax import relax_one
 
     out = []
     for fs in progress(sets):

@@ -20,6 +20,7 @@ from ase.calculators.calculator import Calculator
 from ase.neighborlist import neighbor_list
 from ase.optimize import FIRE
 
+from defectml.core.optimizers import make_optimizer
 from defectml.models.model import BatchFn, calculator_batch_fn
 from defectml.records import Trajectory
 
@@ -76,6 +77,7 @@ def relax_one(
     max_steps: int = 1500,
     min_distance: float = 0.5,
     watch: Callable[[Atoms, float, int], str | None] | None = None,
+    optimizer: str = "fire",
 ) -> Relaxation:
     """Relax one structure at fixed cell with FIRE until max force < ``fmax`` (eV/Å).
 
@@ -91,10 +93,11 @@ def relax_one(
         watch: Optional early stop: called as ``watch(atoms, energy, step)`` before each step;
             a returned name stops the relaxation with status ``in_basin`` (it has reached the
             basin of that already relaxed trial, so finishing it would add nothing).
+        optimizer: One of :data:`~defectml.core.optimizers.OPTIMIZERS`.
     """
     ((_, result),) = relax_batched([atoms], calculator_batch_fn(calculator), fmax=fmax,
                                    max_steps=max_steps, min_distance=min_distance, max_batch=1,
-                                   watches=[watch])
+                                   watches=[watch], optimizer=optimizer)
     return result
 
 
@@ -145,18 +148,15 @@ def relax_host(atoms: Atoms, calculator: Calculator, fmax: float = 0.01, max_ste
 
 
 @dataclass
-class _FireState:
-    """ASE's FIRE (defaults of ase.optimize.FIRE) for one structure of a batch."""
+class _State:
+    """One structure of a batch: its atoms, its optimiser's state, its recorded frames."""
 
     index: int
     atoms: Atoms
     start: float
+    optimizer: object
     watch: Callable[[Atoms, float, int], str | None] | None = None
     frames: list = field(default_factory=list)  # (positions, energy, forces) per evaluation
-    vel: np.ndarray | None = None
-    dt: float = 0.1
-    a: float = 0.1
-    n_pos: int = 0
     steps: int = 0
     last_good: np.ndarray | None = None
 
@@ -171,29 +171,8 @@ class _FireState:
         return Trajectory(np.array(pos), np.array(energies), np.array(forces),
                           np.repeat(cell[None], len(pos), axis=0))
 
-    def step(self, forces: np.ndarray, maxstep: float = 0.2) -> None:
-        if self.vel is None:
-            self.vel = np.zeros_like(forces)
-        else:
-            vf = np.vdot(forces, self.vel)
-            if vf > 0.0:
-                self.vel = (1.0 - self.a) * self.vel + self.a * forces / np.sqrt(
-                    np.vdot(forces, forces)) * np.sqrt(np.vdot(self.vel, self.vel))
-                if self.n_pos > 5:
-                    self.dt = min(self.dt * 1.1, 1.0)
-                    self.a *= 0.99
-                self.n_pos += 1
-            else:
-                self.vel[:] = 0.0
-                self.a = 0.1
-                self.dt *= 0.5
-                self.n_pos = 0
-        self.vel += self.dt * forces
-        dr = self.dt * self.vel
-        norm = np.sqrt(np.vdot(dr, dr))
-        if norm > maxstep:
-            dr *= maxstep / norm
-        self.atoms.positions += dr
+    def step(self, energy: float, forces: np.ndarray) -> None:
+        self.optimizer.step(self.atoms, energy, forces)
         self.steps += 1
 
 
@@ -206,24 +185,27 @@ def relax_batched(
     min_distance: float = 0.5,
     max_batch: int = 16,
     watches: list | None = None,
+    optimizer: str = "fire",
 ) -> Iterator[tuple[int, Relaxation]]:
     """Relax many structures together: one ``batch_fn`` call per optimisation step for all.
 
-    ASE's FIRE (its defaults) with a per-structure state; finished structures leave the batch
-    and waiting ones enter, up to ``max_batch`` at a time. ``watches``: one early-stop check per
-    structure (or ``None``), see :func:`relax_one`.
+    One optimiser state per structure (``optimizer``, :mod:`~defectml.core.optimizers`; FIRE
+    with ASE's defaults unless asked); finished structures leave the batch and waiting ones enter,
+    up to ``max_batch`` at a time. ``watches``: one early-stop check per structure (or ``None``),
+    see :func:`relax_one`.
 
     Yields:
         ``(input index, Relaxation)`` as each finishes (not in input order).
     """
+    make_optimizer(optimizer)  # an unknown name fails before any work
     structures = list(structures)
     watches = list(watches) if watches is not None else [None] * len(structures)
     waiting = list(zip(range(len(structures)), structures, watches, strict=True))[::-1]
-    active: list[_FireState] = []
+    active: list[_State] = []
     while waiting or active:
         while waiting and len(active) < max_batch:
             i, a, w = waiting.pop()
-            st = _FireState(i, a.copy(), time.perf_counter(), watch=w)
+            st = _State(i, a.copy(), time.perf_counter(), make_optimizer(optimizer), watch=w)
             st.atoms.calc = None
             st.last_good = st.atoms.positions.copy()
             d = closest_pair_below(st.atoms, min_distance)
@@ -253,7 +235,7 @@ def relax_batched(
         active = still
 
 
-def _advance(st: _FireState, res, fmax: float, max_steps: int, min_distance: float):
+def _advance(st: _State, res, fmax: float, max_steps: int, min_distance: float):
     """Check one structure of the batch, then step it; a :class:`Relaxation` when finished."""
     if isinstance(res, Exception):
         return _failed_at(st, f"model error: {type(res).__name__}: {res}")
@@ -281,11 +263,11 @@ def _advance(st: _FireState, res, fmax: float, max_steps: int, min_distance: flo
                               f"stopped at step {st.steps}: in the basin of {basin}",
                               time.perf_counter() - st.start, basin_of=basin,
                               trajectory=st.trajectory())
-    st.step(forces)
+    st.step(float(energy), forces)
     return None
 
 
-def _failed_at(st: _FireState, reason: str) -> Relaxation:
+def _failed_at(st: _State, reason: str) -> Relaxation:
     atoms = st.atoms.copy()
     atoms.positions[:] = st.last_good
     return _failed(atoms, st.steps, reason, st.start, st.trajectory())

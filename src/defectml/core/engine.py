@@ -19,10 +19,10 @@ from typing import Any
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
+from defectml.core.relax import Relaxation, calculator_batch_fn, relax_batched
 from defectml.errors import InputError
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
 from defectml.models.model import default_threads
-from defectml.search.relax import Relaxation, calculator_batch_fn, relax_batched
 
 EXECUTORS = ("local", "dask")
 
@@ -61,12 +61,13 @@ def _model(spec: ModelSpec) -> Model:
 
 
 def relax_batch(atoms_list: list[Atoms], spec: ModelSpec, fmax: float, max_steps: int,
-                watches: list | None = None, model: Model | None = None) -> list[Relaxation]:
+                watches: list | None = None, model: Model | None = None,
+                optimizer: str = "fire") -> list[Relaxation]:
     """Relax a batch in the current process (what a worker runs): one model call per step."""
     model = model or _model(spec)
     out: list[Relaxation | None] = [None] * len(atoms_list)
     for i, r in relax_batched(atoms_list, model.batch(), fmax=fmax, max_steps=max_steps,
-                              max_batch=len(atoms_list), watches=watches):
+                              max_batch=len(atoms_list), watches=watches, optimizer=optimizer):
         out[i] = r
     return out
 
@@ -87,6 +88,7 @@ def run_jobs(
     scheduler: str | None = None,
     batch_size: int = 1,
     model: Model | None = None,
+    optimizer: str = "fire",
 ) -> Iterator[tuple[Job, Relaxation]]:
     """Run ``jobs``; yield each ``(job, result)`` as soon as it is done.
 
@@ -101,6 +103,7 @@ def run_jobs(
         scheduler: Address of a running Dask scheduler (``tcp://host:8786``).
         batch_size: Trials relaxed together (one model call per step for all of them).
         model: The already-loaded model, used when running in this process.
+        optimizer: One of :data:`~defectml.core.optimizers.OPTIMIZERS`.
     """
     if executor not in EXECUTORS:
         raise InputError(f"unknown executor {executor!r}: use {' or '.join(EXECUTORS)}")
@@ -113,7 +116,8 @@ def run_jobs(
         # batch of one: the model's own calculator; several: its batched prediction
         fn = model.batch() if batch_size > 1 else calculator_batch_fn(model.calculator)
         for i, r in relax_batched([j.atoms for j in jobs], fn, fmax=fmax, max_steps=max_steps,
-                                  max_batch=batch_size, watches=[j.watch for j in jobs]):
+                                  max_batch=batch_size, watches=[j.watch for j in jobs],
+                                  optimizer=optimizer):
             yield jobs[i], r
         return
     per_worker = ModelSpec(spec.name, spec.device,
@@ -121,12 +125,12 @@ def run_jobs(
                            spec.calculator)
     batches = _batches(jobs, batch_size)
     if executor == "local":
-        yield from _run_pool(batches, per_worker, fmax, max_steps, workers)
+        yield from _run_pool(batches, per_worker, fmax, max_steps, workers, optimizer)
     else:
-        yield from _run_dask(batches, per_worker, fmax, max_steps, workers, scheduler)
+        yield from _run_dask(batches, per_worker, fmax, max_steps, workers, scheduler, optimizer)
 
 
-def _run_pool(batches, spec, fmax, max_steps, workers):
+def _run_pool(batches, spec, fmax, max_steps, workers, optimizer):
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -134,14 +138,14 @@ def _run_pool(batches, spec, fmax, max_steps, workers):
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = {
             pool.submit(relax_batch, [j.atoms for j in b], spec, fmax, max_steps,
-                        [j.watch for j in b]): b
+                        [j.watch for j in b], optimizer=optimizer): b
             for b in batches
         }
         for fut in as_completed(futures):
             yield from zip(futures[fut], fut.result(), strict=True)
 
 
-def _run_dask(batches, spec, fmax, max_steps, workers, scheduler):
+def _run_dask(batches, spec, fmax, max_steps, workers, scheduler, optimizer):
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -157,7 +161,7 @@ def _run_dask(batches, spec, fmax, max_steps, workers, scheduler):
         futures = {}
         for b in batches:
             fut = client.submit(relax_batch, [j.atoms for j in b], spec, fmax, max_steps,
-                                [j.watch for j in b], pure=False, retries=2)
+                                [j.watch for j in b], optimizer=optimizer, pure=False, retries=2)
             futures[fut] = b
         for fut in as_completed(list(futures)):
             yield from zip(futures[fut], fut.result(), strict=True)
