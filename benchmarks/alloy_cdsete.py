@@ -21,9 +21,9 @@ from pathlib import Path
 
 from pymatgen.core import Structure
 
-from defectml import SearchSettings, TrialSettings, search
-from defectml.search.alloy import make_alloy
+from defectml import SearchSettings, TrialSettings
 from defectml.search.alloy_report import alloy_rows
+from defectml.search.alloy_run import alloy_trials, search_composition
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,18 +37,16 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args()
     host = Structure.from_file(ROOT / "examples" / "CdTe.cif")
-    settings = SearchSettings(
-        model=a.model, sites="environment",
-        trials=TrialSettings(all_pairs=True, pair_distortions=(-0.6, -0.5, -0.4, -0.3, -0.2)))
+    settings = SearchSettings(model=a.model, sites="environment", trials=alloy_trials(TrialSettings()))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "alloy_cdsete.json"
     doc = json.loads(path.read_text()) if path.exists() else {"compositions": {}}
     for x in (float(v) for v in a.x.split(",")):
-        alloy = make_alloy(host, ("Te", "Se"), x, seed=a.seed)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            result = search(alloy, "v_Cd", [0], out=tmp, settings=settings, progress=False)
+            alloy, result = search_composition(host, ("Te", "Se"), x, "v_Cd", [0], tmp, settings,
+                                               seed=a.seed, log_fn=lambda _: None)
             wall = time.perf_counter() - t0
         rows = alloy_rows(x, result)
         doc["compositions"][f"{x:g}"] = {

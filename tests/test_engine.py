@@ -161,3 +161,31 @@ def test_an_unknown_optimizer_is_refused_before_any_work():
 
     with pytest.raises(InputError, match="unknown optimiser 'newton'"):
         list(relax_batched(_cu_vacancies(1), calculator_batch_fn(EMT()), optimizer="newton"))
+
+
+@pytest.mark.parametrize("name", ["fire", "bfgs"])
+def test_constraints_hold_as_in_ase(name):
+    """FixSymmetry (thermo's symmetric relaxations) and FixAtoms: the same path as ASE's own run."""
+    from ase.constraints import FixAtoms, FixSymmetry
+    from ase.optimize import BFGS, FIRE
+
+    a = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    del a[0]
+    a.positions[3] += [0.05, 0.05, 0.0]  # a displacement the symmetry keeps (it lowers it)
+    # fixed: four of the vacancy's neighbours (it was at the origin), whose forces are the largest:
+    # convergence must be judged without them
+    half = a.cell.lengths() / 2
+    r = np.linalg.norm((a.positions + half) % (2 * half) - half, axis=1)
+    near = [int(i) for i in np.flatnonzero(np.abs(r - 3.61 / np.sqrt(2)) < 0.05)][:4]
+    for constraint in (FixSymmetry(a, symprec=1e-3), FixAtoms(indices=near)):
+        start = a.copy()
+        start.set_constraint(constraint)
+        work = start.copy()
+        work.calc = EMT()
+        opt = {"fire": FIRE, "bfgs": BFGS}[name](work, logfile=None)
+        assert opt.run(fmax=0.01, steps=500)
+        r = relax_one(start, EMT(), fmax=0.01, optimizer=name)
+        assert r.status == "converged" and r.steps == opt.nsteps
+        assert np.allclose(r.atoms.positions, work.positions, atol=1e-6)
+        if isinstance(constraint, FixAtoms):
+            assert len(near) == 4 and np.allclose(r.atoms.positions[near], a.positions[near])

@@ -663,3 +663,17 @@ def test_a_rare_non_finite_batch_is_skipped_and_a_diverging_run_stops(tmp_path, 
         train(graphs, graphs[:1], tmp_path / "b.pt", config, TrainSettings(epochs=1, batch_size=1),
               log=lambda m: None)
     assert not (tmp_path / "b.pt").exists()  # no epoch finished: nothing half-written
+
+
+def test_train_settings_from_options_uses_the_shared_mixin_and_never_takes_log():
+    import argparse
+
+    from defectml.settings import FromOptions
+
+    assert issubclass(TrainSettings, FromOptions)
+    a = argparse.Namespace(epochs=3, lr=None, noise=0.1, log=print, seeds=2, no_compile=True)
+    s = TrainSettings.from_options(a, threads=1, compile=not a.no_compile)
+    assert (s.epochs, s.lr, s.noise, s.threads, s.compile, s.log) == (3, 2e-3, 0.1, 1, False, [])
+    assert TrainSettings.from_options({"batch_size": 2, "log": ["x"]}).log == []
+    with pytest.raises(DefectMLError, match="--interpolate"):
+        TrainSettings.from_options({"interpolate": 2.0})

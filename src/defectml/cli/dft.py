@@ -186,48 +186,21 @@ def add_parsers(sub) -> None:
 
 def cmd_shortlist(a: argparse.Namespace) -> int:
     """`defectml shortlist`: choose minima for DFT and write their inputs."""
-    from defectml.dft.inputs import load_overrides, write_inputs
-    from defectml.dft.shortlist import dft_calculator, dft_structures, relax_shortlist, select
+    from defectml.dft.inputs import load_overrides
+    from defectml.dft.shortlist import ShortlistRequest, dft_calculator, write_shortlist
     from defectml.search.summary import summarise
-    from defectml.structure_io import to_structure, write_structure
 
     store = open_store(a.run)
     summaries = summarise(store, run_key(store, a.run, a.run_key), soap=soap(a), threshold=a.soap_threshold,
                           max_drop=a.max_drop, max_rise=a.max_rise)
-    overrides = load_overrides(a.overrides)
-    codes = [c.strip() for c in a.codes.split(",") if c.strip()]
-    out = Path(a.out) if a.out else run_folder(a.run) / "dft"
     if a.calculator:
         dft_calculator(a.calculator)  # an unknown or missing code fails before any work
-    doc, bulks = [], {}
-    for s in summaries:
-        chosen = select(s, a.max_per_defect, a.window)
-        named, bulk, lattice = dft_structures(store, s, chosen, a.lattice)
-        entry = {"defect": s.defect, "charge": s.charge, "n_trials": len(s.trials),
-                 "n_minima": len(s.minima), "lattice": lattice, "shortlist": []}
-        for m, (name, atoms) in zip(chosen, named, strict=True):
-            folder = out / s.label / name
-            write_inputs(atoms, s.charge, folder, codes, overrides)
-            write_structure(to_structure(atoms), folder / "structure")
-            entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
-                                       "delta_e_eV": round(m.delta_e, 4) + 0.0, "folder": str(folder),
-                                       "control": m.contains_unperturbed})
-        bulks.setdefault(bulk.cell.array.round(6).tobytes(), (bulk, lattice))
-        if a.calculator:
-            ran = relax_shortlist(store, s, chosen, lambda q: dft_calculator(a.calculator, q),
-                                  a.calculator, fmax=a.dft_fmax)
-            entry["dft_relaxed"] = ran
-        doc.append(entry)
-        n = len(chosen)
-        print(f"{s.label}: {n} of {len(s.minima)} minima -> DFT "
-              f"({n} relaxations instead of {len(s.trials)}: {1 - n / max(len(s.trials), 1):.0%} saved)")
-    for i, (bulk, lattice) in enumerate(bulks.values()):  # the pristine supercell(s), neutral
-        folder = out / ("bulk" if len(bulks) == 1 else f"bulk_{i}")
-        write_inputs(bulk, 0, folder, codes, overrides)
-        write_structure(to_structure(bulk), folder / "structure")
-        print(f"bulk supercell ({len(bulk)} atoms, {lattice}) -> {folder}/")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "shortlist.json").write_text(json.dumps(doc, indent=2))
+    request = ShortlistRequest(
+        out=Path(a.out) if a.out else run_folder(a.run) / "dft",
+        codes=[c.strip() for c in a.codes.split(",") if c.strip()], overrides=load_overrides(a.overrides),
+        max_per_defect=a.max_per_defect, window=a.window, lattice=a.lattice, calculator=a.calculator,
+        dft_fmax=a.dft_fmax)
+    doc = write_shortlist(store, summaries, request, say=print)
     if a.json:
         print(json.dumps(doc, indent=2))
     return 0
@@ -328,7 +301,7 @@ def loop_table(result) -> str:
 def cmd_export(a: argparse.Namespace) -> int:
     """`defectml export`: ShakeNBreak folders or DefectEntry JSON."""
     from defectml.dft.export import write_defect_entries, write_snb_folders
-    from defectml.search.summary import charge_label, summarise
+    from defectml.search.summary import charge_label, summarise, trial_start
 
     store = open_store(a.run)
     key = run_key(store, a.run, a.run_key)
@@ -338,11 +311,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     if a.format == "snb":
         starts = {}
         for row in store.select(kind="relaxation", settings_key=key):
-            if row.data.get("initial_positions") is not None:
-                atoms = row.toatoms()
-                atoms.calc = None
-                atoms.positions = row.data["initial_positions"]
-                starts[(charge_label(row.defect, int(row.charge_state)), row.trial)] = atoms
+            start = trial_start(row)
+            if start is not None:
+                starts[(charge_label(row.defect, int(row.charge_state)), row.trial)] = start
         written = write_snb_folders(summaries, out, starts)
     else:
         written = write_defect_entries(store, summaries, out)

@@ -131,13 +131,11 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 def cmd_alloy(a: argparse.Namespace) -> int:
     """`defectml alloy`: random alloys, one search per composition, per local environment."""
-    import dataclasses
-
-    from defectml.search import search
-    from defectml.search.alloy import make_alloy, parse_substitution
+    from defectml.search.alloy import parse_substitution
     from defectml.search.alloy_report import alloy_rows, alloy_table, plot_alloy
+    from defectml.search.alloy_run import alloy_trials, search_composition
     from defectml.search.report import write_outputs
-    from defectml.structure_io import read_structure, write_structure
+    from defectml.structure_io import read_structure
 
     host = read_structure(a.structure)
     substitute = parse_substitution(a.substitute)
@@ -145,22 +143,15 @@ def cmd_alloy(a: argparse.Namespace) -> int:
         fractions = [float(v) for v in a.x.split(",") if v.strip()]
     except ValueError:
         raise InputError(f"cannot parse --x {a.x!r}: use e.g. 0.25,0.5") from None
-    trials = trial_settings(a)
-    trials = dataclasses.replace(trials, all_pairs=True,
-                                 pair_distortions=trials.pair_distortions
-                                 or (-0.6, -0.5, -0.4, -0.3, -0.2))
-    settings = search_settings(a, sites="environment", trials=trials)
+    settings = search_settings(a, sites="environment", trials=alloy_trials(trial_settings(a)))
     say = messages(a.quiet)
     out = Path(a.out)
     rows = []
     for x in fractions:
-        alloy = make_alloy(host, substitute, x, min_length=a.min_length, max_atoms=a.max_atoms,
-                           seed=a.alloy_seed)
         folder = out / f"x_{x:g}"
-        write_structure(alloy, folder / "alloy")
-        say(f"x = {x:g}: {alloy.composition.formula} ({len(alloy)} atoms)")
-        result = search(alloy, a.defect, parse_charges(a.charge), out=folder, settings=settings,
-                        progress=not a.quiet, log_fn=say, **execution(a))
+        _, result = search_composition(host, substitute, x, a.defect, parse_charges(a.charge), folder,
+                                       settings, seed=a.alloy_seed, progress=not a.quiet, log_fn=say,
+                                       execution=execution(a))
         write_outputs(result.summaries, folder, {"x": x, "model": result.model_version})
         rows += alloy_rows(x, result)
     (out / "alloy_summary.json").write_text(json.dumps(rows, indent=2))

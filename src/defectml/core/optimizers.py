@@ -59,7 +59,7 @@ class Fire:
         norm = np.sqrt(np.vdot(dr, dr))
         if norm > MAXSTEP:
             dr *= MAXSTEP / norm
-        atoms.positions += dr
+        atoms.set_positions(atoms.positions + dr)  # through the atoms' constraints, as ASE's FIRE
 
 
 class AseStep:

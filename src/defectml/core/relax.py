@@ -2,7 +2,8 @@
 
 One relaxer: :func:`relax_batched` runs ASE's FIRE (same defaults, tested equal) on a batch of
 structures with one model call per step for all of them, checks every step (non-finite output,
-atoms too close, an optional early-stop watch) and records every frame. :func:`relax_one` is the
+atoms too close, an optional early-stop watch) and records every frame; the atoms' own constraints
+(``FixSymmetry``, ``FixAtoms``) hold, as in ASE's optimisers. :func:`relax_one` is the
 batch of one, so a result never depends on the executor or the batch size it ran with. It knows
 nothing of defects or trials: "relax these N structures" → one :class:`Relaxation` each, yielded
 as each finishes so the caller can store it at once.
@@ -235,6 +236,20 @@ def relax_batched(
         active = still
 
 
+def constrained_forces(atoms: Atoms, forces: np.ndarray) -> np.ndarray:
+    """``forces`` as ``atoms``' constraints (``FixSymmetry``, ``FixAtoms``, ...) leave them.
+
+    What convergence is judged on and what the optimiser steps along, as ASE's optimisers do; the
+    positions they move to are adjusted by the same constraints (``Atoms.set_positions``).
+    """
+    if not atoms.constraints:
+        return forces
+    out = np.array(forces, dtype=float)
+    for c in atoms.constraints:
+        c.adjust_forces(atoms, out)
+    return out
+
+
 def _advance(st: _State, res, fmax: float, max_steps: int, min_distance: float):
     """Check one structure of the batch, then step it; a :class:`Relaxation` when finished."""
     if isinstance(res, Exception):
@@ -248,7 +263,8 @@ def _advance(st: _State, res, fmax: float, max_steps: int, min_distance: float):
     if d is not None:
         return _failed_at(st, f"atoms {d:.2f} Å apart (< {min_distance} Å)")
     st.last_good = st.atoms.positions.copy()
-    st.record(energy, forces)
+    st.record(energy, forces)  # the model's own forces: what a trajectory's frames are labelled with
+    forces = constrained_forces(st.atoms, forces)
     fmax_now = float(np.sqrt((forces**2).sum(axis=1)).max())
     if fmax_now < fmax or st.steps >= max_steps:
         converged = fmax_now < fmax

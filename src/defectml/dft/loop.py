@@ -91,7 +91,7 @@ from defectml.dft.agreement import (
 from defectml.dft.oracle import Request
 from defectml.errors import InputError, ModelError
 from defectml.records import RelaxationRecord, Trajectory, trial_key
-from defectml.search.summary import DefectSummary, charge_label, defect_context, summarise
+from defectml.search.summary import DefectSummary, charge_label, defect_context, summarise, trial_start
 from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import bare_atoms, with_charge, write_frames, write_json
@@ -569,16 +569,9 @@ class _Loop:
 
     def _trial_starts(self, summary: DefectSummary) -> dict[str, Atoms]:
         """Each trial's unrelaxed structure (its stored starting positions)."""
-        out = {}
-        for row in self.store.select(kind="relaxation", settings_key=self.run_key,
-                                     defect_key=summary.defect_key, charge_state=summary.charge):
-            atoms = row.toatoms()
-            atoms.calc = None
-            start = row.data.get("initial_positions")
-            if start is not None:
-                atoms.positions = np.asarray(start, dtype=float)
-            out[row.trial] = atoms
-        return out
+        return {row.trial: trial_start(row, or_end=True)
+                for row in self.store.select(kind="relaxation", settings_key=self.run_key,
+                                             defect_key=summary.defect_key, charge_state=summary.charge)}
 
     def _geometry(self, summary: DefectSummary) -> Geometry:
         ctx = defect_context(self.store, summary.defect_key)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import numpy as np
 from ase import Atoms
 from ase.build import make_supercell
@@ -151,3 +156,62 @@ def dft_structures(store, summary: DefectSummary, chosen: list[Minimum], lattice
             atoms.set_cell(cell, scale_atoms=True)
         named.append((name, atoms))
     return named, make_supercell(host, sc), note
+
+
+@dataclass
+class ShortlistRequest:
+    """What ``defectml shortlist`` writes: where, for which codes, how many minima.
+
+    ``calculator``: a DFT code to relax the chosen minima with here as well (e.g. ``gpaw``).
+    """
+
+    out: Path
+    codes: list[str]
+    overrides: dict = field(default_factory=dict)
+    max_per_defect: int = 5
+    window: float = 0.5
+    lattice: str = "input"
+    calculator: str | None = None
+    dft_fmax: float = 0.05
+
+
+def write_shortlist(store, summaries: list[DefectSummary], r: ShortlistRequest,
+                    say: Callable[[str], None] = print) -> list[dict]:
+    """Choose each landscape's minima for DFT, write their inputs and the pristine supercell(s).
+
+    Writes ``r.out/<label>/<minimum>/`` (inputs of every code and the structure), one ``bulk``
+    folder per distinct supercell (neutral), and ``r.out/shortlist.json`` (the returned document).
+    With ``r.calculator`` the chosen minima are also relaxed here and stored as DFT rows.
+    """
+    from defectml.dft.inputs import write_inputs
+    from defectml.structure_io import to_structure, write_structure
+
+    doc, bulks = [], {}
+    for s in summaries:
+        chosen = select(s, r.max_per_defect, r.window)
+        named, bulk, lattice = dft_structures(store, s, chosen, r.lattice)
+        entry = {"defect": s.defect, "charge": s.charge, "n_trials": len(s.trials),
+                 "n_minima": len(s.minima), "lattice": lattice, "shortlist": []}
+        for m, (name, atoms) in zip(chosen, named, strict=True):
+            folder = r.out / s.label / name
+            write_inputs(atoms, s.charge, folder, r.codes, r.overrides)
+            write_structure(to_structure(atoms), folder / "structure")
+            entry["shortlist"].append({"rank": m.rank, "trial": m.trial, "label": m.label,
+                                       "delta_e_eV": round(m.delta_e, 4) + 0.0, "folder": str(folder),
+                                       "control": m.contains_unperturbed})
+        bulks.setdefault(bulk.cell.array.round(6).tobytes(), (bulk, lattice))
+        if r.calculator:
+            entry["dft_relaxed"] = relax_shortlist(
+                store, s, chosen, lambda q: dft_calculator(r.calculator, q), r.calculator, fmax=r.dft_fmax)
+        doc.append(entry)
+        n = len(chosen)
+        say(f"{s.label}: {n} of {len(s.minima)} minima -> DFT "
+            f"({n} relaxations instead of {len(s.trials)}: {1 - n / max(len(s.trials), 1):.0%} saved)")
+    for i, (bulk, lattice) in enumerate(bulks.values()):  # the pristine supercell(s), neutral
+        folder = r.out / ("bulk" if len(bulks) == 1 else f"bulk_{i}")
+        write_inputs(bulk, 0, folder, r.codes, r.overrides)
+        write_structure(to_structure(bulk), folder / "structure")
+        say(f"bulk supercell ({len(bulk)} atoms, {lattice}) -> {folder}/")
+    r.out.mkdir(parents=True, exist_ok=True)
+    (r.out / "shortlist.json").write_text(json.dumps(doc, indent=2))
+    return doc

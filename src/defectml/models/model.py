@@ -18,14 +18,18 @@ BatchFn = Callable[[list[Atoms]], list[tuple[float, np.ndarray]]]
 
 
 def calculator_batch_fn(calculator: Calculator) -> BatchFn:
-    """A batch function that evaluates structures one by one with an ASE calculator."""
+    """A batch function that evaluates structures one by one with an ASE calculator.
+
+    The forces are the calculator's own, before any constraint of the atoms (as a batched model
+    gives them): the relaxer applies the constraints (:func:`~defectml.core.relax.constrained_forces`).
+    """
 
     def evaluate(structures: list[Atoms]) -> list[tuple[float, np.ndarray]]:
         out = []
         for a in structures:
             a = a.copy()
             a.calc = calculator
-            out.append((float(a.get_potential_energy()), np.array(a.get_forces())))
+            out.append((float(a.get_potential_energy()), np.array(a.get_forces(apply_constraint=False))))
         return out
 
     return evaluate

@@ -6,7 +6,7 @@ import json
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,7 @@ from defectml.errors import DefectMLError
 from defectml.predictor.graph import DefectGraph
 from defectml.predictor.metrics import coordinate_mae, mean_metrics
 from defectml.predictor.model import Batch, DefectRelaxNet, Ensemble, ModelConfig, distance_loss, recycled
+from defectml.settings import FromOptions
 
 # A batch whose loss is not finite is skipped (no step, logged, counted in the history) as long as at
 # most this fraction of an epoch's batches is; beyond it training stops as diverged. Deep networks
@@ -26,7 +27,7 @@ MAX_SKIPPED_FRACTION = 0.05
 
 
 @dataclass
-class TrainSettings:
+class TrainSettings(FromOptions):
     """Optimiser settings (defaults: the small CPU configuration).
 
     ``compile`` runs the training forward pass through ``torch.compile`` (about 2x faster per step on
@@ -64,22 +65,18 @@ class TrainSettings:
 
     @classmethod
     def from_options(cls, options, **overrides) -> TrainSettings:
-        """The one place training settings are built: the CLI and the benchmarks call it.
+        """Settings from CLI options or a dict (:class:`~defectml.settings.FromOptions`), never ``log``.
 
         Args:
             options: An argparse namespace (or dict) whose attributes named like the fields are
-                taken (``None`` keeps the default).
+                taken (``None`` keeps the default); a ``log`` in it is not taken.
             overrides: Fields set explicitly, over ``options``.
 
         Raises:
             DefectMLError: a value out of range.
         """
         source = options if isinstance(options, dict) else vars(options)
-        names = {f.name for f in fields(cls)} - {"log"}
-        chosen = {k: source[k] for k in names if source.get(k) is not None}
-        settings = cls(**{**chosen, **overrides})
-        settings.validate()
-        return settings
+        return super().from_options({k: v for k, v in source.items() if k != "log"}, **overrides)
 
     def validate(self) -> None:
         """Raise ``DefectMLError`` for a value out of range."""
@@ -237,6 +234,246 @@ def _gradient_step(forward, b: Batch, s: TrainSettings) -> torch.Tensor:
     return loss
 
 
+@dataclass
+class _TrainState:
+    """What a training run carries from epoch to epoch (and what its checkpoint stores).
+
+    Attributes:
+        model: The network being trained.
+        opt: Its optimiser.
+        sched: The optimiser's learning-rate schedule.
+        forward: What the training step calls: a compiled stand-in for ``model``, or ``model``.
+        fallbacks: The slower compiled stand-ins still to try when ``forward`` fails to compile.
+        ema: The averaged weights, or ``None`` when none are kept.
+        history: One record per finished epoch.
+        start: The first epoch (0-based) still to train.
+        best: The best validation loss so far.
+        best_state: The weights that gave ``best``.
+    """
+
+    model: DefectRelaxNet
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.CosineAnnealingLR
+    forward: Callable
+    fallbacks: list
+    ema: dict | None
+    history: list = field(default_factory=list)
+    start: int = 0
+    best: float = float("inf")
+    best_state: dict | None = None
+
+
+def _prepare(train_graphs: list[DefectGraph], checkpoint: str | Path, s: TrainSettings) -> Path:
+    """Check the device and data, set threads and the seed, and make the checkpoint's folder.
+
+    Returns:
+        The checkpoint path.
+
+    Raises:
+        DefectMLError: no CUDA device for a ``cuda`` run, or no training structures.
+    """
+    _check_device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    if not train_graphs:
+        raise DefectMLError("no training structures")
+    checkpoint = Path(checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+    return checkpoint
+
+
+def _starting_point(
+    checkpoint: Path, config: ModelConfig | None, s: TrainSettings, log: Callable[[str], None]
+) -> tuple[ModelConfig | None, dict | None, dict | None]:
+    """Where a run starts: its own checkpoint, resumed; else ``s.init_from``'s weights; else ``config``.
+
+    Returns:
+        The network's configuration, the checkpoint to resume (or ``None``) and the weights to start
+        from (or ``None``).
+    """
+    if checkpoint.exists():
+        ck = torch.load(checkpoint, map_location=s.device, weights_only=False)
+        config = ModelConfig(**{"zero_net_displacement": False, **ck["config"]})
+        log(f"resuming {checkpoint} at epoch {ck['epoch']}")
+        return config, ck, None
+    if s.init_from:
+        init_model, init_ck = load_checkpoint(s.init_from, s.device)
+        log(f"starting from the weights of {s.init_from} (epoch {init_ck['epoch']})")
+        return init_model.config, None, init_model.state_dict()
+    return config, None, None
+
+
+def _new_state(config: ModelConfig | None, s: TrainSettings, init: dict | None) -> _TrainState:
+    """A fresh model (from ``init`` when given), its optimiser, schedule and averaged weights."""
+    model = DefectRelaxNet(config).to(s.device)
+    if init is not None:
+        model.load_state_dict(init)
+    forwards = compiled_forwards(model) if s.compile else []
+    forward = forwards.pop(0) if forwards else model
+    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.epochs), eta_min=s.lr / 20)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.ema > 0 else None
+    return _TrainState(model, opt, sched, forward, forwards, ema)
+
+
+def _resume(state: _TrainState, ck: dict, s: TrainSettings) -> None:
+    """Load the weights, optimiser, schedule, history and best model of checkpoint ``ck`` into ``state``."""
+    state.model.load_state_dict(ck["state"])
+    state.opt.load_state_dict(ck["optimizer"])
+    state.sched.load_state_dict(ck["scheduler"])
+    state.sched.T_max = max(1, s.epochs)  # extending a finished run continues its schedule smoothly
+    state.history, state.start, state.best = ck["history"], ck["epoch"], ck["best_val"]
+    state.best_state = ck["best_state"]
+    if state.ema is not None and ck.get("ema"):
+        state.ema = ck["ema"]
+
+
+def _epoch_order(rng: random.Random, epoch: int, n: int) -> list[int]:
+    """The order of the ``n`` training structures in ``epoch`` (draws one number from ``rng``)."""
+    order = list(range(n))
+    random.Random(rng.random() + epoch).shuffle(order)
+    return order
+
+
+def _training_batch(graphs: list[DefectGraph], s: TrainSettings) -> Batch:
+    """A batch of ``graphs`` with the settings' input augmentations (interpolation, then noise)."""
+    b = Batch(graphs, s.device)
+    if s.interpolate > 0:
+        interpolate(b, s.interpolate)
+    if s.noise > 0:
+        perturb(b, s.noise)
+    return b
+
+
+def _batch_loss(state: _TrainState, b: Batch, s: TrainSettings, log: Callable[[str], None]) -> torch.Tensor:
+    """Loss of batch ``b``, back-propagated when finite; a failed compilation falls back and retries.
+
+    When the compiled ``state.forward`` fails (an inductor error), the next stand-in in
+    ``state.fallbacks`` (each layer compiled on its own), or eager ``state.model``, takes its place.
+    """
+    while True:
+        state.opt.zero_grad()
+        try:
+            return _gradient_step(state.forward, b, s)
+        except DefectMLError:
+            raise
+        except Exception as exc:  # a torch.compile (inductor) failure: a smaller unit, or eager
+            if state.forward is state.model:
+                raise
+            state.forward = state.fallbacks.pop(0) if state.fallbacks else state.model
+            eager = state.forward is state.model
+            how = "training without it" if eager else "compiling each layer on its own"
+            log(f"torch.compile failed ({type(exc).__name__}: {exc}); {how}")
+
+
+def _check_skipped(skipped: int, n_batches: int, epoch: int, loss: torch.Tensor) -> None:
+    """Raise ``DefectMLError`` when more than ``MAX_SKIPPED_FRACTION`` of an epoch's batches were skipped."""
+    if skipped > int(MAX_SKIPPED_FRACTION * n_batches):
+        raise DefectMLError(
+            f"training diverged: {skipped} of the {n_batches} batches of epoch {epoch + 1} "
+            f"gave a non-finite loss ({float(loss)})"
+        )
+
+
+def _optimizer_step(state: _TrainState, s: TrainSettings) -> None:
+    """Clip the gradients, step the optimiser and move the averaged weights."""
+    torch.nn.utils.clip_grad_norm_(state.model.parameters(), 10.0)
+    state.opt.step()
+    if state.ema is not None:
+        _ema_update(state.ema, state.model, s.ema)
+
+
+def _train_batches(
+    state: _TrainState,
+    graphs: list[DefectGraph],
+    order: list[int],
+    epoch: int,
+    s: TrainSettings,
+    log: Callable[[str], None],
+) -> tuple[list[float], int]:
+    """One pass over ``graphs`` in ``order``, a step per batch; batches with a non-finite loss are skipped.
+
+    Returns:
+        The losses of the batches stepped on, and the number of batches skipped.
+
+    Raises:
+        DefectMLError: too many batches skipped (training diverged).
+    """
+    losses, skipped = [], 0
+    n_batches = -(-len(order) // s.batch_size)
+    for k in range(0, len(order), s.batch_size):
+        b = _training_batch([graphs[i] for i in order[k : k + s.batch_size]], s)
+        loss = _batch_loss(state, b, s, log)
+        if not torch.isfinite(loss):
+            skipped += 1
+            _check_skipped(skipped, n_batches, epoch, loss)
+            log(f"epoch {epoch + 1}: batch {k // s.batch_size + 1} skipped (non-finite loss: the network "
+                "blew up on it; no step taken)")
+            continue
+        _optimizer_step(state, s)
+        losses.append(float(loss.detach()))
+    return losses, skipped
+
+
+def _record_epoch(
+    state: _TrainState, epoch: int, losses: list[float], skipped: int, val: float, dt: float
+) -> None:
+    """Append the epoch to the history and keep the validated weights when they are the best yet."""
+    state.history.append(
+        {
+            "epoch": epoch + 1,
+            "loss": float(np.mean(losses)),
+            "val_loss": val,
+            "time_s": dt,
+            "skipped": skipped,
+        }
+    )
+    if val < state.best:
+        weights = state.ema if state.ema is not None else state.model.state_dict()
+        state.best, state.best_state = val, {k: v.detach().clone() for k, v in weights.items()}
+
+
+def _run_epoch(
+    state: _TrainState,
+    train_graphs: list[DefectGraph],
+    val_graphs: list[DefectGraph],
+    order: list[int],
+    epoch: int,
+    s: TrainSettings,
+    log: Callable[[str], None],
+) -> None:
+    """Train one epoch on ``train_graphs`` in ``order``, validate, record and log it."""
+    state.model.train()
+    t0 = time.perf_counter()
+    losses, skipped = _train_batches(state, train_graphs, order, epoch, s, log)
+    state.sched.step()
+    val = _validate(state.model, val_graphs, s, state.ema)
+    dt = time.perf_counter() - t0
+    _record_epoch(state, epoch, losses, skipped, val, dt)
+    log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} Å, val {val:.4f} Å, {dt:.0f} s")
+
+
+def _save_checkpoint(state: _TrainState, epochs_done: int, checkpoint: Path) -> None:
+    """Write the run's state after ``epochs_done`` epochs to ``checkpoint``, atomically."""
+    tmp = checkpoint.with_suffix(".tmp")
+    torch.save(
+        {
+            "config": state.model.config.to_dict(),
+            "state": state.model.state_dict(),
+            "optimizer": state.opt.state_dict(),
+            "scheduler": state.sched.state_dict(),
+            "epoch": epochs_done,
+            "history": state.history,
+            "best_val": state.best,
+            "best_state": state.best_state,
+            "ema": state.ema,
+        },
+        tmp,
+    )
+    tmp.replace(checkpoint)  # atomic: an interrupted save never corrupts the checkpoint
+
+
 def train(
     train_graphs: list[DefectGraph],
     val_graphs: list[DefectGraph],
@@ -247,122 +484,32 @@ def train(
 ) -> dict:
     """Fit the network; a checkpoint is written every epoch and an existing one is resumed.
 
-    Returns the training history (loss, validation loss and time per epoch).
+    Args:
+        train_graphs: The structures fitted.
+        val_graphs: The structures validated on after each epoch (the best model is kept by them).
+        checkpoint: The checkpoint file (resumed when it exists); a ``.json`` summary goes beside it.
+        config: The network, for a new run that does not start from ``settings.init_from``.
+        settings: Optimiser settings (default: ``TrainSettings()``).
+        log: Progress messages.
+
+    Returns:
+        ``{"history": [...], "best_val": ...}``: loss, validation loss and time per epoch, and the
+        best validation loss.
+
+    Raises:
+        DefectMLError: no training structures, no CUDA device, or training diverged.
     """
     s = settings or TrainSettings()
-    _check_device(s.device)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    if not train_graphs:
-        raise DefectMLError("no training structures")
-    checkpoint = Path(checkpoint)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(s.seed)
-    if checkpoint.exists():
-        ck = torch.load(checkpoint, map_location=s.device, weights_only=False)
-        config = ModelConfig(**{"zero_net_displacement": False, **ck["config"]})
-        log(f"resuming {checkpoint} at epoch {ck['epoch']}")
-    else:
-        ck = None
-    init = None
-    if ck is None and s.init_from:
-        init_model, init_ck = load_checkpoint(s.init_from, s.device)
-        config, init = init_model.config, init_model.state_dict()
-        log(f"starting from the weights of {s.init_from} (epoch {init_ck['epoch']})")
-    model = DefectRelaxNet(config).to(s.device)
-    if init is not None:
-        model.load_state_dict(init)
-    forwards = compiled_forwards(model) if s.compile else []
-    forward = forwards.pop(0) if forwards else model
-    opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, s.epochs), eta_min=s.lr / 20)
-    history, start, best, best_state = [], 0, float("inf"), None
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if s.ema > 0 else None
+    checkpoint = _prepare(train_graphs, checkpoint, s)
+    config, ck, init = _starting_point(checkpoint, config, s, log)
+    state = _new_state(config, s, init)
     if ck is not None:
-        model.load_state_dict(ck["state"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sched.T_max = max(1, s.epochs)  # extending a finished run continues its schedule smoothly
-        history, start, best, best_state = ck["history"], ck["epoch"], ck["best_val"], ck["best_state"]
-        if ema is not None and ck.get("ema"):
-            ema = ck["ema"]
+        _resume(state, ck, s)
     rng = random.Random(s.seed)
-    for epoch in range(start, s.epochs):
-        rng_epoch = random.Random(rng.random() + epoch)
-        order = list(range(len(train_graphs)))
-        rng_epoch.shuffle(order)
-        model.train()
-        t0 = time.perf_counter()
-        losses, skipped = [], 0
-        n_batches = -(-len(order) // s.batch_size)
-        max_skipped = int(MAX_SKIPPED_FRACTION * n_batches)
-        for k in range(0, len(order), s.batch_size):
-            b = Batch([train_graphs[i] for i in order[k : k + s.batch_size]], s.device)
-            if s.interpolate > 0:
-                interpolate(b, s.interpolate)
-            if s.noise > 0:
-                perturb(b, s.noise)
-            loss = None
-            while loss is None:
-                opt.zero_grad()
-                try:
-                    loss = _gradient_step(forward, b, s)
-                except DefectMLError:
-                    raise
-                except Exception as exc:  # a torch.compile (inductor) failure: a smaller unit, or eager
-                    if forward is model:
-                        raise
-                    forward = forwards.pop(0) if forwards else model
-                    how = "compiling each layer on its own" if forward is not model else "training without it"
-                    log(f"torch.compile failed ({type(exc).__name__}: {exc}); {how}")
-            if not torch.isfinite(loss):
-                skipped += 1
-                if skipped > max_skipped:
-                    raise DefectMLError(
-                        f"training diverged: {skipped} of the {n_batches} batches of epoch {epoch + 1} "
-                        f"gave a non-finite loss ({float(loss)})"
-                    )
-                log(f"epoch {epoch + 1}: batch {k // s.batch_size + 1} skipped (non-finite loss: the network "
-                    "blew up on it; no step taken)")
-                continue
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            opt.step()
-            if ema is not None:
-                _ema_update(ema, model, s.ema)
-            losses.append(float(loss.detach()))
-        sched.step()
-        val = _validate(model, val_graphs, s, ema)
-        dt = time.perf_counter() - t0
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "loss": float(np.mean(losses)),
-                "val_loss": val,
-                "time_s": dt,
-                "skipped": skipped,
-            }
-        )
-        if val < best:
-            weights = ema if ema is not None else model.state_dict()
-            best, best_state = val, {k: v.detach().clone() for k, v in weights.items()}
-        log(f"epoch {epoch + 1}/{s.epochs}: loss {np.mean(losses):.4f} Å, val {val:.4f} Å, {dt:.0f} s")
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save(
-            {
-                "config": model.config.to_dict(),
-                "state": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "epoch": epoch + 1,
-                "history": history,
-                "best_val": best,
-                "best_state": best_state,
-                "ema": ema,
-            },
-            tmp,
-        )
-        tmp.replace(checkpoint)  # atomic: an interrupted save never corrupts the checkpoint
-    (checkpoint.with_suffix(".json")).write_text(
-        json.dumps({"config": model.config.to_dict(), "history": history}, indent=2)
-    )
-    return {"history": history, "best_val": best}
+    for epoch in range(state.start, s.epochs):
+        order = _epoch_order(rng, epoch, len(train_graphs))
+        _run_epoch(state, train_graphs, val_graphs, order, epoch, s, log)
+        _save_checkpoint(state, epoch + 1, checkpoint)
+    summary = {"config": state.model.config.to_dict(), "history": state.history}
+    checkpoint.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+    return {"history": state.history, "best_val": state.best}

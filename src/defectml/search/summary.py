@@ -285,3 +285,17 @@ def relaxed_trial_from_row(row, polish=None) -> RelaxedTrial:
         polish_fmax=None if polish is None else float(polish.polish_fmax),
         search_energy=None if polish is None else row.get("energy"),
     )
+
+
+def trial_start(row, or_end: bool = False) -> Atoms | None:
+    """The unrelaxed structure of a stored relaxation (its recorded starting positions).
+
+    ``None`` where none was recorded (an ingested DFT row), or the relaxed structure with ``or_end``.
+    """
+    atoms = row.toatoms()
+    atoms.calc = None
+    start = row.data.get("initial_positions")
+    if start is None:
+        return atoms if or_end else None
+    atoms.positions = np.asarray(start, dtype=float)
+    return atoms

@@ -258,18 +258,16 @@ def inherent_structures(
     Returns the quenched energies, the index of the matched minimum per frame (-1: none within
     ``threshold``, a minimum the search did not find) and the populations.
     """
-    from ase.optimize import FIRE
-
+    from defectml.core.relax import FAILED, relax_one
     from defectml.search.fingerprint import soap_fingerprints
 
     quenched, energies = [], []
-    for f in frames:
-        work = f.copy()
-        work.calc = calculator
-        FIRE(work, logfile=None).run(fmax=fmax, steps=steps)
-        energies.append(float(work.get_potential_energy()))
-        work.calc = None
-        quenched.append(work)
+    for i, f in enumerate(frames):
+        r = relax_one(f, calculator, fmax=fmax, max_steps=steps)  # FIRE, with the relaxer's checks
+        if r.status == FAILED:
+            raise DefectMLError(f"quenching MD frame {i} failed: {r.reason}")
+        energies.append(float(r.energy))
+        quenched.append(r.atoms)
     species = species or sorted({s for a in list(minima) + quenched for s in a.get_chemical_symbols()})
     ref = soap_fingerprints(list(minima), list(centres), species=species)
     fp = soap_fingerprints(quenched, list(frame_centres), species=species)

@@ -304,81 +304,87 @@ def formation_free_energy(
     """
     s = settings or ThermoSettings()
     s.validate()
-    t = np.asarray(s.temperatures, float)
-    cache = _Cache(store)
-    notes: list[str] = []
-    timings: dict[str, float] = {}
     if not summary.minima:
         raise DefectMLError(f"{summary.label} has no relaxed minima to build free energies from")
-    exchanged = exchanged_atoms(defect_atoms, bulk)
-    q = summary.charge
-    e0 = summary.minima[0].energy
-    chosen = [m for m in summary.minima if m.energy - e0 <= s.window]
-    n_d, n_b = len(defect_atoms), len(bulk)
-    bulk_vib = None
+    t = np.asarray(s.temperatures, float)
+    run = _Run(s, t, summary.label, summary.charge, exchanged_atoms(defect_atoms, bulk), e_bulk,
+               len(defect_atoms), len(bulk), calculator, model, _Cache(store), log)
     if s.vibrations != "none":
         t1 = time.perf_counter()
-        log(f"phonons of the bulk supercell ({n_b} atoms) with {model}")
-        bulk_vib = _vibrations(bulk, calculator, model, s, cache, log)
-        timings["vibrations_bulk"] = time.perf_counter() - t1
+        log(f"phonons of the bulk supercell ({run.n_bulk} atoms) with {model}")
+        run.bulk_vib = _vibrations(bulk, calculator, model, s, run.cache, log)
+        run.timings["vibrations_bulk"] = time.perf_counter() - t1
     s_el = np.array([s.electronic(x) for x in t]) if s.electronic else np.zeros_like(t)
-    configs = []
-    vib_full: dict[str, dict] = {}  # full phonon results per configuration, for the TI route
-    for m in chosen:
-        u_f = u_formation(
-            m.energy,
-            e_bulk,
-            exchanged,
-            s.mu,
-            q,
-            s.charge_terms.get("vbm", 0.0),
-            s.charge_terms.get("fermi_level", 0.0),
-            s.charge_terms.get("correction", 0.0),
-        )
-        spin = spin_degeneracy(m.atoms, q)
-        orient = orientational_degeneracy(site_symmetry, m.symmetry)
-        f_vib, info = np.zeros_like(t), {}
-        if bulk_vib is not None:
-            t1 = time.perf_counter()
-            log(f"phonons of {summary.label} {m.trial} ({n_d} atoms) with {model}")
-            dv = vib_full[m.trial] = _vibrations(m.atoms, calculator, model, s, cache, log)
-            timings[f"vibrations_{m.trial}"] = time.perf_counter() - t1
-            f_vib = vib.vibrational_formation_free_energy(
-                np.array(dv["free_energy_eV"]), np.array(bulk_vib["free_energy_eV"]), n_d, n_b
-            )
-            info = {
-                k: dv[k]
-                for k in ("n_displacements", "n_imaginary", "min_frequency_THz", "warnings", "wall_s")
-            }
-            info["model"] = model
-        g = u_f + f_vib - kB * t * np.log(spin * orient) - t * s_el
-        configs.append(
-            ConfigTerms(m.trial, m.label, m.energy, u_f, spin, orient, m.symmetry, f_vib, g, vib_info=info)
-        )
+    e0 = summary.minima[0].energy
+    configs = [_config_terms(run, m, site_symmetry, s_el)
+               for m in summary.minima if m.energy - e0 <= s.window]
     pops = np.array([populations(np.array([c.g_f[i] for c in configs]), ti) for i, ti in enumerate(t)]).T
     s_conf = np.array([configurational_entropy(pops[:, i]) for i in range(len(t))])
-    cfgs = [Configuration(c.name, multiplicity, c.g_f) for c in configs]
-    conc = concentration(cfgs, t, cell_volume)
+    conc = concentration([Configuration(c.name, multiplicity, c.g_f) for c in configs], t, cell_volume)
     g_eff = effective_formation_energy(conc, t, cell_volume, multiplicity)
     ti_info: dict = {}
     g_anh = conc_anh = None
     if s.ti:
         ti_info, g_anh, conc_anh = _anharmonic(
-            configs[0],
-            summary,
-            bulk,
-            calculator,
-            model,
-            s,
-            cache,
-            bulk_vib,
-            vib_full[configs[0].name],
-            configs,
-            multiplicity,
-            cell_volume,
-            timings,
-            log,
+            configs[0], summary, bulk, calculator, model, s, run.cache, run.bulk_vib,
+            run.vib_full[configs[0].name], configs, multiplicity, cell_volume, run.timings, log,
         )
+    return ThermoResult(
+        summary.label, model, t, configs, pops, s_conf, s_el, g_eff, conc, g_anh, conc_anh,
+        {"energy_eV": e_bulk, "n_atoms": run.n_bulk, "vibrations": _brief(run.bulk_vib)},
+        ti_info, run.timings, _notes(s, summary.charge, ti_info),
+    )
+
+
+@dataclass
+class _Run:
+    """What every configuration of one :func:`formation_free_energy` call is computed with."""
+
+    settings: ThermoSettings
+    temperatures: np.ndarray
+    label: str
+    charge: int
+    exchanged: dict
+    e_bulk: float
+    n_defect: int
+    n_bulk: int
+    calculator: Calculator
+    model: str
+    cache: _Cache
+    log: Callable[[str], None]
+    bulk_vib: dict | None = None
+    vib_full: dict[str, dict] = field(default_factory=dict)  # phonons per configuration, for TI
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _config_terms(run: _Run, m, site_symmetry: str, s_el: np.ndarray) -> ConfigTerms:
+    """g_f(T) of one minimum: u_f, its vibrations (when asked), spin and orientational degeneracy."""
+    s, t = run.settings, run.temperatures
+    terms = s.charge_terms
+    u_f = u_formation(m.energy, run.e_bulk, run.exchanged, s.mu, run.charge, terms.get("vbm", 0.0),
+                      terms.get("fermi_level", 0.0), terms.get("correction", 0.0))
+    spin = spin_degeneracy(m.atoms, run.charge)
+    orient = orientational_degeneracy(site_symmetry, m.symmetry)
+    f_vib, info = np.zeros_like(t), {}
+    if run.bulk_vib is not None:
+        t1 = time.perf_counter()
+        run.log(f"phonons of {run.label} {m.trial} ({run.n_defect} atoms) with {run.model}")
+        dv = run.vib_full[m.trial] = _vibrations(m.atoms, run.calculator, run.model, s, run.cache, run.log)
+        run.timings[f"vibrations_{m.trial}"] = time.perf_counter() - t1
+        f_vib = vib.vibrational_formation_free_energy(
+            np.array(dv["free_energy_eV"]), np.array(run.bulk_vib["free_energy_eV"]), run.n_defect, run.n_bulk
+        )
+        info = {k: dv[k]
+                for k in ("n_displacements", "n_imaginary", "min_frequency_THz", "warnings", "wall_s")}
+        info["model"] = run.model
+    g = u_f + f_vib - kB * t * np.log(spin * orient) - t * s_el
+    return ConfigTerms(m.trial, m.label, m.energy, u_f, spin, orient, m.symmetry, f_vib, g, vib_info=info)
+
+
+def _notes(s: ThermoSettings, charge: int, ti_info: dict) -> list[str]:
+    """What a reader of the result must know: the TI route and its convergence, the terms left out."""
+    notes = []
+    if s.ti:
         notes.append(
             "anharmonic route: TI correction computed for the ground state and applied to it; "
             "other configurations keep their harmonic terms"
@@ -396,25 +402,9 @@ def formation_free_energy(
             "f_vib = F_vib(defect) - (N_defect/N_bulk) F_vib(bulk): exchanged atoms' reservoirs "
             "carry the host's mean vibrational free energy per atom"
         )
-    if q != 0 and not s.charge_terms:
+    if charge != 0 and not s.charge_terms:
         notes.append("charged state without --vbm/--fermi/--correction: the q(E_VBM+E_F)+E_corr term is 0")
-    return ThermoResult(
-        summary.label,
-        model,
-        t,
-        configs,
-        pops,
-        s_conf,
-        s_el,
-        g_eff,
-        conc,
-        g_anh,
-        conc_anh,
-        {"energy_eV": e_bulk, "n_atoms": n_b, "vibrations": _brief(bulk_vib)},
-        ti_info,
-        timings,
-        notes,
-    )
+    return notes
 
 
 def _brief(v: dict | None) -> dict | None:

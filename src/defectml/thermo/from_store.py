@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -247,31 +248,10 @@ def levels_from_store(
         levels; the Fermi level, carriers and concentrations; warnings) and the
         :class:`DefectLines` under ``"_lines"``.
     """
-    from defectml.models.charged import cell_size, cell_size_warning
-    from defectml.thermo.levels import (
-        ChargeState,
-        formation_lines,
-        point_charge_correction,
-        sites_per_cm3,
-        solve_fermi_level,
-        transition_levels,
-    )
-
     summaries = [s for s in summarise(store, run, fidelity=fidelity)
                  if defect is None or s.defect == defect]
-    if not summaries:
-        raise DefectMLError(f"no {fidelity} results for {defect or 'any defect'} in {store.target}")
-    charged = any(s.charge for s in summaries)
-    if charged and dielectric is None:
-        raise DefectMLError("charged states need a dielectric constant for their finite-size correction: "
-                            "give --dielectric (static: ε∞ + ε_ionic), or --dielectric 0 for none")
-    unmatched = sorted(set(free_energies or {}) - {charge_label(s.defect, s.charge) for s in summaries})
-    if unmatched:
-        have = ", ".join(sorted(charge_label(s.defect, s.charge) for s in summaries))
-        raise DefectMLError(f"--thermo: {', '.join(unmatched)} match no charge state here ({have})")
+    _check_levels_input(summaries, store, fidelity, defect, dielectric, free_energies)
     chosen = search_model_ref(summaries[0], model) if model else None  # a wrong --model fails first
-    mu = dict(mu or {})
-    calculator = None
     by_defect: dict[str, list] = {}
     for s in summaries:
         if s.minima:
@@ -285,75 +265,137 @@ def levels_from_store(
             (warn or (lambda m: log(f"warning: {m}")))(message)
 
     # the model's charge input (DFT energies carry their own charge: nothing to say)
-    label, card, aware = ("", None, None)
+    charge_input = ("", None, None)
     if fidelity == "mlip":
-        label, card, aware = _charge_input(store, summaries[0], chosen)
-    if aware is False and any(s.charge for g in by_defect.values() for s in g):
-        say(f"{label} has no charge input: every charge state's energy is the same neutral surface's (the "
-            "states differ only in their trials), so the levels show the charge corrections and q·E_F, not "
-            "the defect; use a charge-aware model (finetune --charge-aware) or DFT (--fidelity dft)")
+        charge_input = _charge_input(store, summaries[0], chosen)
+    if charge_input[2] is False and any(s.charge for g in by_defect.values() for s in g):
+        say(f"{charge_input[0]} has no charge input: every charge state's energy is the same neutral "
+            "surface's (the states differ only in their trials), so the levels show the charge corrections "
+            "and q·E_F, not the defect; use a charge-aware model (finetune --charge-aware) or DFT "
+            "(--fidelity dft)")
+    mus = _Mus(dict(mu or {}), chosen, log)
     lines = []
     for name, group in sorted(by_defect.items()):
-        row = store.first(kind="defect", defect_key=group[0].defect_key)
-        host_row = store.first(kind="host", host_key=row.host_key)
-        host = host_row.toatoms()
-        bulk = make_supercell(host, np.asarray(row.data["sc_matrix"]))
-        if bulk_energy is not None:
-            e_bulk = float(bulk_energy)
-        elif host_row.get("energy") is not None:
-            e_bulk = float(host_row.energy) * len(bulk) / len(host)
-        else:
-            raise DefectMLError(f"{store.target} holds no energy of the host: give --bulk-energy (eV, the "
-                                f"pristine {len(bulk)}-atom supercell at the same level of theory)")
-        exchanged = exchanged_atoms(row.toatoms(), bulk)
-        for el in exchanged:
-            if el not in mu:
-                if calculator is None:
-                    calculator = load_model(chosen or search_model_ref(group[0])).calculator
-                mu[el] = elemental_mu(el, calculator)
-                log(f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from the model's relaxed elemental "
-                    "phase (give --mu for other conditions)")
-        states, extra = [], {}
-        for s in sorted(group, key=lambda s: s.charge):
-            corr = point_charge_correction(bulk.cell.array, s.charge, dielectric) if dielectric else 0.0
-            extra[s.charge] = (free_energies or {}).get(charge_label(name, s.charge))
-            states.append(ChargeState(s.charge, float(s.minima[0].energy) + (extra[s.charge] or 0.0), corr))
-        if aware and any(st.charge for st in states):
-            top = max(states, key=lambda st: abs(st.charge))
-            line = cell_size_warning(label, card, cell_size(bulk.cell),
-                                     (top.charge, top.correction) if dielectric else None)
-            if line:
-                say(line)
-        mult = float(row.data.get("multiplicity") or 1.0)
-        d = formation_lines(name, states, e_bulk, exchanged, mu, vbm,
-                            sites_per_cm3(mult, float(host.get_volume())))
-        lines.append(d)
-        labels = {g.charge: g.minima[0].label for g in group}
-        doc["defects"][name] = {
-            "charge_states": {
-                f"{st.charge:+d}": {"energy_eV": st.energy, "correction_eV": round(st.correction, 4),
-                                    "finite_t_eV": extra[st.charge],
-                                    "formation_energy_at_vbm_eV": round(d.intercepts[st.charge], 4),
-                                    "minimum": labels[st.charge]} for st in states},
-            "exchanged": exchanged,
-            "levels": [{"label": lv.label, "q": lv.q, "q_next": lv.q_next,
-                        "fermi_level_eV": round(lv.fermi_level, 4)} for lv in transition_levels(d, gap)],
-        }
-    doc["mu"] = mu
+        line, entry = _defect_levels(store, name, group, gap=gap, vbm=vbm, dielectric=dielectric,
+                                     bulk_energy=bulk_energy, free_energies=free_energies or {}, mus=mus,
+                                     charge_input=charge_input, say=say)
+        lines.append(line)
+        doc["defects"][name] = entry
+    doc["mu"] = mus.mu
     if any(len(d.intercepts) > 1 or next(iter(d.intercepts)) != 0 for d in lines):
-        try:
-            sol = solve_fermi_level(lines, gap, temperature, electron_mass=electron_mass, hole_mass=hole_mass)
-        except DefectMLError as exc:  # the levels stand without it
-            log(f"no charge-neutral Fermi level: {exc} (is --vbm on the energies' scale?)")
-            doc["neutrality"] = {"error": str(exc)}
-            doc["_lines"] = lines
-            return doc
-        doc["neutrality"] = {"fermi_level_eV": round(sol.fermi_level, 4), "electrons_cm3": sol.electrons,
-                             "holes_cm3": sol.holes,
-                             "concentrations_cm3": {k: {f"{q:+d}": c for q, c in v.items()}
-                                                    for k, v in sol.concentrations.items()}}
+        doc["neutrality"] = _neutrality(lines, gap, temperature, electron_mass, hole_mass, log)
     doc["_lines"] = lines
     return doc
+
+
+def _check_levels_input(summaries, store: ResultStore, fidelity: str, defect: str | None,
+                        dielectric: float | None, free_energies: dict | None) -> None:
+    """Refuse, in one line, what :func:`levels_from_store` cannot work from."""
+    if not summaries:
+        raise DefectMLError(f"no {fidelity} results for {defect or 'any defect'} in {store.target}")
+    if any(s.charge for s in summaries) and dielectric is None:
+        raise DefectMLError("charged states need a dielectric constant for their finite-size correction: "
+                            "give --dielectric (static: ε∞ + ε_ionic), or --dielectric 0 for none")
+    unmatched = sorted(set(free_energies or {}) - {charge_label(s.defect, s.charge) for s in summaries})
+    if unmatched:
+        have = ", ".join(sorted(charge_label(s.defect, s.charge) for s in summaries))
+        raise DefectMLError(f"--thermo: {', '.join(unmatched)} match no charge state here ({have})")
+
+
+@dataclass
+class _Mus:
+    """Chemical potentials: the given ones, the rest the model's element-rich limits as needed."""
+
+    mu: dict[str, float]
+    chosen: ModelRef | None
+    log: Callable[[str], None]
+    calculator: object = None
+
+    def need(self, elements, summary) -> None:
+        """Fill in every element of ``elements`` not given (the model loaded once, when first needed)."""
+        for el in elements:
+            if el in self.mu:
+                continue
+            if self.calculator is None:
+                self.calculator = load_model(self.chosen or search_model_ref(summary)).calculator
+            self.mu[el] = elemental_mu(el, self.calculator)
+            self.log(f"mu_{el} = {self.mu[el]:.3f} eV/atom: {el}-rich limit from the model's relaxed "
+                     "elemental phase (give --mu for other conditions)")
+
+
+def _host_supercell_energy(store: ResultStore, row, bulk_energy: float | None):
+    """The host, its defect supercell and that supercell's energy (given, else the stored host's)."""
+    host_row = store.first(kind="host", host_key=row.host_key)
+    host = host_row.toatoms()
+    bulk = make_supercell(host, np.asarray(row.data["sc_matrix"]))
+    if bulk_energy is not None:
+        return host, bulk, float(bulk_energy)
+    if host_row.get("energy") is not None:
+        return host, bulk, float(host_row.energy) * len(bulk) / len(host)
+    raise DefectMLError(f"{store.target} holds no energy of the host: give --bulk-energy (eV, the "
+                        f"pristine {len(bulk)}-atom supercell at the same level of theory)")
+
+
+def _defect_levels(store: ResultStore, name: str, group: list, *, gap: float, vbm: float,
+                   dielectric: float | None, bulk_energy: float | None, free_energies: dict, mus: _Mus,
+                   charge_input: tuple, say: Callable[[str], None]):
+    """One defect's formation lines and its JSON entry (charge states, levels)."""
+    from defectml.models.charged import cell_size, cell_size_warning
+    from defectml.thermo.levels import (
+        ChargeState,
+        formation_lines,
+        point_charge_correction,
+        sites_per_cm3,
+        transition_levels,
+    )
+
+    row = store.first(kind="defect", defect_key=group[0].defect_key)
+    host, bulk, e_bulk = _host_supercell_energy(store, row, bulk_energy)
+    exchanged = exchanged_atoms(row.toatoms(), bulk)
+    mus.need(exchanged, group[0])
+    states, extra = [], {}
+    for s in sorted(group, key=lambda s: s.charge):
+        corr = point_charge_correction(bulk.cell.array, s.charge, dielectric) if dielectric else 0.0
+        extra[s.charge] = free_energies.get(charge_label(name, s.charge))
+        states.append(ChargeState(s.charge, float(s.minima[0].energy) + (extra[s.charge] or 0.0), corr))
+    label, card, aware = charge_input
+    if aware and any(st.charge for st in states):
+        top = max(states, key=lambda st: abs(st.charge))
+        line = cell_size_warning(label, card, cell_size(bulk.cell),
+                                 (top.charge, top.correction) if dielectric else None)
+        if line:
+            say(line)
+    mult = float(row.data.get("multiplicity") or 1.0)
+    d = formation_lines(name, states, e_bulk, exchanged, mus.mu, vbm,
+                        sites_per_cm3(mult, float(host.get_volume())))
+    labels = {g.charge: g.minima[0].label for g in group}
+    entry = {
+        "charge_states": {
+            f"{st.charge:+d}": {"energy_eV": st.energy, "correction_eV": round(st.correction, 4),
+                                "finite_t_eV": extra[st.charge],
+                                "formation_energy_at_vbm_eV": round(d.intercepts[st.charge], 4),
+                                "minimum": labels[st.charge]} for st in states},
+        "exchanged": exchanged,
+        "levels": [{"label": lv.label, "q": lv.q, "q_next": lv.q_next,
+                    "fermi_level_eV": round(lv.fermi_level, 4)} for lv in transition_levels(d, gap)],
+    }
+    return d, entry
+
+
+def _neutrality(lines: list, gap: float, temperature: float, electron_mass: float, hole_mass: float,
+                log: Callable[[str], None]) -> dict:
+    """The charge-neutral Fermi level, carriers and concentrations (or why there is none)."""
+    from defectml.thermo.levels import solve_fermi_level
+
+    try:
+        sol = solve_fermi_level(lines, gap, temperature, electron_mass=electron_mass, hole_mass=hole_mass)
+    except DefectMLError as exc:  # the levels stand without it
+        log(f"no charge-neutral Fermi level: {exc} (is --vbm on the energies' scale?)")
+        return {"error": str(exc)}
+    return {"fermi_level_eV": round(sol.fermi_level, 4), "electrons_cm3": sol.electrons,
+            "holes_cm3": sol.holes,
+            "concentrations_cm3": {k: {f"{q:+d}": c for q, c in v.items()}
+                                   for k, v in sol.concentrations.items()}}
 
 
 def _charge_input(store: ResultStore, summary, chosen: ModelRef | str | None) -> tuple:

@@ -71,21 +71,27 @@ class HarmonicResult:
 def relax_symmetric(
     atoms: Atoms, calculator: Calculator, fmax: float = 0.005, max_steps: int = 400, symprec: float = 0.05
 ) -> Atoms:
-    """Symmetrise within ``symprec`` and relax positions keeping that symmetry (fixed cell)."""
+    """Symmetrise within ``symprec`` and relax positions keeping that symmetry (fixed cell).
+
+    ASE's BFGS through the one relaxer (:func:`~defectml.core.relax.relax_one`: its non-finite and
+    too-close checks), with ``FixSymmetry`` held.
+
+    Raises:
+        DefectMLError: the relaxation failed (non-finite output, atoms too close, a model error).
+    """
     from ase.constraints import FixSymmetry
-    from ase.optimize import BFGS
+
+    from defectml.core.relax import FAILED, relax_one
 
     work = atoms.copy()
     work.set_constraint(FixSymmetry(work, symprec=symprec, adjust_positions=True))
-    work.calc = calculator
-    opt = BFGS(work, logfile=None)
-    opt.run(fmax=fmax, steps=max_steps)
-    forces = work.get_forces()
-    if not np.all(np.isfinite(forces)):
-        raise DefectMLError("symmetric relaxation produced non-finite forces")
-    work.set_constraint()
-    work.calc = None
-    return work
+    r = relax_one(work, calculator, fmax=fmax, max_steps=max_steps, optimizer="bfgs")
+    if r.status == FAILED:
+        raise DefectMLError(f"symmetric relaxation failed: {r.reason}")
+    out = r.atoms
+    out.set_constraint()
+    out.calc = None
+    return out
 
 
 def _phonopy(atoms: Atoms, displacement: float, symprec: float):
