@@ -105,6 +105,9 @@ def test_a_search_ranks_on_polished_energies_and_keeps_its_relaxations(tmp_path,
     assert ResultStore(tmp_path / "coarse" / "results.db").count(kind="polish") == 0
     assert coarse.summaries[0].minima[0].energy == pytest.approx(
         min(r.energy for r in relaxations.values()))
+    # --polish-fmax 0 in a folder polished before: the search's own energies, as it says
+    unpolished = search(copper, "v_Cu", [0], out=tmp_path, settings=_settings(polish_fmax=0), progress=False)
+    assert unpolished.summaries[0].minima[0].energy == pytest.approx(coarse.summaries[0].minima[0].energy)
 
 
 @pytest.mark.parametrize("kw", [{"polish_fmax": 0.1}, {"polish_fmax": -0.01}, {"polish_members": -1}])

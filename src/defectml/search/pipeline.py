@@ -86,11 +86,11 @@ class SearchSettings:
         trials_from: A ShakeNBreak folder whose trial POSCARs are the trials, exactly as they are
             (:mod:`~defectml.search.snb_trials`); its cells are the supercells, so the supercell
             and trial settings do not apply.
+        optimizer: How every relaxation steps (:data:`~defectml.core.optimizers.OPTIMIZERS`);
+            part of the key unless ``fire``, the default (old runs keep their keys).
         polish_fmax: Continue what the ranking rests on to this force threshold (eV/Å) before
             ranking (:mod:`~defectml.search.polish`); 0 ranks on the search's own energies. Not
             part of the key: a continuation is a row of its own, the relaxations stay as they are.
-        optimizer: How every relaxation steps (:data:`~defectml.core.optimizers.OPTIMIZERS`);
-            part of the key unless ``fire``, the default (old runs keep their keys).
         polish_members: Relaxations continued per minimum: the lowest, the highest, then the
             next lowest (0: all).
     """
@@ -570,7 +570,7 @@ def _search(store, structure, defects, charges, s, model: Model, progress, log_f
 
     def landscapes():
         return summarise(store, skey, soap=s.soap, threshold=s.soap_threshold, max_drop=s.max_drop,
-                         only=wanted, max_rise=s.max_rise)
+                         only=wanted, max_rise=s.max_rise, polished=bool(s.polish_fmax))
 
     summaries = landscapes()
     if s.polish_fmax and polish_minima(store, summaries, model, spec, fmax=s.polish_fmax,

@@ -221,6 +221,7 @@ def summarise(
     only: set[tuple[str, int]] | None = None,
     fidelity: str = "mlip",
     max_rise: float = DEFAULT_MAX_RISE,
+    polished: bool = True,
 ) -> list[DefectSummary]:
     """Summaries of every (defect, charge) relaxed under ``settings_key`` (default: the only run).
 
@@ -233,12 +234,14 @@ def summarise(
         only: Restrict to these ``(defect_key, charge)`` pairs.
         fidelity: ``mlip`` (searches) or ``dft`` (ingested or DFT-relaxed results).
         max_rise: High-energy quarantine threshold (eV above the unperturbed relaxation).
+        polished: Use the relaxations' continuations to a tighter force threshold where stored
+            (:mod:`~defectml.search.polish`); ``False``: the relaxations' own end points.
     """
     from defectml.search.polish import polished_rows
 
     key = settings_key or choose_run(store, None, fidelity)
     rows = store.select(kind="relaxation", settings_key=key, fidelity=fidelity)
-    polished = polished_rows(store.select(kind="polish", settings_key=key))
+    polished = polished_rows(store.select(kind="polish", settings_key=key)) if polished else {}
     groups: dict[tuple[str, int], list] = {}
     for r in rows:
         groups.setdefault((r.defect_key, int(r.charge_state)), []).append(r)
