@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from defectml.core.optimizers import OPTIMIZERS
+from defectml.core.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from defectml.errors import InputError
 from defectml.models.ref import BUILTIN_MODELS
 from defectml.search.distort import DEFAULT_DISTORTIONS, TrialSettings
@@ -142,7 +142,7 @@ def add_search_args(s: argparse.ArgumentParser) -> None:
     m.add_argument("--pre-relax", default=None, metavar="MODEL.pt",
                    help="move every trial to a trained direct predictor's relaxed positions first "
                         "(a,b.pt: the average of an ensemble)")
-    m.add_argument("--optimizer", choices=OPTIMIZERS, default="fire",
+    m.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
                    help="how each relaxation steps: fire (ASE's FIRE, the default), lbfgs, bfgs, "
                         "precon-fire (ASE's, batched; see benchmarks/results/optimizers.md)")
     m.add_argument("--polish-fmax", type=float, default=DEFAULT_POLISH_FMAX, metavar="EV_PER_A",

@@ -19,6 +19,7 @@ from typing import Any
 from ase import Atoms
 from ase.calculators.calculator import Calculator
 
+from defectml.core.optimizers import DEFAULT_OPTIMIZER
 from defectml.core.relax import Relaxation, calculator_batch_fn, relax_batched
 from defectml.errors import InputError
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
@@ -62,7 +63,7 @@ def _model(spec: ModelSpec) -> Model:
 
 def relax_batch(atoms_list: list[Atoms], spec: ModelSpec, fmax: float, max_steps: int,
                 watches: list | None = None, model: Model | None = None,
-                optimizer: str = "fire") -> list[Relaxation]:
+                optimizer: str = DEFAULT_OPTIMIZER) -> list[Relaxation]:
     """Relax a batch in the current process (what a worker runs): one model call per step."""
     model = model or _model(spec)
     out: list[Relaxation | None] = [None] * len(atoms_list)
@@ -88,7 +89,7 @@ def run_jobs(
     scheduler: str | None = None,
     batch_size: int = 1,
     model: Model | None = None,
-    optimizer: str = "fire",
+    optimizer: str = DEFAULT_OPTIMIZER,
 ) -> Iterator[tuple[Job, Relaxation]]:
     """Run ``jobs``; yield each ``(job, result)`` as soon as it is done.
 

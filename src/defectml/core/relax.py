@@ -21,7 +21,7 @@ from ase.calculators.calculator import Calculator
 from ase.neighborlist import neighbor_list
 from ase.optimize import FIRE
 
-from defectml.core.optimizers import make_optimizer
+from defectml.core.optimizers import DEFAULT_OPTIMIZER, make_optimizer
 from defectml.models.model import BatchFn, calculator_batch_fn
 from defectml.records import Trajectory
 
@@ -78,7 +78,7 @@ def relax_one(
     max_steps: int = 1500,
     min_distance: float = 0.5,
     watch: Callable[[Atoms, float, int], str | None] | None = None,
-    optimizer: str = "fire",
+    optimizer: str = DEFAULT_OPTIMIZER,
 ) -> Relaxation:
     """Relax one structure at fixed cell with FIRE until max force < ``fmax`` (eV/Å).
 
@@ -186,7 +186,7 @@ def relax_batched(
     min_distance: float = 0.5,
     max_batch: int = 16,
     watches: list | None = None,
-    optimizer: str = "fire",
+    optimizer: str = DEFAULT_OPTIMIZER,
 ) -> Iterator[tuple[int, Relaxation]]:
     """Relax many structures together: one ``batch_fn`` call per optimisation step for all.
 

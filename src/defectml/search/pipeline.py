@@ -20,7 +20,7 @@ from ase.calculators.calculator import Calculator
 from pymatgen.core import Structure
 
 from defectml.core.engine import Job, ModelSpec, run_jobs
-from defectml.core.optimizers import OPTIMIZERS
+from defectml.core.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
 from defectml.core.relax import CONVERGED, RelaxationFailure, relax_host
 from defectml.errors import InputError, ModelError, UntrustedPrediction
 from defectml.models import Model, ModelRef, load_model, wrap_calculator
@@ -115,7 +115,7 @@ class SearchSettings:
     env_shells: int = 1
     pre_relax: str | None = None
     trials_from: str | None = None
-    optimizer: str = "fire"
+    optimizer: str = DEFAULT_OPTIMIZER
     polish_fmax: float = DEFAULT_POLISH_FMAX
     polish_members: int = DEFAULT_POLISH_MEMBERS
 
@@ -158,7 +158,7 @@ class SearchSettings:
                 "trials_from",
                 *(["early_stop", self.soap_threshold] if self.early_stop else []),
                 *(["pre_relax", _file_key(self.pre_relax)] if self.pre_relax else []),
-                *(["optimizer", self.optimizer] if self.optimizer != "fire" else []),
+                *(["optimizer", self.optimizer] if self.optimizer != DEFAULT_OPTIMIZER else []),
             )
         return content_key(
             host_key, model_key, self.fmax, self.max_steps, self.min_length, self.max_atoms,
@@ -166,7 +166,7 @@ class SearchSettings:
             *(["early_stop", self.soap_threshold] if self.early_stop else []),
             *(["environment", self.env_shells] if self.sites == "environment" else []),
             *(["pre_relax", _file_key(self.pre_relax)] if self.pre_relax else []),
-            *(["optimizer", self.optimizer] if self.optimizer != "fire" else []),
+            *(["optimizer", self.optimizer] if self.optimizer != DEFAULT_OPTIMIZER else []),
         )
 
 

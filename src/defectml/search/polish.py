@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from defectml.core.optimizers import DEFAULT_OPTIMIZER
 from defectml.core.relax import CONVERGED
 from defectml.records import PolishRecord
 from defectml.structure_io import with_charge
@@ -107,7 +108,7 @@ class PolishReport:
 
 
 def polish_minima(store, summaries: list[DefectSummary], model, spec, *, fmax: float, members: int,
-                  max_steps: int, execution: dict, optimizer: str = "fire", progress: bool = False,
+                  max_steps: int, execution: dict, optimizer: str = DEFAULT_OPTIMIZER, progress: bool = False,
                   log_fn: Callable[[str], None] = log.info) -> PolishReport:
     """Continue :func:`to_polish`'s trials of every summary to ``fmax``; store each as it finishes.
 
