@@ -186,25 +186,36 @@ def dynamics_from_store(
     }
     out["frames"] = frames
     if quench:
-        pick = frames[:: max(1, len(frames) // quench)][:quench]
-        centres = [dyn.defect_centre(f, bulk, kind, index) for f in pick]
-        ref_centres = [dyn.defect_centre(mi.atoms, bulk, kind, index) for mi in s.minima]
-        log(f"quenching {len(pick)} frames (inherent structures)")
-        out["inherent_structures"] = dyn.inherent_structures(
-            pick, m.calculator, [mi.atoms for mi in s.minima], ref_centres, centres
-        )
-        out["inherent_structures"]["minima"] = [mi.label for mi in s.minima]
+        out["inherent_structures"] = _inherent_structures(frames, quench, s, bulk, kind, index, m.calculator,
+                                                          log)
     if neb_to is not None:
         log(f"NEB from minimum 0 to minimum {neb_to}")
-        res = dyn.neb(gs.atoms, s.minima[neb_to].atoms, m.calculator)
-        direction = res.images[1].positions - res.images[0].positions
-        nu = dyn.attempt_frequency(gs.atoms, direction, m.calculator)
-        out["neb"] = {
-            **res.to_dict(),
-            "attempt_frequency_Hz": nu,
-            "rate_per_s": dyn.tst_rate(res.barrier, nu, temperature),
-        }
+        out["neb"] = _neb_rate(gs.atoms, s.minima[neb_to].atoms, m.calculator, temperature)
     return out
+
+
+def _inherent_structures(frames: list, quench: int, s, bulk, kind: str, index, calculator, log) -> dict:
+    """``quench`` evenly spaced MD frames quenched and matched to the search's minima."""
+    from defectml.thermo import dynamics as dyn
+
+    pick = frames[:: max(1, len(frames) // quench)][:quench]
+    centres = [dyn.defect_centre(f, bulk, kind, index) for f in pick]
+    ref_centres = [dyn.defect_centre(mi.atoms, bulk, kind, index) for mi in s.minima]
+    log(f"quenching {len(pick)} frames (inherent structures)")
+    found = dyn.inherent_structures(pick, calculator, [mi.atoms for mi in s.minima], ref_centres, centres)
+    found["minima"] = [mi.label for mi in s.minima]
+    return found
+
+
+def _neb_rate(initial, final, calculator, temperature: float) -> dict:
+    """The NEB barrier between two minima, its attempt frequency and transition-state-theory rate."""
+    from defectml.thermo import dynamics as dyn
+
+    res = dyn.neb(initial, final, calculator)
+    direction = res.images[1].positions - res.images[0].positions
+    nu = dyn.attempt_frequency(initial, direction, calculator)
+    return {**res.to_dict(), "attempt_frequency_Hz": nu,
+            "rate_per_s": dyn.tst_rate(res.barrier, nu, temperature)}
 
 
 def levels_from_store(
