@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from defectml.errors import InputError
+from defectml.train.strategy import STRATEGIES
 
 
 def add_parsers(sub) -> None:
@@ -105,7 +106,7 @@ def add_training_options(p) -> None:
                     help="model to start from: chgnet (default), chgnet-0.2.0, chgnet-r2scan, sevennet-0, "
                          "sevennet-l3i5, sevennet-mf-0 (its PBE head; @R2SCAN for the other) or a "
                          "weights file")
-    p.add_argument("--strategy", choices=("standard", "replay", "multihead", "multifidelity"),
+    p.add_argument("--strategy", choices=tuple(STRATEGIES),
                     default="standard",
                     help="standard (default): defect frames only; replay: plus original-domain frames; "
                          "multihead: a new SevenNet head for the defects, the base head kept on replay; "
