@@ -1,4 +1,4 @@
-"""What ranking minima on converged energies would cost (issue #32 item 6; not built yet).
+"""What polishing every trial to converged energies costs (the measurement behind #32 item 6).
 
 The README's run (CdTe V_Cd0, CHGNet, 15 trials, ``--fmax 0.05``) is searched (or reused), and
 every trial is then relaxed on from its end point to ``--fmax 0.01`` (ShakeNBreak's DFT stops at
@@ -7,7 +7,9 @@ each trial's energy drop and the one minimum's spread before and after. The sear
 seconds are the yardstick: the issue's bound is +30 % of the search's time.
 
 ``python benchmarks/polish_cost.py`` → ``benchmarks/results/polish_cost.{json,md}``. Timings are
-ratios within this one run on one torch thread.
+ratios within this one run on one torch thread. The search itself runs with ``--polish-fmax 0``:
+what is built (each minimum's lowest and highest trials and Unperturbed) is measured by
+``benchmarks/polish_search.py``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "runs" / "polish_cost"
 RESULTS = ROOT / "benchmarks" / "results"
 SEARCH = ["search", str(ROOT / "examples" / "CdTe.cif"), "--defect", "v_Cd", "--charge", "0", "--out",
-          str(RUN), "--threads", "1", "--quiet", "--no-report"]
+          str(RUN), "--threads", "1", "--quiet", "--no-report", "--polish-fmax", "0"]
 
 
 def polish(rows, model, optimiser: str, fmax: float = 0.01, max_steps: int = 300) -> dict:
