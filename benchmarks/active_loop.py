@@ -83,7 +83,7 @@ def mgo_charge(q: int, work: Path, threads: int | None, log, **loop) -> dict:
     geo = Geometry.of(ctx.bulk, ctx.oxidation_states, dft.trials[0].site, dft.trials[0].defect_index)
     short_trials = [m.trial for m in select(ml)]
 
-    s = LoopSettings(threads=threads, dft_start="trial", **loop)
+    s = LoopSettings.from_options({"threads": threads, "dft_start": "trial", **loop})
     t0 = time.perf_counter()
     result = run_loop(store, res.settings_key, ReplayOracle(data), s, work / label / "loop", only={label},
                       log=log)
@@ -202,7 +202,7 @@ def live(work: Path, threads: int | None, log) -> dict:
                                          trials=TrialSettings(distortions=(-0.4, -0.2, 0.2, 0.4))))
     search_s = time.perf_counter() - t0
     store = ResultStore(work / "live" / "results.db")
-    s = LoopSettings(k=1, committee=2, epochs=10, max_rounds=3, threads=threads)
+    s = LoopSettings.from_options(dict(k=1, committee=2, epochs=10, max_rounds=3, threads=threads))
     t0 = time.perf_counter()
     r = run_loop(store, res.settings_key, calculator_oracle("xtb", max_steps=200), s, work / "live" / "loop",
                  log=log)

@@ -587,7 +587,7 @@ def loop_defect(host: Host, rec: dict, start_mode: str, threads: int, loop_optio
     from defectml.dft.loop import LoopSettings, run_loop
 
     folder = defect_folder(host, rec["defect"])
-    s = LoopSettings(threads=threads, dft_start=start_mode, **loop_options)
+    s = LoopSettings.from_options({"threads": threads, "dft_start": start_mode, **loop_options})
     name = loop_name(start_mode, loop_options)
     cache = folder / f"{name}.json"
     if cache.exists():

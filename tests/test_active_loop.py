@@ -316,7 +316,7 @@ def test_loop_learns_from_an_oracle_stores_every_round_and_resumes(chgnet_vacanc
 
     run, key = chgnet_vacancy_run
     store = ResultStore(run / "results.db")
-    s = LoopSettings(k=1, rule="lowest", committee=2, epochs=1, max_rounds=1, threads=None)
+    s = LoopSettings.from_options(dict(k=1, rule="lowest", committee=2, epochs=1, max_rounds=1))
     oracle = parse_oracle("calculator:emt", max_steps=50)
     first = run_loop(store, key, oracle, s, tmp_path / "loop")
     assert first.status == "stopped" and "max-rounds" in first.reason
@@ -342,8 +342,8 @@ def test_loop_learns_from_an_oracle_stores_every_round_and_resumes(chgnet_vacanc
     assert summarise(store, rd["ml_key"])[0].to_dict()["minima"][0]["trust"]["members"] == 2
     # resume with a larger round limit: round 1 is not redone (same models, same DFT row)
     mtimes = [Path(m).stat().st_mtime for m in rd["models"]]
-    second = run_loop(store, key, oracle, LoopSettings(k=1, rule="lowest", committee=2, epochs=1,
-                                                         max_rounds=3, threads=None), tmp_path / "loop")
+    second = run_loop(store, key, oracle, LoopSettings.from_options(dict(
+        k=1, rule="lowest", committee=2, epochs=1, max_rounds=3)), tmp_path / "loop")
     assert [Path(m).stat().st_mtime for m in rd["models"]] == mtimes
     assert second.rounds[0]["picks"] == rd["picks"] and len(second.rounds) >= 2
     asked = [t for r in second.rounds for p in r["picks"].values() for t in p]
@@ -412,8 +412,8 @@ def test_a_model_that_cannot_reproduce_its_dft_trains_further_and_is_never_conve
 
     run, key = chgnet_vacancy_run
     store = ResultStore(run / "results.db")
-    s = LoopSettings(k=1, rule="lowest", committee=1, epochs=1, max_rounds=2, fit_attempts=2, max_rmsd=0.0,
-                     threads=None)
+    s = LoopSettings.from_options(dict(k=1, rule="lowest", committee=1, epochs=1, max_rounds=2,
+                                       fit_attempts=2, max_rmsd=0.0))
     res = run_loop(store, key, parse_oracle("calculator:emt", max_steps=50), s, tmp_path / "loop")
     assert res.status == "stopped" and "max-rounds" in res.reason
     for rd in res.rounds:

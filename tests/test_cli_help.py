@@ -47,7 +47,8 @@ def test_a_settings_file_sets_options_the_command_line_wins_and_the_run_writes_i
     out = tmp_path / "run"
     assert main(["search", str(copper_cif), "--config", str(cfg), "--fmax", "0.1", "--out", str(out)]) == 0
     written = yaml.safe_load((out / "settings.yaml").read_text())
-    assert written["defect"] == "v_Cu" and written["min_length"] == 7.0 and written["no_dimer"] is True
+    # options are written under their settings' field names (--no-dimer: dimer false)
+    assert written["defect"] == "v_Cu" and written["min_length"] == 7.0 and written["dimer"] is False
     assert written["fmax"] == 0.1  # the command line won over the file
     assert written["distortions"] == "-0.3,0.3"
     trials = json.loads((out / "summary.json").read_text())["defects"][0]["n_trials"]

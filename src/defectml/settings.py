@@ -1,12 +1,30 @@
-"""What the settings dataclasses share: one way to be built from CLI options or a dict."""
+"""What the settings dataclasses share: one way to be built from CLI options or a dict.
+
+A field is read from the option of the same name (``fmax`` from ``--fmax``), after the class's
+``OPTIONS_PREFIX`` (``soap_`` + ``r_cut``: ``--soap-r-cut``); a class names the few exceptions in
+``OPTION_NAMES``. A field that holds settings of its own
+(a nested dataclass) says so in its metadata, ``{"options": ...}``: either a prefix, or a mapping
+of the nested field names to the option names they are read from (the loop's ``--train-patience``
+is its fine-tuning settings' ``patience``: the loop has a ``--patience`` of its own). Its default
+value is the starting point; options given replace its fields. A field whose option is text to
+parse (``--distortions -0.6:0.6:0.1``) names its parser in its metadata, ``{"parse": fn}``: it is
+applied to text values, so a command line, a dict and a settings file all work, and a bad value is
+the parser's one-line ``InputError``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
+from typing import ClassVar
 
 
 class FromOptions:
     """Mixin for settings dataclasses that have a ``validate()`` method."""
+
+    #: What this class's option names start with (before the field name).
+    OPTIONS_PREFIX: ClassVar[str] = ""
+    #: Fields whose option is not prefix + field name (``SplitSettings.by``: ``--split-by``).
+    OPTION_NAMES: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def from_options(cls, options, **overrides):
@@ -15,7 +33,34 @@ class FromOptions:
         Options absent or ``None`` keep the dataclass default; the result is validated.
         """
         source = options if isinstance(options, dict) else vars(options)
-        chosen = {f.name: source[f.name] for f in fields(cls) if source.get(f.name) is not None}
-        s = cls(**{**chosen, **overrides})
+        s = cls(**{**chosen_fields(cls, source, cls.OPTIONS_PREFIX, skip=overrides), **overrides})
         s.validate()
         return s
+
+
+def chosen_fields(cls, source: dict, names: str | dict[str, str], skip=()) -> dict:
+    """The fields of ``cls`` that ``source`` sets (``names``: a prefix, or field -> option name).
+
+    Nested settings fields (metadata ``options``) are built from their default value and the
+    options that name their fields, then validated.
+    """
+    out = {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        nested = f.metadata.get("options")
+        if nested is not None:
+            default = f.default_factory()
+            sub = replace(default, **chosen_fields(type(default), source, nested))
+            if hasattr(sub, "validate"):
+                sub.validate()
+            out[f.name] = sub
+            continue
+        if isinstance(names, dict):
+            name = names.get(f.name)
+        else:
+            name = getattr(cls, "OPTION_NAMES", {}).get(f.name, names + f.name)
+        if name is not None and source.get(name) is not None:
+            value, parse = source[name], f.metadata.get("parse")
+            out[f.name] = parse(value) if parse and isinstance(value, str) else value
+    return out

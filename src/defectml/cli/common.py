@@ -6,13 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from defectml.core.optimizers import DEFAULT_OPTIMIZER, OPTIMIZERS
+from defectml.core.optimizers import OPTIMIZERS
 from defectml.errors import InputError
 from defectml.models.ref import BUILTIN_MODELS
-from defectml.search.distort import DEFAULT_DISTORTIONS, TrialSettings
+from defectml.search.distort import TrialSettings
 from defectml.search.fingerprint import SoapSettings
 from defectml.search.landscape import DEFAULT_MAX_RISE, DEFAULT_PHASE_CHANGE_DROP, DEFAULT_SOAP_THRESHOLD
-from defectml.search.polish import DEFAULT_POLISH_FMAX, DEFAULT_POLISH_MEMBERS
 
 EPILOG = """examples:
   defectml search examples/CdTe.cif --defect v_Cd --charge 0 --out runs/cdte
@@ -38,42 +37,19 @@ def parse_charges(text: str | None) -> list[int] | None:
         raise InputError(f"cannot parse --charge {text!r}: use 0, -2,-1,0 or -2:0") from None
 
 
-def parse_distortions(text: str | None) -> tuple[float, ...]:
-    """``--distortions``: -0.6:0.6:0.1 or a list (zero dropped: that is the Rattled trial)."""
-    if text is None:
-        return DEFAULT_DISTORTIONS
-    try:
-        if text.count(":") == 2:
-            lo, hi, step = (float(x) for x in text.split(":"))
-            n = int(round((hi - lo) / step)) + 1
-            values = [round(lo + i * step, 6) for i in range(n)]
-        else:
-            values = [float(x) for x in text.split(",") if x.strip()]
-    except (ValueError, ZeroDivisionError):
-        raise InputError(f"cannot parse --distortions {text!r}: use -0.6:0.6:0.1 or -0.4,0.4") from None
-    return tuple(v for v in values if abs(v) > 1e-9)
-
-
-def parse_oxi(text: str | None) -> dict[str, int] | None:
-    """``--oxi``: Cd=2,Te=-2."""
-    if not text:
-        return None
-    out = {}
-    for part in text.split(","):
-        try:
-            el, val = part.split("=")
-            out[el.strip()] = int(val)
-        except ValueError:
-            raise InputError(f"cannot parse --oxi {part!r}: use e.g. Cd=2,Te=-2") from None
-    return out
-
-
 def add_structure_args(p: argparse.ArgumentParser, defect_required: bool = True) -> None:
     """The host, defect, charge, supercell and trial options.
+
+    Each option is named for the settings field it sets (:class:`~defectml.search.SearchSettings`,
+    :class:`~defectml.search.distort.TrialSettings`); older spellings stay as aliases. Defaults are
+    ``None``: the dataclass decides, and the help quotes it.
 
     ``defect_required=False``: the command checks ``--defect`` itself (``search --trials-from``
     takes every folder's defect without it).
     """
+    from defectml.search.pipeline import SearchSettings as S
+
+    T = TrialSettings
     p.add_argument("structure", help="host crystal: CIF, POSCAR, extxyz or any ASE/pymatgen format")
     p.add_argument("--defect", required=defect_required,
                    help="v_Cd (vacancy), Se_Te (Se on a Te site), Cd_i or Te_i_C3v "
@@ -84,78 +60,80 @@ def add_structure_args(p: argparse.ArgumentParser, defect_required: bool = True)
                         "which of the folder's defects (default: all)")
     p.add_argument("--charge", default=None,
                    help="charge state(s): 0, -2,-1,0 or -2:0 (default: each defect's defaults)")
-    p.add_argument("--oxi", default=None, help="oxidation-state overrides, e.g. Cd=2,Te=-2")
+    p.add_argument("--oxidation-states", "--oxi", default=None, metavar="EL=N,...",
+                   help="oxidation-state overrides, e.g. Cd=2,Te=-2")
     g = p.add_argument_group("supercell")
-    g.add_argument("--min-length", type=float, default=10.0,
-                   help="minimum distance between periodic images of the defect, Å (10)")
-    g.add_argument("--max-atoms", type=int, default=500, help="largest supercell allowed (500)")
-    g.add_argument("--diagonal", action="store_true", help="only diagonal supercell matrices")
+    g.add_argument("--min-length", type=float, default=None,
+                   help=f"minimum distance between periodic images of the defect, Å ({S.min_length})")
+    g.add_argument("--max-atoms", type=int, default=None, help=f"largest supercell allowed ({S.max_atoms})")
+    g.add_argument("--force-diagonal", "--diagonal", action=argparse.BooleanOptionalAction, default=None,
+                   help="only diagonal supercell matrices (off by default)")
     t = p.add_argument_group("trials")
     t.add_argument("--distortions", default=None,
                    help="bond-distortion factors: -0.6:0.6:0.1 (default) or a list -0.4,-0.2,0.2")
     t.add_argument("--rattle-stdev", type=float, default=None,
                    help="rattle standard deviation, Å (default 10%% of the bulk bond length)")
-    t.add_argument("--dimer-distance", type=float, default=2.0,
-                   help="bond length of the vacancy Dimer trial, Å (2.0)")
-    t.add_argument("--no-dimer", action="store_true", help="no Dimer trial")
-    t.add_argument("--no-rattled", action="store_true", help="no rattle-only trial")
+    t.add_argument("--dimer-distance", type=float, default=None,
+                   help=f"bond length of the vacancy Dimer trial, Å ({T.dimer_distance})")
+    t.add_argument("--dimer", action=argparse.BooleanOptionalAction, default=None,
+                   help="the vacancy Dimer trial (on by default)")
+    t.add_argument("--rattled", action=argparse.BooleanOptionalAction, default=None,
+                   help="the rattle-only trial (on by default)")
     t.add_argument("--off-centre", type=float, default=None, metavar="Å",
                    help="also move a substituted or interstitial atom this far off its site, toward "
                         "a first-shell bond, edge and face (Off_Centre_1..3 trials; e.g. 1.0)")
-    t.add_argument("--all-pairs", action="store_true",
-                   help="also distort every other combination of first-shell neighbours (alloys)")
+    t.add_argument("--all-pairs", action=argparse.BooleanOptionalAction, default=None,
+                   help="also distort every other combination of first-shell neighbours (alloys; off by "
+                        "default)")
     t.add_argument("--pair-distortions", default=None,
                    help="factors for the --all-pairs trials (default: the --distortions)")
-    t.add_argument("--seed", type=int, default=42, help="base random seed (42)")
-    t.add_argument("--sites", choices=("symmetry", "environment"), default="symmetry",
+    t.add_argument("--seed", type=int, default=None, help=f"base random seed ({T.seed})")
+    t.add_argument("--sites", choices=("symmetry", "environment"), default=None,
                    help="symmetry: inequivalent sites of an ordered host (default); environment: "
                         "one site per local chemical environment of the cell as given (alloys)")
-    t.add_argument("--shells", type=int, default=1,
-                   help="neighbour shells that define an environment (1)")
+    t.add_argument("--env-shells", "--shells", type=int, default=None,
+                   help=f"neighbour shells that define an environment ({S.env_shells})")
 
 
 def trial_settings(a: argparse.Namespace) -> TrialSettings:
     """The trial settings from the parsed options."""
-    return TrialSettings(
-        distortions=parse_distortions(a.distortions), rattle_stdev=a.rattle_stdev,
-        dimer_distance=a.dimer_distance, dimer=not a.no_dimer, rattled=not a.no_rattled,
-        all_pairs=a.all_pairs, seed=a.seed, off_centre=a.off_centre,
-        pair_distortions=parse_distortions(a.pair_distortions) if a.pair_distortions else None,
-    )
+    return TrialSettings.from_options(a)
 
 
 def add_search_args(s: argparse.ArgumentParser) -> None:
-    """Model, relaxation and execution options."""
+    """Model, relaxation and execution options (named for their settings fields, defaults ``None``)."""
+    from defectml.search.pipeline import SearchSettings as S
+
     s.add_argument("--db", default=None,
                    help="results database: SQLite path or postgresql:// URL (OUT/results.db)")
     m = s.add_argument_group("model and relaxation")
-    m.add_argument("--model", default="chgnet",
-                   help=f"built-in: {', '.join(BUILTIN_MODELS)} (chgnet by default; NAME@HEAD picks a "
+    m.add_argument("--model", default=None,
+                   help=f"built-in: {', '.join(BUILTIN_MODELS)} ({S.model} by default; NAME@HEAD picks a "
                         "SevenNet head); or a weights file: CHGNet .pth.tar, SevenNet .pth[@HEAD], "
                         "MACE .model")
-    m.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    m.add_argument("--device", default=None, help=f"cpu or cuda ({S.device})")
     m.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
-    m.add_argument("--fmax", type=float, default=0.05, help="force threshold, eV/Å (0.05)")
-    m.add_argument("--max-steps", type=int, default=1500, help="FIRE step limit (1500)")
-    m.add_argument("--no-relax-host", action="store_true",
-                   help="use the host cell as given instead of relaxing it with the model")
+    m.add_argument("--fmax", type=float, default=None, help=f"force threshold, eV/Å ({S.fmax})")
+    m.add_argument("--max-steps", type=int, default=None, help=f"step limit of a relaxation ({S.max_steps})")
+    m.add_argument("--relax-host", action=argparse.BooleanOptionalAction, default=None,
+                   help="relax the host cell with the model first (default); --no-relax-host: use the "
+                        "host cell as given")
     m.add_argument("--pre-relax", default=None, metavar="MODEL.pt",
                    help="move every trial to a trained direct predictor's relaxed positions first "
                         "(a,b.pt: the average of an ensemble)")
-    m.add_argument("--optimizer", choices=OPTIMIZERS, default=DEFAULT_OPTIMIZER,
-                   help="how each relaxation steps: fire (ASE's FIRE, the default), lbfgs, bfgs, "
-                        "precon-fire (ASE's, batched; see benchmarks/results/optimizers.md)")
-    m.add_argument("--polish-fmax", type=float, default=DEFAULT_POLISH_FMAX, metavar="EV_PER_A",
+    m.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help=f"how each relaxation steps: {', '.join(OPTIMIZERS)} (ASE's, batched; "
+                        f"{S.optimizer} by default; see benchmarks/results/optimizers.md)")
+    m.add_argument("--polish-fmax", type=float, default=None, metavar="EV_PER_A",
                    help="rank minima on energies continued to this force threshold: each minimum's "
                         "lowest and highest relaxations and the Unperturbed one (0: rank on --fmax "
-                        "energies; "
-                        f"{DEFAULT_POLISH_FMAX})")
-    m.add_argument("--polish-members", type=int, default=DEFAULT_POLISH_MEMBERS, metavar="N",
+                        f"energies; {S.polish_fmax})")
+    m.add_argument("--polish-members", type=int, default=None, metavar="N",
                    help="relaxations polished per minimum: the lowest, the highest, then the next lowest "
-                        f"(0: all; {DEFAULT_POLISH_MEMBERS})")
-    m.add_argument("--early-stop", action="store_true",
+                        f"(0: all; {S.polish_members})")
+    m.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=None,
                    help="stop a relaxation once it reaches the basin of an already relaxed "
-                        "minimum (same defect-site SOAP, energy within 0.05 eV)")
+                        "minimum (same defect-site SOAP, energy within 0.05 eV; off by default)")
     x = s.add_argument_group("execution")
     x.add_argument("--workers", type=int, default=1,
                    help="worker processes (1: this process); torch threads are split among them")
@@ -170,17 +148,7 @@ def search_settings(a: argparse.Namespace, **over):
     """The search settings from the parsed options (``over`` replaces any field)."""
     from defectml.search import SearchSettings
 
-    kw = dict(
-        model=a.model, device=a.device, threads=a.threads, fmax=a.fmax, max_steps=a.max_steps,
-        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
-        relax_host=not a.no_relax_host, oxidation_states=parse_oxi(a.oxi),
-        trials=trial_settings(a), soap=soap(a), soap_threshold=a.soap_threshold,
-        max_drop=a.max_drop, max_rise=a.max_rise, early_stop=a.early_stop, pre_relax=a.pre_relax,
-        sites=a.sites, env_shells=a.shells, polish_fmax=a.polish_fmax, polish_members=a.polish_members,
-        optimizer=a.optimizer,
-    )
-    kw.update(over)
-    return SearchSettings(**kw)
+    return SearchSettings.from_options(a, **over)
 
 
 def execution(a: argparse.Namespace) -> dict:
@@ -203,10 +171,14 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--soap-threshold", type=float, default=DEFAULT_SOAP_THRESHOLD,
                    help=f"SOAP cosine distance below which two relaxed trials are one minimum "
                         f"({DEFAULT_SOAP_THRESHOLD})")
-    g.add_argument("--soap-rcut", type=float, default=5.0, help="SOAP cutoff, Å (5)")
-    g.add_argument("--soap-nmax", type=int, default=10, help="SOAP radial basis size (10)")
-    g.add_argument("--soap-lmax", type=int, default=10, help="SOAP max angular degree (10)")
-    g.add_argument("--soap-sigma", type=float, default=1.0, help="SOAP Gaussian width, Å (1.0)")
+    d = SoapSettings()
+    g.add_argument("--soap-r-cut", "--soap-rcut", type=float, default=None,
+                   help=f"SOAP cutoff, Å ({d.r_cut})")
+    g.add_argument("--soap-n-max", "--soap-nmax", type=int, default=None,
+                   help=f"SOAP radial basis size ({d.n_max})")
+    g.add_argument("--soap-l-max", "--soap-lmax", type=int, default=None,
+                   help=f"SOAP max angular degree ({d.l_max})")
+    g.add_argument("--soap-sigma", type=float, default=None, help=f"SOAP Gaussian width, Å ({d.sigma})")
     g.add_argument("--max-drop", type=float, default=DEFAULT_PHASE_CHANGE_DROP,
                    help="quarantine relaxations this many eV below the median as phase changes "
                         f"({DEFAULT_PHASE_CHANGE_DROP})")
@@ -219,7 +191,7 @@ def add_analysis_args(p: argparse.ArgumentParser) -> None:
 
 def soap(a: argparse.Namespace) -> SoapSettings:
     """SOAP settings from the parsed options."""
-    return SoapSettings(r_cut=a.soap_rcut, n_max=a.soap_nmax, l_max=a.soap_lmax, sigma=a.soap_sigma)
+    return SoapSettings.from_options(a)
 
 
 def messages(quiet: bool):
@@ -312,13 +284,29 @@ def config_tokens(path: str, sub: argparse.ArgumentParser, command: str) -> list
         if action.nargs == 0:  # a flag
             if not isinstance(value, bool):
                 raise InputError(f"--config {path}: {key} is a flag; give true or false")
-            if value:
-                tokens.append(flag)
+            tokens += _flag_tokens(action, flag, name, value)
             continue
+        if isinstance(value, dict):  # oxidation states
+            value = ",".join(f"{k}={v}" for k, v in value.items())
         if isinstance(value, list | tuple):
             value = ",".join(str(v) for v in value)
         tokens.append(f"{flag}={value}")
     return tokens
+
+
+def _flag_tokens(action: argparse.Action, flag: str, name: str, value: bool) -> list[str]:
+    """The tokens that give a flag ``name: value``.
+
+    A ``--x/--no-x`` flag is given either way, so a written ``relax_host: false`` (or an older
+    file's ``no_relax_host: true``) turns the default off instead of being dropped; a plain flag
+    given false is its default, so it emits nothing.
+    """
+    if not isinstance(action, argparse.BooleanOptionalAction):
+        return [flag] if value else []
+    negated = {o.lstrip("-").replace("-", "_") for o in action.option_strings if o.startswith("--no-")}
+    on = value != (name in negated)
+    positive = next(o for o in action.option_strings if not o.startswith("--no-"))
+    return [positive if on else "--no-" + positive[2:]]
 
 
 def write_settings(a: argparse.Namespace, folder: Path) -> Path:

@@ -138,27 +138,30 @@ def add_parsers(sub) -> None:
     lp.add_argument("--base", default=None,
                     help="model round 1 starts from (default: the search's model; CHGNet or SevenNet)")
     lp.add_argument("--epochs", type=int, default=None,
-                    help=f"fine-tuning epochs at most, first attempt of a round ({d.epochs})")
-    lp.add_argument("--lr", type=float, default=None, help=f"fine-tuning learning rate ({d.lr})")
+                    help=f"fine-tuning epochs at most, first attempt of a round ({d.training.epochs})")
+    lp.add_argument("--lr", type=float, default=None, help=f"fine-tuning learning rate ({d.training.lr})")
     lp.add_argument("--energy-weight", type=float, default=None,
                     help="loss weight of energies (a 1 eV defect energy is ~5 meV/atom in 200 atoms) "
-                         f"({d.energy_weight})")
+                         f"({d.training.energy_weight})")
     lp.add_argument("--strategy", choices=("standard", "replay"), default=None,
-                    help=f"fine-tuning strategy (replay: base-labelled crystals mixed in) ({d.strategy})")
+                    help="fine-tuning strategy (replay: base-labelled crystals mixed in) "
+                         f"({d.training.strategy})")
     lp.add_argument("--frames-per-relaxation", type=int, default=None,
                     help="frames learnt per DFT relaxation, its path evenly spaced, the end point "
                          f"always; 0: every frame ({d.frames_per_relaxation})")
     lp.add_argument("--holdout", type=float, default=None,
                     help=f"share of DFT relaxations held back for early stopping ({d.holdout})")
     lp.add_argument("--fmax", type=float, default=None,
-                    help=f"force threshold of every relaxation, eV/Å ({d.fmax})")
+                    help=f"force threshold of every relaxation, eV/Å ({d.relaxation.fmax})")
     lp.add_argument("--max-steps", type=int, default=None, help=f"step limit of the MLIP relaxations "
-                    f"({d.max_steps})")
+                    f"({d.relaxation.max_steps})")
     lp.add_argument("--relax-batch", type=int, default=None,
-                    help=f"trials relaxed together by the model, one call per step ({d.relax_batch})")
+                    help="trials relaxed together by the model, one call per step "
+                         f"({d.relaxation.batch_size})")
     lp.add_argument("--oracle-steps", type=int, default=300, help="step limit of a calculator oracle (300)")
-    lp.add_argument("--no-early-stop", dest="early_stop", action="store_false", default=None,
-                    help="relax every trial to the end (default: stop in a known basin)")
+    lp.add_argument("--early-stop", action=argparse.BooleanOptionalAction, default=None,
+                    help="stop a re-relaxation in a known basin (default); --no-early-stop: relax every "
+                         "trial to the end")
     lp.add_argument("--seed", type=int, default=None, help=f"committee seeds and hold-out draws ({d.seed})")
     lp.add_argument("--device", default=None, help=f"cpu or cuda ({d.device})")
     lp.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
@@ -271,7 +274,7 @@ def cmd_loop(a: argparse.Namespace) -> int:
     from defectml.dft.oracle import parse_oracle
 
     s = LoopSettings.from_options(a)  # bad numbers fail before anything is opened
-    oracle = parse_oracle(a.oracle, s.fmax, a.oracle_steps, device=s.device, threads=s.threads)
+    oracle = parse_oracle(a.oracle, s.relaxation.fmax, a.oracle_steps, device=s.device, threads=s.threads)
     store = open_store(a.run)
     key = run_key(store, a.run, a.run_key)
     only = {x.strip() for x in a.defect.split(",") if x.strip()} if a.defect else None

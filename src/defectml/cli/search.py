@@ -15,7 +15,6 @@ from defectml.cli.common import (
     messages,
     open_store,
     parse_charges,
-    parse_oxi,
     run_key,
     search_settings,
     soap,
@@ -169,11 +168,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
     from defectml.structure_io import read_structure
 
     host = read_structure(a.structure)
-    settings = SearchSettings(
-        min_length=a.min_length, max_atoms=a.max_atoms, force_diagonal=a.diagonal,
-        oxidation_states=parse_oxi(a.oxi), trials=trial_settings(a), sites=a.sites,
-        env_shells=a.shells,
-    )
+    settings = SearchSettings.from_options(a)  # supercell and trial options; no model
     from defectml.search.defects import host_of, resolve_defects
 
     defects = resolve_defects(a.defect)

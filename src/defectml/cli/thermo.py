@@ -15,6 +15,9 @@ from defectml.errors import DefectMLError
 
 def add_parsers(sub) -> None:
     """Add this area's commands to the ``defectml`` subparsers."""
+    from defectml.thermo.freeenergy import ThermoSettings
+
+    d = ThermoSettings()  # thermo's defaults (the help shows them)
     th = sub.add_parser(
         "thermo", help="formation free energies and concentrations vs temperature",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -27,23 +30,26 @@ def add_parsers(sub) -> None:
                     help="temperatures (K): start:stop:step or a comma list")
     th.add_argument("--defect", default=None, help="only this defect (e.g. v_Cd)")
     th.add_argument("--charge", type=int, default=None, help="only this charge state")
-    th.add_argument("--mu", default="", help="chemical potentials, e.g. Cd=-1.2,Te=-3.1 (eV/atom); "
+    th.add_argument("--mu", default="",
+                    help="chemical potentials, e.g. Cd=-1.2,Te=-3.1 (eV/atom); "
                     "missing ones: element-rich limit from the model")
-    th.add_argument("--vib", choices=("none", "harmonic", "qha"), default="harmonic",
+    th.add_argument("--vibrations", "--vib", choices=("none", "harmonic", "qha"), default=d.vibrations,
                     help="vibrational free energy: none, harmonic phonons, or quasi-harmonic "
                          "(volume-dependent)")
-    th.add_argument("--window", type=float, default=0.5,
+    th.add_argument("--window", type=float, default=d.window,
                     help="configurations within this many eV of the lowest")
-    th.add_argument("--mesh", type=int, default=4, help="q-mesh n (n x n x n) for supercell free energies")
-    th.add_argument("--displacement", type=float, default=0.01, help="phonopy displacement (Å)")
+    th.add_argument("--mesh", type=int, default=d.mesh[0],
+                    help="q-mesh n (n x n x n) for supercell free energies")
+    th.add_argument("--displacement", type=float, default=d.displacement, help="phonopy displacement (Å)")
     th.add_argument("--model", default=None, metavar="FILE",
                     help="the search's weights file where it moved or was renamed (accepted only with the "
                          "search's content key; default: the search's model where it was)")
     th.add_argument("--ti", action="store_true", help="also the anharmonic route (thermodynamic integration)")
-    th.add_argument("--ti-t0", type=float, default=300.0, help="Frenkel-Ladd temperature (K)")
+    th.add_argument("--ti-t0", type=float, default=d.ti_t0, help="Frenkel-Ladd temperature (K)")
     th.add_argument("--ti-t1", type=float, default=None, help="reversible scaling up to this T (K)")
-    th.add_argument("--ti-repeats", type=int, default=4, help="independent TI switches averaged")
-    th.add_argument("--ti-steps", type=int, default=1000, help="MD steps per switch")
+    th.add_argument("--ti-repeats", type=int, default=d.ti_repeats, help="independent TI switches averaged")
+    th.add_argument("--ti-switch-steps", "--ti-steps", type=int, default=d.ti_switch_steps,
+                    help="MD steps per switch")
     th.add_argument("--vbm", type=float, default=None, help="host VBM (eV) for charged defects")
     th.add_argument("--fermi", type=float, default=None, help="Fermi level above the VBM (eV)")
     th.add_argument("--correction", type=float, default=None,
@@ -157,14 +163,12 @@ def cmd_thermo(a: argparse.Namespace) -> int:
     from defectml.thermo.report import table, write
 
     store = open_store(a.run)
-    t = _temperatures(a.temperatures)
+    t = _temperatures(a.temperatures)  # here, not in argparse: a bad value is one line and exit 2
     charge_terms = {k: v for k, v in (("vbm", a.vbm), ("fermi_level", a.fermi),
                                       ("correction", a.correction)) if v is not None}
-    settings = ThermoSettings(
-        temperatures=t, mu=_key_values(a.mu, "--mu"), window=a.window, vibrations=a.vib,
-        displacement=a.displacement, mesh=(a.mesh,) * 3, ti=a.ti, ti_t0=a.ti_t0, ti_t1=a.ti_t1,
-        ti_repeats=a.ti_repeats, ti_switch_steps=a.ti_steps, charge_terms=charge_terms,
-        electronic=_electronic(a.dos))
+    settings = ThermoSettings.from_options(a, temperatures=t, mu=_key_values(a.mu, "--mu"),
+                                           mesh=(a.mesh,) * 3, charge_terms=charge_terms,
+                                           electronic=_electronic(a.dos))
     results = thermo_from_store(store, settings, defect=a.defect, charge=a.charge, model=a.model,
                                 run=run_key(store, a.run, a.run_key), log=messages(a.quiet))
     base = Path(a.out) if a.out else (Path(a.run) if Path(a.run).is_dir() else Path(".")) / "thermo"

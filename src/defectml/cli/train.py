@@ -13,6 +13,7 @@ from defectml.train.strategy import STRATEGIES
 
 def add_parsers(sub) -> None:
     """Add this area's commands to the ``defectml`` subparsers."""
+    from defectml.train.dataset import SPLIT_BY, SplitSettings
     ds = sub.add_parser(
         "dataset", help="defect datasets for fine-tuning: sample, clean and split DFT (or ML) frames",
         description="Read relaxations (extxyz files, defectml stores, VASP outputs), drop frames far "
@@ -35,16 +36,19 @@ def add_parsers(sub) -> None:
                     help="drop frames more than this (eV) above their relaxation's lowest (5)")
     ds.add_argument("--max-force", type=float, default=50.0,
                     help="drop frames with a larger force, eV/Å (50)")
-    ds.add_argument("--split-by", choices=("relaxation", "defect", "host"), default="defect",
-                    help="keep each relaxation / defect (all charges) / host on one side (defect)")
-    ds.add_argument("--fractions", default="0.8,0.1,0.1", help="train,val,test shares (0.8,0.1,0.1)")
-    ds.add_argument("--hold-out", action="append", default=[], metavar="KIND:NAME",
+    d = SplitSettings()
+    ds.add_argument("--split-by", choices=SPLIT_BY, default=None,
+                    help=f"keep each relaxation / defect (all charges) / host on one side ({d.by})")
+    ds.add_argument("--fractions", default=None,
+                    help=f"train,val,test shares ({','.join(map(str, d.fractions))})")
+    ds.add_argument("--hold-out", action="append", default=None, metavar="KIND:NAME",
                     help="put a group in test: host:SrTiO3, defect:ZnS/vac_S (repeatable)")
-    ds.add_argument("--bulk", choices=("train", "split", "drop"), default="train",
+    ds.add_argument("--bulk", choices=("train", "split", "drop"), default=None,
                     help="the hosts' bulk frames: all in train (default), split like the rest, or drop")
     ds.add_argument("--charge", type=int, default=None, help="supercell charge of VASP-folder sources")
     ds.add_argument("--theory", default=None, help="level of theory of VASP-folder sources (default: INCAR)")
-    ds.add_argument("--seed", type=int, default=0, help="random seed of the split and sampling (0)")
+    ds.add_argument("--seed", type=int, default=None,
+                    help=f"random seed of the split and sampling ({d.seed})")
     ds.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
     ft = sub.add_parser(
@@ -101,13 +105,19 @@ def add_parsers(sub) -> None:
 
 
 def add_training_options(p) -> None:
-    """The fine-tuning options (``finetune`` and ``learning-curve`` share them)."""
-    p.add_argument("--base", default="chgnet",
-                    help="model to start from: chgnet (default), chgnet-0.2.0, chgnet-r2scan, sevennet-0, "
+    """The fine-tuning options (``finetune`` and ``learning-curve`` share them).
+
+    Named for :class:`~defectml.train.finetune.FinetuneSettings`' fields; defaults ``None``: the
+    dataclass decides, and the help quotes it.
+    """
+    from defectml.train.finetune import FinetuneSettings
+
+    d = FinetuneSettings()
+    p.add_argument("--base", default=None,
+                    help=f"model to start from: {d.base} (default), chgnet-0.2.0, chgnet-r2scan, sevennet-0, "
                          "sevennet-l3i5, sevennet-mf-0 (its PBE head; @R2SCAN for the other) or a "
                          "weights file")
-    p.add_argument("--strategy", choices=tuple(STRATEGIES),
-                    default="standard",
+    p.add_argument("--strategy", choices=tuple(STRATEGIES), default=None,
                     help="standard (default): defect frames only; replay: plus original-domain frames; "
                          "multihead: a new SevenNet head for the defects, the base head kept on replay; "
                          "multifidelity: frames of mixed fidelity (info['fidelity'] or functional), the "
@@ -116,32 +126,37 @@ def add_training_options(p) -> None:
     p.add_argument("--replay", default=None, metavar="EXTXYZ",
                     help="replay frames (default: crystals of the data's elements labelled by the "
                          "base model)")
-    p.add_argument("--replay-variants", type=int, default=2,
-                    help="strained, rattled structures per replay prototype (2)")
-    p.add_argument("--head", default="defect",
-                    help="name of the new head with --strategy multihead (defect)")
-    p.add_argument("--epochs", type=int, default=30, help="at most this many epochs (30)")
-    p.add_argument("--lr", type=float, default=1e-4, help="initial learning rate, cosine decay (1e-4)")
-    p.add_argument("--batch-size", type=int, default=4, help="frames per step (4)")
-    p.add_argument("--energy-weight", type=float, default=1.0, help="loss weight of energies (1)")
-    p.add_argument("--force-weight", type=float, default=1.0, help="loss weight of forces (1)")
-    p.add_argument("--stress-weight", type=float, default=0.1, help="loss weight of stresses (0.1)")
-    p.add_argument("--patience", type=int, default=5,
-                    help="stop after this many epochs without a better validation error (5)")
-    p.add_argument("--energies", choices=("anchored", "absolute"), default="anchored",
+    p.add_argument("--replay-variants", type=int, default=None,
+                    help=f"strained, rattled structures per replay prototype ({d.replay_variants})")
+    p.add_argument("--head", default=None,
+                    help=f"name of the new head with --strategy multihead ({d.head})")
+    p.add_argument("--epochs", type=int, default=None, help=f"at most this many epochs ({d.epochs})")
+    p.add_argument("--lr", type=float, default=None, help=f"initial learning rate, cosine decay ({d.lr})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"frames per step ({d.batch_size})")
+    p.add_argument("--energy-weight", type=float, default=None,
+                   help=f"loss weight of energies ({d.energy_weight})")
+    p.add_argument("--force-weight", type=float, default=None,
+                   help=f"loss weight of forces ({d.force_weight})")
+    p.add_argument("--stress-weight", type=float, default=None,
+                   help=f"loss weight of stresses ({d.stress_weight})")
+    p.add_argument("--patience", type=int, default=None,
+                    help=f"stop after this many epochs without a better validation error ({d.patience})")
+    p.add_argument("--energies", choices=("anchored", "absolute"), default=None,
                     help="anchored (default): one constant shift per host/functional/defect/charge group "
                          "to the base model's mean, so a charge-blind model learns DFT's energy "
                          "differences within a charge state; absolute: the DFT totals as they are")
-    p.add_argument("--refit-refs", choices=("auto", "yes", "no"), default="auto",
+    p.add_argument("--refit-refs", choices=("auto", "yes", "no"), default=None,
                     help="with --energies absolute: refit per-element reference energies first "
                          "(auto: when the functional is not the base's)")
     p.add_argument("--charge-aware", action="store_true",
                    help="a charge-aware CHGNet: the cell charge (every frame's info['charge']) as an "
                         "input, energies anchored per defect across its charge states")
-    p.add_argument("--charge-lr", type=float, default=30.0,
-                   help="with --charge-aware: the charge terms' learning rate as a multiple of --lr (30)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (several seeds make a committee)")
-    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--charge-lr", type=float, default=None,
+                   help=f"with --charge-aware: the charge terms' learning rate as a multiple of --lr "
+                        f"({d.charge_lr})")
+    p.add_argument("--seed", type=int, default=None,
+                   help=f"random seed (several seeds make a committee) ({d.seed})")
+    p.add_argument("--device", default=None, help=f"cpu or cuda ({d.device})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the free cores)")
 
 
@@ -149,13 +164,7 @@ def cmd_dataset(a: argparse.Namespace) -> int:
     """`defectml dataset`: read, clean, sample, split, write."""
     from defectml.train.dataset import SplitSettings, build_dataset, read_source
 
-    try:
-        fractions = tuple(float(x) for x in a.fractions.split(","))
-    except ValueError:
-        raise InputError(f"--fractions must be three numbers like 0.8,0.1,0.1, not {a.fractions!r}") from None
-    splits = SplitSettings(by=a.split_by, fractions=fractions, hold_out=tuple(a.hold_out), bulk=a.bulk,
-                           seed=a.seed)
-    splits.validate()  # before reading anything
+    splits = SplitSettings.from_options(a)  # validated before anything is read
     sets = [fs for src in a.sources for fs in read_source(src, charge=a.charge, functional=a.theory)]
     report = build_dataset(sets, Path(a.out), method=a.sample, per_relaxation=a.per_relaxation,
                            total=a.total, energy_window=a.energy_window, max_force=a.max_force,

@@ -22,13 +22,39 @@ from ase.neighborlist import neighbor_list
 from ase.optimize import FIRE
 
 from defectml.core.optimizers import DEFAULT_OPTIMIZER, make_optimizer
+from defectml.errors import InputError
 from defectml.models.model import BatchFn, calculator_batch_fn
 from defectml.records import Trajectory
+from defectml.settings import FromOptions
 
 CONVERGED = "converged"
 UNCONVERGED = "unconverged"
 FAILED = "failed"
 IN_BASIN = "in_basin"  # stopped early: reached the basin of an already relaxed minimum
+
+
+@dataclass(frozen=True)
+class RelaxSettings(FromOptions):
+    """How a set of relaxations runs.
+
+    Attributes:
+        fmax: Force threshold (eV/Å).
+        max_steps: Step limit of each relaxation.
+        batch_size: Structures relaxed together (one model call per step for all of them).
+        early_stop: Stop a relaxation once it reaches the basin of one already relaxed (the
+            caller's watch decides what a basin is).
+    """
+
+    fmax: float = 0.05
+    max_steps: int = 1500
+    batch_size: int = 1
+    early_stop: bool = False
+
+    def validate(self) -> None:
+        """Raise ``InputError`` for values no relaxation can run with."""
+        if self.fmax <= 0 or self.max_steps < 1 or self.batch_size < 1:
+            raise InputError(f"fmax must be positive, and max steps and the batch size at least 1; got "
+                             f"{self.fmax}, {self.max_steps} and {self.batch_size}")
 
 
 @dataclass

@@ -21,6 +21,9 @@ else the folder's INCAR) and a status read from the output: ``converged`` when t
 step's largest force is below ``fmax``, ``unconverged`` otherwise; a relaxation with no forces
 at all (a CONTCAR and a ShakeNBreak energy) cannot be checked and is stored as converged with
 ``convergence`` saying so.
+
+The defect-agnostic readers this builds on (VASP outputs, ShakeNBreak energies and folder names,
+level of theory) live in :mod:`defectml.core.readers` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -34,6 +37,15 @@ import numpy as np
 from ase import Atoms
 from ase.io import read
 
+from defectml.core.readers import (
+    CHARGE_FOLDER,
+    TRIAL_FOLDER,
+    dft_theory,
+    normalise_trial_name,
+    read_snb_energies,
+    read_trajectory,
+    read_vasp_relaxation,
+)
 from defectml.core.relax import CONVERGED, UNCONVERGED
 from defectml.errors import InputError
 from defectml.records import DefectRecord, HostRecord, RelaxationRecord, Trajectory, trial_key
@@ -41,8 +53,12 @@ from defectml.search.defects import DEFECT_SPEC, guess_oxidation_states
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import read_structure, to_atoms, to_structure
 
-CHARGE_FOLDER = re.compile(r"^(?P<name>.+)_(?P<charge>[+-]?\d+)$")
-TRIAL_FOLDER = re.compile(r"^(Bond_Distortion_-?\d+(\.\d+)?%|Unperturbed|Rattled|Dimer)$")
+# The generic readers live on the ground floor (:mod:`defectml.core.readers`); re-exported here so
+# ``from defectml.dft.ingest import read_snb_energies`` (and the others) keeps working.
+__all__ = [
+    "CHARGE_FOLDER", "TRIAL_FOLDER", "IngestReport", "dft_status", "dft_theory", "ingest_relaxation",
+    "ingest_snb_folder", "normalise_trial_name", "read_snb_energies", "read_vasp_relaxation",
+]
 
 
 @dataclass
@@ -54,41 +70,6 @@ class IngestReport:
     defects: list[str] = field(default_factory=list)
     unchecked: int = 0  # stored without forces: convergence could not be read
     unconverged: int = 0
-
-
-def dft_theory(frames: list[Atoms], folder: Path | None = None, given: str | None = None) -> str:
-    """The level of theory of a DFT relaxation: ``given``, else the frames' info, else the INCAR."""
-    if given:
-        return given
-    info = frames[-1].info if frames else {}
-    if info.get("functional"):
-        parts = [str(info.get("code", "vasp")).lower(), str(info["functional"])]
-        if info.get("encut"):
-            parts.append(f"encut={float(info['encut']):g}")
-        if info.get("soc"):
-            parts.append("soc")
-        return " ".join(parts)
-    for base in [folder, folder.parent if folder else None]:
-        if base is not None and (base / "INCAR").is_file():
-            return _theory_from_incar(base / "INCAR")
-    return "vasp (functional not recorded: pass --theory)"
-
-
-def _theory_from_incar(path: Path) -> str:
-    from pymatgen.io.vasp import Incar
-
-    inc = Incar.from_file(path)
-    if inc.get("LHFCALC"):
-        screen = float(inc.get("HFSCREEN", 0.0))
-        functional = "HSE06" if abs(screen - 0.2) < 1e-3 else "PBE0" if screen == 0 else (
-            f"hybrid AEXX={inc.get('AEXX', 0.25)} HFSCREEN={screen}")
-    elif inc.get("METAGGA"):
-        functional = str(inc["METAGGA"])
-    else:
-        gga = str(inc.get("GGA", "PE")).upper()
-        functional = {"PE": "PBE", "PS": "PBEsol", "RP": "RPBE", "91": "PW91"}.get(gga, f"GGA={gga}")
-    encut = f" encut={float(inc['ENCUT']):g}" if inc.get("ENCUT") else ""
-    return f"vasp {functional}{encut}"
 
 
 def dft_status(final: Atoms, fmax: float) -> tuple[str, str]:
@@ -108,63 +89,11 @@ def _trajectory(frames: list[Atoms]) -> Trajectory | None:
     return Trajectory.from_frames(frames)
 
 
-def normalise_trial_name(folder: str) -> str:
-    """ShakeNBreak folder name → defectml trial name (``Bond_Distortion_0.0%`` → ``Rattled``)."""
-    return "Rattled" if folder in ("Bond_Distortion_0.0%", "Bond_Distortion_-0.0%") else folder
-
-
 def _distortion(name: str) -> float | None:
     if name == "Rattled":
         return 0.0
     m = re.match(r"Bond_Distortion_(-?\d+(\.\d+)?)%", name)
     return float(m.group(1)) / 100 if m else None
-
-
-def read_snb_energies(path: Path) -> dict[str, float]:
-    """Final energies of a ShakeNBreak ``<defect>.yaml``, keyed by defectml trial name."""
-    import yaml
-
-    raw = yaml.safe_load(path.read_text()) or {}
-    out: dict[str, float] = {}
-    for key, value in (raw.get("distortions") or {}).items():
-        if isinstance(key, int | float):
-            name = normalise_trial_name(f"Bond_Distortion_{100 * float(key):.1f}%")
-        else:
-            name = normalise_trial_name(str(key))
-        out[name] = float(value)
-    for key, value in raw.items():
-        if key != "distortions" and isinstance(value, int | float):
-            out[normalise_trial_name(str(key))] = float(value)
-    return out
-
-
-def read_vasp_relaxation(folder: Path) -> tuple[list[Atoms], Atoms | None]:
-    """Ionic steps (with energies, forces) and the initial structure of a VASP relaxation.
-
-    Reads vasprun.xml, else OUTCAR (gzipped too); the final structure is CONTCAR when no
-    trajectory is present. Returns ``([], None)`` when the folder holds nothing readable.
-    """
-    frames: list[Atoms] = []
-    for name in ("vasprun.xml", "vasprun.xml.gz", "OUTCAR", "OUTCAR.gz"):
-        f = folder / name
-        if f.exists():
-            try:
-                frames = list(read(f, index=":"))
-                break
-            except Exception:  # noqa: BLE001, S112 - truncated outputs: try the next file
-                continue
-    initial = None
-    for name in ("POSCAR", "POSCAR.gz"):
-        if (folder / name).exists():
-            initial = read(folder / name, format="vasp")
-            break
-    if not frames:
-        for name in ("CONTCAR", "CONTCAR.gz"):
-            f = folder / name
-            if f.exists() and f.stat().st_size > 0:
-                frames = [read(f, format="vasp")]
-                break
-    return frames, initial
 
 
 def _site_from_metadata(folder: Path, defect: str) -> np.ndarray | None:
@@ -319,10 +248,7 @@ def ingest_relaxation(
     if path.is_dir():
         frames, initial = read_vasp_relaxation(path)
     elif path.is_file():
-        try:
-            frames, initial = list(read(path, index=":")), None
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(f"cannot read {path}: {exc}") from None
+        frames, initial = read_trajectory(path), None
     else:
         raise InputError(f"not found: {path}")
     if not frames or frames[-1].calc is None:

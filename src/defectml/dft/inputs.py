@@ -166,30 +166,25 @@ def qe_pseudopotentials(elements: list[str], table: str | None = None) -> dict[s
                  "cutoff_rho": float(doc[el].get("cutoff_rho", 320))} for el in elements}
 
 
-def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:
-    """CP2K GEO_OPT input: PBE, GTH pseudopotentials, DZVP-MOLOPT-SR basis, Γ-point, UKS."""
-    o = {"cutoff": 400, "rel_cutoff": 50, "basis": "DZVP-MOLOPT-SR-GTH", "max_iter": 300,
-         **(overrides or {})}
-    folder.mkdir(parents=True, exist_ok=True)
-    cell = atoms.cell.array
-    symbols = atoms.get_chemical_symbols()
-    coords = "\n".join(f"      {s:3s} {x:14.8f} {y:14.8f} {z:14.8f}"
-                       for s, (x, y, z) in zip(symbols, atoms.positions, strict=True))
-    kinds = "\n".join(
-        f"    &KIND {el}\n      BASIS_SET {o['basis']}\n      POTENTIAL GTH-PBE\n    &END KIND"
-        for el in sorted(set(symbols)))
-    text = f"""&GLOBAL
+def _cp2k_global_motion(max_iter: int) -> str:
+    """The ``&GLOBAL`` and ``&MOTION`` sections: a geometry optimisation of ``max_iter`` steps."""
+    return f"""&GLOBAL
   PROJECT defect
   RUN_TYPE GEO_OPT
   PRINT_LEVEL LOW
 &END GLOBAL
 &MOTION
   &GEO_OPT
-    MAX_ITER {o['max_iter']}
+    MAX_ITER {max_iter}
     MAX_FORCE 4.5E-04
   &END GEO_OPT
 &END MOTION
-&FORCE_EVAL
+"""
+
+
+def _cp2k_dft(charge: int, cutoff: float, rel_cutoff: float) -> str:
+    """The opening of ``&FORCE_EVAL`` and its ``&DFT`` section: PBE, UKS, OT, the grid cutoffs (Ry)."""
+    return f"""&FORCE_EVAL
   METHOD QS
   &DFT
     BASIS_SET_FILE_NAME BASIS_MOLOPT
@@ -197,8 +192,8 @@ def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None =
     CHARGE {charge}
     UKS T
     &MGRID
-      CUTOFF {o['cutoff']}
-      REL_CUTOFF {o['rel_cutoff']}
+      CUTOFF {cutoff}
+      REL_CUTOFF {rel_cutoff}
     &END MGRID
     &SCF
       EPS_SCF 1.0E-6
@@ -212,7 +207,19 @@ def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None =
       &END XC_FUNCTIONAL
     &END XC
   &END DFT
-  &SUBSYS
+"""
+
+
+def _cp2k_subsys(atoms: Atoms, basis: str) -> str:
+    """The ``&SUBSYS`` section (cell, coordinates, a ``&KIND`` per element) and the end of ``&FORCE_EVAL``."""
+    cell = atoms.cell.array
+    symbols = atoms.get_chemical_symbols()
+    coords = "\n".join(f"      {s:3s} {x:14.8f} {y:14.8f} {z:14.8f}"
+                       for s, (x, y, z) in zip(symbols, atoms.positions, strict=True))
+    kinds = "\n".join(
+        f"    &KIND {el}\n      BASIS_SET {basis}\n      POTENTIAL GTH-PBE\n    &END KIND"
+        for el in sorted(set(symbols)))
+    return f"""  &SUBSYS
     &CELL
       A {cell[0][0]:.8f} {cell[0][1]:.8f} {cell[0][2]:.8f}
       B {cell[1][0]:.8f} {cell[1][1]:.8f} {cell[1][2]:.8f}
@@ -225,6 +232,15 @@ def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None =
   &END SUBSYS
 &END FORCE_EVAL
 """
+
+
+def write_cp2k(atoms: Atoms, charge: int, folder: Path, overrides: dict | None = None) -> list[Path]:
+    """CP2K GEO_OPT input: PBE, GTH pseudopotentials, DZVP-MOLOPT-SR basis, Γ-point, UKS."""
+    o = {"cutoff": 400, "rel_cutoff": 50, "basis": "DZVP-MOLOPT-SR-GTH", "max_iter": 300,
+         **(overrides or {})}
+    folder.mkdir(parents=True, exist_ok=True)
+    text = (_cp2k_global_motion(o["max_iter"]) + _cp2k_dft(charge, o["cutoff"], o["rel_cutoff"])
+            + _cp2k_subsys(atoms, o["basis"]))
     path = folder / "cp2k.inp"
     path.write_text(text)
     return [path]

@@ -69,14 +69,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
-from defectml.core.relax import CONVERGED, FAILED, UNCONVERGED
+from defectml.core.relax import CONVERGED, FAILED, UNCONVERGED, RelaxSettings
 from defectml.dft.agreement import (
     DEFAULT_MAX_RMSD,
     DEFAULT_ORDER_TOL,
@@ -96,6 +96,7 @@ from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key
 from defectml.structure_io import bare_atoms, with_charge, write_frames, write_json
 from defectml.train.committee import DEFAULT_THRESHOLD, NO_COMMITTEE, Trust
+from defectml.train.finetune import FinetuneSettings
 
 RULES = ("lowest", "unvisited", "uncertain", "mix")
 STARTS = ("trial", "minimum", "auto")
@@ -106,6 +107,19 @@ DFT_PREFIX = "dft:"  # ML relaxations that start from a DFT end point
 #: re-relaxed DFT's dimers open; 150 epochs at 1e-3 kept them): more epochs first, then a larger
 #: step, then the energies weighted up.
 FIT_SCHEDULE = ((1.0, 1.0, 1.0), (3.0, 1.0, 1.0), (3.0, 3.0, 1.0), (3.0, 3.0, 3.0))
+
+
+#: The loop's fine-tuning: its own absolute labels, energies weighted up (see LoopSettings).
+LOOP_TRAINING = FinetuneSettings(epochs=20, lr=3e-4, energy_weight=10.0, batch_size=4, patience=5,
+                                 energies="absolute", refit_refs="no")
+#: Which option sets which fine-tuning field (the loop's own ``--patience`` counts rounds).
+TRAINING_OPTIONS = {"epochs": "epochs", "lr": "lr", "energy_weight": "energy_weight",
+                    "force_weight": "force_weight", "batch_size": "batch_size",
+                    "patience": "train_patience", "strategy": "strategy"}
+#: The re-relaxations stop in a known basin by default.
+LOOP_RELAXATION = RelaxSettings(early_stop=True)
+RELAXATION_OPTIONS = {"fmax": "fmax", "max_steps": "max_steps", "batch_size": "relax_batch",
+                      "early_stop": "early_stop"}
 
 
 @dataclass
@@ -131,9 +145,11 @@ class LoopSettings(FromOptions):
         fit_attempts: Trainings per round at most while the model does not reproduce its DFT.
         committee: Models per round (1: no trust score).
         base: The model round 1 starts from (default: the search's model).
-        epochs, lr, energy_weight, force_weight, batch_size, train_patience, strategy: Fine-tuning
-            settings of the first attempt (energy weighted up: a 1 eV defect energy is ~5
-            meV/atom in a 200-atom cell).
+        training: Fine-tuning settings of a round's first attempt (options ``--epochs``, ``--lr``,
+            ``--energy-weight``, ``--force-weight``, ``--batch-size``, ``--train-patience``,
+            ``--strategy``); energies are the loop's own absolute labels and weighted up (a 1 eV
+            defect energy is ~5 meV/atom in a 200-atom cell). Later attempts scale it
+            (:data:`FIT_SCHEDULE`); base, seed, device and threads are set per model.
         max_batch_atoms: Fewer frames per training batch when they are large (a batch of 216-atom
             MgO cells costs CHGNet several GB each): at most this many atoms, at least one frame.
         frames_per_relaxation: Trajectory frames learnt per DFT relaxation (evenly spaced from the
@@ -141,9 +157,8 @@ class LoopSettings(FromOptions):
         holdout: Share of DFT relaxations held back for early stopping (with four or more; by
             default none: the model must reproduce every DFT relaxation, and the trust score is
             calibrated on each round's new answers instead, which no model has seen).
-        fmax, max_steps: The MLIP relaxations' force threshold (eV/Å) and step limit.
-        relax_batch: Trials relaxed together (one model call per step for all of them).
-        early_stop: Stop re-relaxations that reach a known basin.
+        relaxation: The MLIP re-relaxations (options ``--fmax``, ``--max-steps``, ``--relax-batch``,
+            ``--early-stop``): by default they stop in a known basin.
         device, threads: Where the models run.
         seed: Committee seeds and hold-out draws.
     """
@@ -164,20 +179,13 @@ class LoopSettings(FromOptions):
     fit_attempts: int = 3
     committee: int = 3
     base: str | None = None
-    epochs: int = 20
-    lr: float = 3e-4
-    energy_weight: float = 10.0
-    force_weight: float = 1.0
-    batch_size: int = 4
+    training: FinetuneSettings = field(default_factory=lambda: LOOP_TRAINING,
+                                       metadata={"options": TRAINING_OPTIONS})
     max_batch_atoms: int = 256
-    train_patience: int = 5
-    strategy: str = "standard"
     frames_per_relaxation: int = 20
     holdout: float = 0.0
-    fmax: float = 0.05
-    max_steps: int = 1500
-    relax_batch: int = 1
-    early_stop: bool = True
+    relaxation: RelaxSettings = field(default_factory=lambda: LOOP_RELAXATION,
+                                      metadata={"options": RELAXATION_OPTIONS})
     device: str = "cpu"
     threads: int | None = None
     seed: int = 0
@@ -192,8 +200,10 @@ class LoopSettings(FromOptions):
             raise InputError(f"--dft-start must be one of {', '.join(STARTS)}, not {self.dft_start!r}")
         if self.budget is not None and self.budget < 1:
             raise InputError(f"--budget must be at least 1 DFT relaxation, got {self.budget}")
-        if self.max_rounds < 1 or self.patience < 1 or self.committee < 1 or self.relax_batch < 1:
-            raise InputError("--max-rounds, --patience, --committee and --relax-batch must be at least 1")
+        if self.max_rounds < 1 or self.patience < 1 or self.committee < 1:
+            raise InputError("--max-rounds, --patience and --committee must be at least 1")
+        self.training.validate()
+        self.relaxation.validate()
         if not 1 <= self.fit_attempts <= len(FIT_SCHEDULE):
             raise InputError(f"--fit-attempts must be 1 to {len(FIT_SCHEDULE)}, got {self.fit_attempts}")
         if min(self.tolerance, self.window, self.threshold, self.trust_error, self.max_rmsd,
@@ -206,10 +216,16 @@ class LoopSettings(FromOptions):
             raise InputError(f"--holdout must be in [0, 1), got {self.holdout}")
 
     def key(self) -> str:
-        """What decides the loop's results (device, threads and limits do not)."""
-        d = asdict(self)
-        for name in ("device", "threads", "budget", "max_rounds", "relax_batch"):
-            d.pop(name)
+        """What decides the loop's results (device, threads and limits do not).
+
+        The nested settings enter under the names of their options, as they did when the loop
+        held copies of them, so loops already stored keep their keys.
+        """
+        d = {f.name: getattr(self, f.name) for f in fields(self)
+             if f.name not in ("training", "relaxation", "device", "threads", "budget", "max_rounds")}
+        for nested, names in (("training", TRAINING_OPTIONS), ("relaxation", RELAXATION_OPTIONS)):
+            d.update({option: getattr(getattr(self, nested), name) for name, option in names.items()
+                      if option != "relax_batch"})
         return content_key(d)
 
     def finetune(self, base: str, seed: int, attempt: int = 0, n_atoms: int = 0):
@@ -218,15 +234,12 @@ class LoopSettings(FromOptions):
         Energies are the loop's own anchored labels (shared by every member), so the trainer
         takes them as they are.
         """
-        from defectml.train.finetune import FinetuneSettings
-
+        t = self.training
         ep, lr, ew = FIT_SCHEDULE[attempt]
-        batch = min(self.batch_size, max(1, self.max_batch_atoms // max(n_atoms, 1)))
-        return FinetuneSettings(base=base, epochs=max(1, int(round(self.epochs * ep))), lr=self.lr * lr,
-                                batch_size=batch, energy_weight=self.energy_weight * ew,
-                                force_weight=self.force_weight, patience=self.train_patience,
-                                strategy=self.strategy, seed=seed, energies="absolute", refit_refs="no",
-                                device=self.device, threads=self.threads)
+        batch = min(t.batch_size, max(1, self.max_batch_atoms // max(n_atoms, 1)))
+        return replace(t, base=base, epochs=max(1, int(round(t.epochs * ep))), lr=t.lr * lr,
+                       batch_size=batch, energy_weight=t.energy_weight * ew, seed=seed,
+                       device=self.device, threads=self.threads)
 
 
 # --- pure pieces ------------------------------------------------------------------------------
@@ -833,9 +846,9 @@ class _Loop:
         first = summary.trials[0]
         meta = TrialMeta(summary.defect, summary.defect_key, summary.charge, np.asarray(first.site),
                          first.defect_index, {t.name: t.distortion for t in summary.trials})
-        return relax_trials(self.store, committee, jobs, meta, ml_key, fmax=self.s.fmax,
-                            max_steps=self.s.max_steps, early_stop=self.s.early_stop,
-                            batch_size=self.s.relax_batch,
+        r = self.s.relaxation
+        return relax_trials(self.store, committee, jobs, meta, ml_key, fmax=r.fmax, max_steps=r.max_steps,
+                            early_stop=r.early_stop, batch_size=r.batch_size,
                             extra={"loop_round": round_no, "loop_key": self.key},
                             progress=self.progress, desc=f"round {round_no} {summary.label}")
 

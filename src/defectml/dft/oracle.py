@@ -191,7 +191,7 @@ class ReplayOracle:
 
     def trials(self, label: str) -> list[str]:
         """The trial names the replay data hold for one defect label."""
-        from defectml.dft.ingest import TRIAL_FOLDER, normalise_trial_name
+        from defectml.core.readers import TRIAL_FOLDER, normalise_trial_name
 
         base = self.folder / label
         if not base.is_dir():
@@ -210,7 +210,7 @@ class ReplayOracle:
         Every request is checked first: a defect the replay does not hold, or a start that is not
         the replay's POSCAR, is refused (one line) before anything is answered.
         """
-        from defectml.dft.ingest import read_snb_energies, read_vasp_relaxation
+        from defectml.core.readers import read_snb_energies, read_vasp_relaxation
 
         for q in requests:
             if not (self.folder / q.label).is_dir():
@@ -308,16 +308,11 @@ class FolderOracle:
         return self.folder / q.label / q.trial
 
     def _read(self, where: Path) -> list[Atoms]:
-        from ase.io import read
-
-        from defectml.dft.ingest import read_vasp_relaxation
+        from defectml.core.readers import VASP_OUTPUTS, read_trajectory, read_vasp_relaxation
 
         if (where / "result.extxyz").exists():
-            try:
-                return list(read(where / "result.extxyz", ":"))
-            except Exception as exc:  # noqa: BLE001
-                raise InputError(f"cannot read {where / 'result.extxyz'}: {exc}") from None
-        if any((where / n).exists() for n in ("vasprun.xml", "vasprun.xml.gz", "OUTCAR", "OUTCAR.gz")):
+            return read_trajectory(where / "result.extxyz")
+        if any((where / n).exists() for n in VASP_OUTPUTS):
             frames, _ = read_vasp_relaxation(where)
             return [f for f in frames if f.calc is not None]
         return []
@@ -326,7 +321,8 @@ class FolderOracle:
         """Answers for the results that are there; inputs written (once) for the others."""
         from ase.io import write
 
-        from defectml.dft.ingest import dft_status, dft_theory
+        from defectml.core.readers import dft_theory
+        from defectml.dft.ingest import dft_status
         from defectml.dft.inputs import write_vasp
 
         answers, pending = [], []

@@ -63,6 +63,47 @@ def pristine_cell(folder: Path) -> Atoms:
     return read(big[0] if big else cifs[0])
 
 
+def _train_ids(folder: Path, test_ids: list[str]) -> list[str]:
+    """Train ids of a material: ``train.csv``, else every id not in ``test_ids`` in a fixed random order."""
+    if (folder / "train.csv").exists():
+        return _ids(folder / "train.csv")
+    all_ids = sorted(p.name[: -len("_unrelaxed.cif")] for p in (folder / "CIF").glob("*_unrelaxed.cif"))
+    held = set(test_ids)
+    train_ids = [i for i in all_ids if i not in held]
+    random.Random(0).shuffle(train_ids)
+    return train_ids
+
+
+def _build_graphs(folder: Path, ids: list[str], cutoff: float,
+                  progress: Callable | None) -> dict[str, DefectGraph]:
+    """Graphs of the (unrelaxed, relaxed) pairs ``ids`` of a material, by id.
+
+    The pristine cell is aligned to the first structure once and reused; a structure whose origin
+    differs (the reused alignment leaves interstitials) is aligned afresh.
+
+    Args:
+        folder: The material's folder.
+        ids: Structure ids, in order.
+        cutoff: Graph cutoff (Å).
+        progress: Wraps the ids for a progress bar (``None``: none).
+    """
+    pristine = pristine_cell(folder)
+    graphs = {}
+    aligned = None
+    for k in progress(ids) if progress else ids:
+        u = read(folder / "CIF" / f"{k}_unrelaxed.cif")
+        r = read(folder / "CIF" / f"{k}_relaxed.cif")
+        if aligned is None:
+            g = build_graph(u, pristine, cutoff, r)
+            aligned = _aligned(u, pristine)
+        else:
+            g = build_graph(u, aligned, cutoff, r, align=False)
+            if int((g.node_type == NodeType.INTERSTITIAL).sum()) > 0:  # origin differs: realign
+                g = build_graph(u, pristine, cutoff, r)
+        graphs[k] = g
+    return graphs
+
+
 def material_split(
     root: Path,
     material: str,
@@ -83,35 +124,14 @@ def material_split(
     if not folder.is_dir():
         raise DefectMLError(f"unknown material {material!r}; the data has {', '.join(MATERIALS)}")
     test_ids = _ids(folder / "test.csv")
-    all_ids = sorted(p.name[: -len("_unrelaxed.cif")] for p in (folder / "CIF").glob("*_unrelaxed.cif"))
-    if (folder / "train.csv").exists():
-        train_ids = _ids(folder / "train.csv")
-    else:
-        held = set(test_ids)
-        train_ids = [i for i in all_ids if i not in held]
-        random.Random(0).shuffle(train_ids)
+    train_ids = _train_ids(folder, test_ids)
     if limit:
         train_ids = train_ids[:limit]
-    tag = f"{material}_{cutoff:g}_{len(train_ids)}"
-    path = cache / f"{tag}.pt"
+    path = cache / f"{material}_{cutoff:g}_{len(train_ids)}.pt"
     if path.exists():
         graphs = torch.load(path, weights_only=False)
     else:
-        pristine = pristine_cell(folder)
-        graphs = {}
-        aligned = None
-        ids = train_ids + test_ids
-        for k in progress(ids) if progress else ids:
-            u = read(folder / "CIF" / f"{k}_unrelaxed.cif")
-            r = read(folder / "CIF" / f"{k}_relaxed.cif")
-            if aligned is None:
-                g = build_graph(u, pristine, cutoff, r)
-                aligned = _aligned(u, pristine)
-            else:
-                g = build_graph(u, aligned, cutoff, r, align=False)
-                if int((g.node_type == NodeType.INTERSTITIAL).sum()) > 0:  # origin differs: realign
-                    g = build_graph(u, pristine, cutoff, r)
-            graphs[k] = g
+        graphs = _build_graphs(folder, train_ids + test_ids, cutoff, progress)
         cache.mkdir(parents=True, exist_ok=True)
         torch.save(graphs, path)
     n_val = max(1, int(round(val_fraction * len(train_ids))))

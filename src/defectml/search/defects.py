@@ -85,6 +85,20 @@ class Defect:
             )
 
 
+def parse_oxi(text: str | None) -> dict[str, int] | None:
+    """``--oxi``: Cd=2,Te=-2."""
+    if not text:
+        return None
+    out = {}
+    for part in text.split(","):
+        try:
+            el, val = part.split("=")
+            out[el.strip()] = int(val)
+        except ValueError:
+            raise InputError(f"cannot parse --oxi {part!r}: use e.g. Cd=2,Te=-2") from None
+    return out
+
+
 def guess_oxidation_states(structure: Structure, overrides: dict[str, int] | None = None):
     """Oxidation state of each host element: pymatgen's best guess, then ``overrides``.
 

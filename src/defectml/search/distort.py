@@ -28,13 +28,32 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
+from defectml.errors import InputError
+from defectml.settings import FromOptions
+
 DEFAULT_DISTORTIONS: tuple[float, ...] = (
     -0.6, -0.5, -0.4, -0.3, -0.2, -0.1, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6,
 )
 
 
+def parse_distortions(text: str | None) -> tuple[float, ...]:
+    """``--distortions``: -0.6:0.6:0.1 or a list (zero dropped: that is the Rattled trial)."""
+    if text is None:
+        return DEFAULT_DISTORTIONS
+    try:
+        if text.count(":") == 2:
+            lo, hi, step = (float(x) for x in text.split(":"))
+            n = int(round((hi - lo) / step)) + 1
+            values = [round(lo + i * step, 6) for i in range(n)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise InputError(f"cannot parse --distortions {text!r}: use -0.6:0.6:0.1 or -0.4,0.4") from None
+    return tuple(v for v in values if abs(v) > 1e-9)
+
+
 @dataclass(frozen=True)
-class TrialSettings:
+class TrialSettings(FromOptions):
     """How trials are generated.
 
     Attributes:
@@ -57,7 +76,7 @@ class TrialSettings:
             ``None``: no such trials.
     """
 
-    distortions: tuple[float, ...] = DEFAULT_DISTORTIONS
+    distortions: tuple[float, ...] = field(default=DEFAULT_DISTORTIONS, metadata={"parse": parse_distortions})
     rattle_stdev: float | None = None
     rattle_min_distance_factor: float = 0.8
     dimer_distance: float = 2.0
@@ -65,10 +84,19 @@ class TrialSettings:
     rattled: bool = True
     dimer: bool = True
     all_pairs: bool = False
-    pair_distortions: tuple[float, ...] | None = None
+    pair_distortions: tuple[float, ...] | None = field(default=None, metadata={"parse": parse_distortions})
     seed: int = 42
     min_distance: float = 1.0
     off_centre: float | None = None
+
+    def validate(self) -> None:
+        """Raise ``InputError`` for values no trial can be made with."""
+        for factors in (self.distortions, self.pair_distortions or ()):
+            if any(abs(f) >= 1 for f in factors):
+                raise InputError("bond distortions must lie strictly between -1 and 1")
+        if self.dimer_distance <= 0 or (self.rattle_stdev is not None and self.rattle_stdev < 0):
+            raise InputError("the dimer distance must be positive and the rattle stdev non-negative, "
+                             f"got {self.dimer_distance} and {self.rattle_stdev}")
 
     def as_dict(self) -> dict:
         """Return a JSON-friendly copy (used to key results in the store).
@@ -241,6 +269,136 @@ def off_centre_targets(atoms: Atoms, site: np.ndarray, shell, order) -> list[tup
     return out
 
 
+@dataclass(frozen=True)
+class _Rattler:
+    """Rattles one trial's structure with the trial's own seed (from the base seed, label and name).
+
+    Attributes:
+        base_seed: ``TrialSettings.seed``.
+        label: Defect and charge label, mixed into each trial's seed.
+        stdev: Standard deviation (Å) of the rattle.
+        d_min: Closest approach (Å) a rattle move may leave.
+    """
+
+    base_seed: int
+    label: str
+    stdev: float
+    d_min: float
+
+    def __call__(self, base: Atoms, name: str, frozen=()) -> tuple[Atoms, int]:
+        """Return ``base`` rattled (``frozen`` atoms kept) and the seed used."""
+        seed = trial_seed(self.base_seed, self.label, name)
+        return mc_rattle(base, self.stdev, self.d_min, seed, frozen=frozen), seed
+
+
+def _distortion_groups(
+    order: np.ndarray, shell: list[int], n_distorted: int, settings: TrialSettings
+) -> list[tuple[tuple[int, ...], tuple[float, ...], str]]:
+    """The atom groups to distort, each with its factors and trial-name suffix.
+
+    Args:
+        order: Atom indices by distance to the defect site.
+        shell: The first neighbour shell.
+        n_distorted: Number of neighbours to distort.
+        settings: Trial settings (``distortions``, ``all_pairs``, ``pair_distortions``).
+
+    Returns:
+        The ``n_distorted`` closest atoms with ``settings.distortions`` and no suffix, then (in
+        all-pairs mode) every other combination of first-shell atoms with its ``_a-b`` suffix.
+    """
+    closest = tuple(int(i) for i in order[:n_distorted])
+    groups = [(closest, settings.distortions, "")]
+    if settings.all_pairs and len(shell) > n_distorted:
+        factors = settings.pair_distortions or settings.distortions
+        for combo in itertools.combinations(sorted(shell), n_distorted):
+            if set(combo) != set(closest):
+                groups.append((combo, factors, "_" + "-".join(str(i) for i in combo)))
+    return groups
+
+
+def _bond_distortion_trials(
+    atoms: Atoms,
+    site: np.ndarray,
+    groups: list[tuple[tuple[int, ...], tuple[float, ...], str]],
+    rattled: _Rattler,
+) -> list[Trial]:
+    """``Bond_Distortion_X%`` trials: each group distorted by each of its (non-zero) factors.
+
+    Args:
+        atoms: The unrelaxed defect supercell.
+        site: Cartesian position of the defect site.
+        groups: Atom groups with factors and name suffixes (:func:`_distortion_groups`).
+        rattled: Rattles every other atom.
+
+    Returns:
+        The trials, group by group, factor by factor.
+    """
+    trials = []
+    for group, factors, suffix in groups:
+        for f in factors:
+            if abs(f) < 1e-9:
+                continue
+            name = f"Bond_Distortion_{100 * f:.1f}%{suffix}"
+            base = distort_bonds(atoms, site, group, f)
+            a, seed = rattled(base, name, frozen=group)
+            trials.append(Trial(name, a, seed=seed, distortion=f, distorted_indices=group))
+    return trials
+
+
+def _off_centre_trials(
+    atoms: Atoms,
+    site: np.ndarray,
+    defect_index: int,
+    step_length: float,
+    shell: list[int],
+    order: np.ndarray,
+    rattled: _Rattler,
+) -> list[Trial]:
+    """``Off_Centre_k`` trials: the defect atom moved ``step_length`` Å toward each target.
+
+    Args:
+        atoms: The unrelaxed defect supercell.
+        site: Cartesian position of the defect site.
+        defect_index: Index of the defect atom.
+        step_length: ``TrialSettings.off_centre`` (Å).
+        shell: The first neighbour shell.
+        order: Atom indices by distance to the defect site.
+        rattled: Rattles every other atom.
+
+    Returns:
+        One trial per target of :func:`off_centre_targets`.
+    """
+    trials = []
+    for k, target in off_centre_targets(atoms, site, shell, order):
+        name = f"Off_Centre_{k}"
+        base = atoms.copy()
+        step = target - site
+        base.positions[defect_index] += step_length * step / np.linalg.norm(step)
+        a, seed = rattled(base, name, frozen=(defect_index,))
+        trials.append(Trial(name, a, seed=seed, distorted_indices=(defect_index,)))
+    return trials
+
+
+def _dimer_trial(atoms: Atoms, order: np.ndarray, distance: float, rattled: _Rattler) -> Trial:
+    """The ``Dimer`` trial: the two atoms closest to the site pushed to ``distance`` apart."""
+    pair = (int(order[0]), int(order[1]))
+    base = make_dimer(atoms, pair, distance)
+    a, seed = rattled(base, "Dimer", frozen=pair)
+    return Trial("Dimer", a, seed=seed, distorted_indices=pair)
+
+
+def _drop_close_trials(candidates: list[Trial], min_distance: float) -> tuple[list[Trial], list[str]]:
+    """Split ``candidates`` into those kept and notes on those with atoms under ``min_distance`` apart."""
+    trials, dropped = [], []
+    for t in candidates:
+        dmin = min_interatomic_distance(t.atoms)
+        if dmin < min_distance:
+            dropped.append(f"{t.name}: atoms {dmin:.2f} Å apart (< {min_distance} Å)")
+        else:
+            trials.append(t)
+    return trials, dropped
+
+
 def make_trials(
     atoms: Atoms,
     site: np.ndarray,
@@ -268,14 +426,9 @@ def make_trials(
         The trials, and a note for each trial dropped (atoms closer than ``settings.min_distance``).
     """
     stdev = settings.rattle_stdev if settings.rattle_stdev is not None else 0.1 * bulk_nn_distance
-    d_min = settings.rattle_min_distance_factor * bulk_nn_distance
+    rattled = _Rattler(settings.seed, label, stdev, settings.rattle_min_distance_factor * bulk_nn_distance)
     order, _ = neighbours_by_distance(atoms, site, exclude=defect_index)
     shell = first_shell(atoms, site, exclude=defect_index)
-
-    def rattled(base: Atoms, name: str, frozen=()) -> tuple[Atoms, int]:
-        seed = trial_seed(settings.seed, label, name)
-        return mc_rattle(base, stdev, d_min, seed, frozen=frozen), seed
-
     candidates: list[Trial] = []
     if settings.unperturbed:
         candidates.append(Trial("Unperturbed", atoms.copy(), seed=0))
@@ -283,40 +436,11 @@ def make_trials(
         a, seed = rattled(atoms, "Rattled")
         candidates.append(Trial("Rattled", a, seed=seed, distortion=0.0))
     if n_distorted > 0:
-        closest = tuple(int(i) for i in order[:n_distorted])
-        groups = [(closest, settings.distortions, "")]
-        if settings.all_pairs and len(shell) > n_distorted:
-            factors = settings.pair_distortions or settings.distortions
-            for combo in itertools.combinations(sorted(shell), n_distorted):
-                if set(combo) != set(closest):
-                    groups.append((combo, factors, "_" + "-".join(str(i) for i in combo)))
-        for group, factors, suffix in groups:
-            for f in factors:
-                if abs(f) < 1e-9:
-                    continue
-                name = f"Bond_Distortion_{100 * f:.1f}%{suffix}"
-                base = distort_bonds(atoms, site, group, f)
-                a, seed = rattled(base, name, frozen=group)
-                candidates.append(Trial(name, a, seed=seed, distortion=f, distorted_indices=group))
+        groups = _distortion_groups(order, shell, n_distorted, settings)
+        candidates += _bond_distortion_trials(atoms, site, groups, rattled)
     if settings.off_centre and defect_index is not None:
-        for k, target in off_centre_targets(atoms, site, shell, order):
-            name = f"Off_Centre_{k}"
-            base = atoms.copy()
-            step = target - site
-            base.positions[defect_index] += settings.off_centre * step / np.linalg.norm(step)
-            a, seed = rattled(base, name, frozen=(defect_index,))
-            candidates.append(Trial(name, a, seed=seed, distorted_indices=(defect_index,)))
+        step = settings.off_centre
+        candidates += _off_centre_trials(atoms, site, defect_index, step, shell, order, rattled)
     if settings.dimer and is_vacancy and len(order) >= 2:
-        pair = (int(order[0]), int(order[1]))
-        base = make_dimer(atoms, pair, settings.dimer_distance)
-        a, seed = rattled(base, "Dimer", frozen=pair)
-        candidates.append(Trial("Dimer", a, seed=seed, distorted_indices=pair))
-
-    trials, dropped = [], []
-    for t in candidates:
-        dmin = min_interatomic_distance(t.atoms)
-        if dmin < settings.min_distance:
-            dropped.append(f"{t.name}: atoms {dmin:.2f} Å apart (< {settings.min_distance} Å)")
-        else:
-            trials.append(t)
-    return trials, dropped
+        candidates.append(_dimer_trial(atoms, order, settings.dimer_distance, rattled))
+    return _drop_close_trials(candidates, settings.min_distance)

@@ -10,19 +10,34 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from ase import Atoms
 
+from defectml.errors import InputError
+from defectml.settings import FromOptions
+
 
 @dataclass(frozen=True)
-class SoapSettings:
-    """SOAP parameters (seed paper: r_cut 5 Å, n_max 10, l_max 10, sigma 1.0 Å)."""
+class SoapSettings(FromOptions):
+    """SOAP parameters (seed paper: r_cut 5 Å, n_max 10, l_max 10, sigma 1.0 Å).
+
+    Options: ``--soap-r-cut``, ``--soap-n-max``, ``--soap-l-max``, ``--soap-sigma``.
+    """
+
+    OPTIONS_PREFIX: ClassVar[str] = "soap_"
 
     r_cut: float = 5.0
     n_max: int = 10
     l_max: int = 10
     sigma: float = 1.0
+
+    def validate(self) -> None:
+        """Raise ``InputError`` for a descriptor dscribe cannot build."""
+        if self.r_cut <= 0 or self.sigma <= 0 or self.n_max < 1 or self.l_max < 0:
+            raise InputError(f"SOAP needs r_cut > 0, sigma > 0, n_max >= 1 and l_max >= 0; got r_cut "
+                             f"{self.r_cut}, sigma {self.sigma}, n_max {self.n_max}, l_max {self.l_max}")
 
 
 def soap_fingerprints(

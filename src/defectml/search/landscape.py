@@ -354,6 +354,87 @@ def describe(bonds: list[tuple[str, str, float]], symmetry: str) -> str:
     return f"{symmetry}, {len(bonds)} bonds: {parts}{more} Å"
 
 
+def _trial_bonds(
+    good: list[RelaxedTrial], bulk: Atoms, oxidation_states: dict[str, int]
+) -> list[list[tuple[str, str, float]]]:
+    """New like-ion bonds around each trial's defect (:func:`new_bonds`).
+
+    Args:
+        good: The trials to rank.
+        bulk: The bulk supercell (its like-pair distances are the reference).
+        oxidation_states: Oxidation state of each element.
+
+    Returns:
+        One bond list per trial, within 1.5 × the shortest bulk pair distance of the defect.
+    """
+    like = like_pair_distances(bulk)
+    radius = 1.5 * min(like.values())
+    return [
+        new_bonds(t.atoms, t.centre(), t.defect_index, oxidation_states, like, radius) for t in good
+    ]
+
+
+def _reference_energy(good: list[RelaxedTrial]) -> float:
+    """The energy zero: the unperturbed relaxation's, else the lowest of ``good``."""
+    unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
+    return unperturbed.energy if unperturbed else min(t.energy for t in good)
+
+
+def _join_basins(
+    trials: list[RelaxedTrial], members: dict[str, list[str]]
+) -> list[tuple[RelaxedTrial, str]]:
+    """Add trials stopped early (``in_basin``) to the minimum of the basin they reached.
+
+    Args:
+        trials: All trials, in their order.
+        members: Trial names of each minimum by its representative's name; extended in place.
+
+    Returns:
+        The stopped trials whose basin is not a ranked minimum, with the reason (to quarantine).
+    """
+    where = {name: rep for rep, names in members.items() for name in names}
+    bad = []
+    for t in trials:
+        if t.status == IN_BASIN:
+            if t.basin_of in where:
+                members[where[t.basin_of]].append(t.name)
+            else:
+                bad.append((t, f"{t.reason}, which is not a ranked minimum"))
+    return bad
+
+
+def _minimum(
+    rank: int,
+    rep: RelaxedTrial,
+    bonds: list[tuple[str, str, float]],
+    members: list[str],
+    e_ref: float,
+    reference: Atoms | None,
+    vacancy: bool,
+) -> Minimum:
+    """The :class:`Minimum` represented by ``rep``: energy, symmetry, label, identity change.
+
+    Args:
+        rank: Its rank (0: lowest).
+        rep: The representative (lowest) trial of the minimum.
+        bonds: ``rep``'s new like-ion bonds.
+        members: Names of the trials that reached the minimum.
+        e_ref: The energy zero (:func:`_reference_energy`).
+        reference: The unrelaxed defect supercell, or ``None``.
+        vacancy: Whether the defect is a vacancy.
+    """
+    sym = local_symmetry(rep.atoms, rep.centre(), rep.defect_index)
+    changed = ""
+    if reference is not None and len(reference) == len(rep.atoms):
+        changed = identity_change(rep.atoms, reference, rep.site, rep.defect_index, vacancy)
+    return Minimum(
+        rank=rank, trial=rep.name, energy=float(rep.energy),
+        delta_e=float(rep.energy - e_ref), trials=members,
+        atoms=rep.atoms, bonds=bonds, symmetry=sym, label=describe(bonds, sym),
+        identity_change=changed,
+    )
+
+
 def find_minima(
     trials: list[RelaxedTrial],
     *,
@@ -389,36 +470,13 @@ def find_minima(
     good, bad = quarantine(trials, max_drop, max_rise)
     if not good:
         return [], bad
-    like = like_pair_distances(bulk)
-    radius = 1.5 * min(like.values())
-    bonds = [
-        new_bonds(t.atoms, t.centre(), t.defect_index, oxidation_states, like, radius) for t in good
-    ]
+    bonds = _trial_bonds(good, bulk, oxidation_states)
     groups = group_minima(good, threshold, soap, [bond_signature(b) for b in bonds])
-    unperturbed = next((t for t in good if t.name == "Unperturbed"), None)
-    e_ref = unperturbed.energy if unperturbed else min(t.energy for t in good)
-    reference_cell = reference
+    e_ref = _reference_energy(good)
     members = {good[g[0]].name: [good[i].name for i in g] for g in groups}
-    where = {name: rep for rep, names in members.items() for name in names}
-    for t in trials:  # trials stopped early join the minimum of the basin they reached
-        if t.status == IN_BASIN:
-            if t.basin_of in where:
-                members[where[t.basin_of]].append(t.name)
-            else:
-                bad.append((t, f"{t.reason}, which is not a ranked minimum"))
-    minima = []
-    for rank, g in enumerate(groups):
-        rep = good[g[0]]
-        sym = local_symmetry(rep.atoms, rep.centre(), rep.defect_index)
-        changed = ""
-        if reference_cell is not None and len(reference_cell) == len(rep.atoms):
-            changed = identity_change(rep.atoms, reference_cell, rep.site, rep.defect_index, vacancy)
-        minima.append(
-            Minimum(
-                rank=rank, trial=rep.name, energy=float(rep.energy),
-                delta_e=float(rep.energy - e_ref), trials=members[rep.name],
-                atoms=rep.atoms, bonds=bonds[g[0]], symmetry=sym, label=describe(bonds[g[0]], sym),
-                identity_change=changed,
-            )
-        )
+    bad += _join_basins(trials, members)
+    minima = [
+        _minimum(rank, good[g[0]], bonds[g[0]], members[good[g[0]].name], e_ref, reference, vacancy)
+        for rank, g in enumerate(groups)
+    ]
     return minima, bad

@@ -35,6 +35,7 @@ from defectml.search.defects import (
     make_defects,
     object_kind,
     parse_defect_specs,
+    parse_oxi,
     resolve_defects,
 )
 from defectml.search.distort import Trial, TrialSettings, make_trials, number_of_distorted_neighbours
@@ -47,6 +48,7 @@ from defectml.search.landscape import (
 )
 from defectml.search.polish import DEFAULT_POLISH_FMAX, DEFAULT_POLISH_MEMBERS, polish_minima
 from defectml.search.summary import DefectSummary, charge_label, summarise
+from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key, is_url
 from defectml.structure_io import check_host, image_distance, to_atoms, to_structure, with_charge
 
@@ -54,8 +56,11 @@ log = logging.getLogger("defectml")
 
 
 @dataclass
-class SearchSettings:
+class SearchSettings(FromOptions):
     """Everything that decides a search's results (and so keys them in the store).
+
+    Built from options by :meth:`from_options`: each field from the option of its name, the
+    trial settings from theirs (``--distortions``, ``--dimer``, ...) and SOAP's from ``--soap-*``.
 
     Attributes:
         model: Built-in name, weights file (``[family:]PATH[@HEAD]``) or :class:`ModelRef`
@@ -104,9 +109,10 @@ class SearchSettings:
     max_atoms: int = 500
     force_diagonal: bool = False
     relax_host: bool = True
-    oxidation_states: dict[str, int] | None = None
-    trials: TrialSettings = field(default_factory=TrialSettings)
-    soap: SoapSettings = field(default_factory=SoapSettings)
+    oxidation_states: dict[str, int] | None = field(default=None, metadata={"parse": parse_oxi})
+    trials: TrialSettings = field(default_factory=TrialSettings, metadata={"options": ""})
+    soap: SoapSettings = field(default_factory=SoapSettings,
+                               metadata={"options": SoapSettings.OPTIONS_PREFIX})
     soap_threshold: float = DEFAULT_SOAP_THRESHOLD
     max_drop: float = DEFAULT_PHASE_CHANGE_DROP
     max_rise: float = DEFAULT_MAX_RISE

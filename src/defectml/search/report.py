@@ -96,6 +96,79 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
+def _trial_colour(colour: tuple, trial, polished: bool) -> tuple:
+    """A trial's marker colour: its minimum's, faint where others were polished and it was not."""
+    if polished and trial.polish_fmax is None:
+        return (*colour[:3], 0.35)
+    return colour
+
+
+def _plot_distortion_trials(ax, points: list[tuple]) -> list[tuple[str, float, tuple]]:
+    """Draw ``Unperturbed`` (diamond), ``Rattled`` (square) and bond distortions (circles).
+
+    Args:
+        ax: The matplotlib axes.
+        points: ``(trial, energy on the plot's scale, colour)`` per ranked trial.
+
+    Returns:
+        ``(name, energy, colour)`` of the other trials (``Dimer``, ...), for
+        :func:`_plot_other_trials`.
+    """
+    specials = []
+    for t, de, colour in points:
+        if t.name == "Unperturbed":
+            ax.scatter(0.0, de, color=colour, marker="D", s=46, zorder=4, edgecolor="k", linewidth=0.6)
+            ax.annotate("Unperturbed", (0.0, de), textcoords="offset points", xytext=(5, -11), fontsize=7)
+        elif t.distortion is not None and t.name.startswith(("Bond_Distortion", "Rattled")):
+            marker = "s" if t.name == "Rattled" else "o"
+            ax.scatter(100 * t.distortion, de, color=colour, marker=marker, s=40, zorder=3)
+            if t.name == "Rattled":
+                ax.annotate("Rattled", (0.0, de), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        else:
+            specials.append((t.name, de, colour))
+    return specials
+
+
+def _plot_other_trials(ax, specials: list[tuple[str, float, tuple]], right: float) -> None:
+    """Draw the other trials as labelled stars, 10 % apart from ``right`` (% axis) on."""
+    for k, (name, de, colour) in enumerate(specials):
+        ax.scatter(right + 10 * k, de, color=colour, marker="*", s=90, zorder=3)
+        ax.annotate(name, (right + 10 * k, de), textcoords="offset points", xytext=(4, 4), fontsize=8)
+
+
+def _legend_handles(summary: DefectSummary, ranked: list, cmap, scale: float, unit: str,
+                    polished: bool) -> list:
+    """Legend entries: each minimum (up to 10) with its spread, the markers, the faint ones.
+
+    Args:
+        summary: The defect in one charge state.
+        ranked: Its trials drawn (those in a minimum, with an energy).
+        cmap: The minima's colour map.
+        scale: Energy factor of the plot (1000 for meV).
+        unit: ``meV`` or ``eV``.
+        polished: Whether some trials were polished (then the others are drawn faint).
+
+    Returns:
+        The matplotlib ``Line2D`` handles.
+    """
+    from matplotlib.lines import Line2D
+
+    handles = []
+    for m in summary.minima[:10]:
+        flag = ", untrusted" if summary.untrusted(m) else ""
+        spread = summary.spread(m) * scale
+        handles.append(Line2D([], [], color=cmap(m.rank % 10), marker="o", ls="",
+                              label=f"#{m.rank}: {m.label} (spread {spread:.3g} {unit}{flag})"))
+    handles += [Line2D([], [], color="grey", marker=mk, ls="", label=what) for mk, what in
+                (("o", "bond distortion"), ("s", "Rattled (0%)"), ("D", "Unperturbed (dashed: its energy)"),
+                 ("*", "other trials"))]
+    if polished:
+        fmax = max(t.polish_fmax for t in ranked if t.polish_fmax is not None)
+        handles.append(Line2D([], [], color="grey", alpha=0.35, marker="o", ls="",
+                              label=f"faint: not polished to fmax {fmax:g} eV/Å"))
+    return handles
+
+
 def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None:
     """ShakeNBreak-style plot: ΔE vs bond distortion, coloured by the minimum each trial fell in.
 
@@ -111,7 +184,6 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
 
     if not summary.minima:
         return None
@@ -122,43 +194,14 @@ def plot_energy_vs_distortion(summary: DefectSummary, path: Path) -> Path | None
     scale, unit = (1000.0, "meV") if span < 0.1 else (1.0, "eV")
     cmap = plt.get_cmap("tab10")
     fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
-    specials = []
     polished = any(t.polish_fmax is not None for t in ranked)
-    for t in ranked:
-        de = scale * (t.energy - reference)
-        colour = cmap(basin[t.name] % 10)
-        if polished and t.polish_fmax is None:
-            colour = (*colour[:3], 0.35)
-        if t.name == "Unperturbed":
-            ax.scatter(0.0, de, color=colour, marker="D", s=46, zorder=4, edgecolor="k", linewidth=0.6)
-            ax.annotate("Unperturbed", (0.0, de), textcoords="offset points", xytext=(5, -11), fontsize=7)
-        elif t.distortion is not None and t.name.startswith(("Bond_Distortion", "Rattled")):
-            marker = "s" if t.name == "Rattled" else "o"
-            ax.scatter(100 * t.distortion, de, color=colour, marker=marker, s=40, zorder=3)
-            if t.name == "Rattled":
-                ax.annotate("Rattled", (0.0, de), textcoords="offset points", xytext=(5, 4), fontsize=7)
-        else:
-            specials.append((t.name, de, colour))
+    points = [(t, scale * (t.energy - reference), _trial_colour(cmap(basin[t.name] % 10), t, polished))
+              for t in ranked]
+    specials = _plot_distortion_trials(ax, points)
     xs = [100 * t.distortion for t in summary.trials if t.distortion is not None] or [0.0]
-    right = max(xs) + 15
-    for k, (name, de, colour) in enumerate(specials):
-        ax.scatter(right + 10 * k, de, color=colour, marker="*", s=90, zorder=3)
-        ax.annotate(name, (right + 10 * k, de), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    _plot_other_trials(ax, specials, max(xs) + 15)
     ax.axhline(0.0, color="grey", ls="--", lw=1)
-    handles = []
-    for m in summary.minima[:10]:
-        flag = ", untrusted" if summary.untrusted(m) else ""
-        spread = summary.spread(m) * scale
-        handles.append(Line2D([], [], color=cmap(m.rank % 10), marker="o", ls="",
-                              label=f"#{m.rank}: {m.label} (spread {spread:.3g} {unit}{flag})"))
-    handles += [Line2D([], [], color="grey", marker=mk, ls="", label=what) for mk, what in
-                (("o", "bond distortion"), ("s", "Rattled (0%)"), ("D", "Unperturbed (dashed: its energy)"),
-                 ("*", "other trials"))]
-    if polished:
-        fmax = max(t.polish_fmax for t in ranked if t.polish_fmax is not None)
-        handles.append(Line2D([], [], color="grey", alpha=0.35, marker="o", ls="",
-                              label=f"faint: not polished to fmax {fmax:g} eV/Å"))
-    ax.legend(handles=handles, fontsize=6.5, loc="best")
+    ax.legend(handles=_legend_handles(summary, ranked, cmap, scale, unit, polished), fontsize=6.5, loc="best")
     ax.set_xlabel("Bond distortion (%)")
     ax.set_ylabel(f"Energy relative to unperturbed ({unit})")
     ax.set_title(f"{summary.label} ({summary.model})")

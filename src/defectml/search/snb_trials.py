@@ -9,7 +9,7 @@ The layout ShakeNBreak and doped write (``defectml generate`` writes it too)::
 
 Each POSCAR is one trial exactly as read (same atoms, order and cell; positions not wrapped), so
 a replay of that folder's DFT answers for the very structures the search relaxed. Trials keep the
-names the replay oracle answers to (:func:`~defectml.dft.ingest.normalise_trial_name`:
+names the replay oracle answers to (:func:`~defectml.core.readers.normalise_trial_name`:
 ``Bond_Distortion_0.0%`` → ``Rattled``). Folders ending ``_High_Energy`` were abandoned by
 ShakeNBreak, which has no energy for them, so there is nothing to replay: they are left out, as
 are folders of any other name, each with a note.
@@ -34,7 +34,7 @@ import spglib
 from ase import Atoms
 from pymatgen.core import Element, Structure
 
-from defectml.dft.ingest import CHARGE_FOLDER, TRIAL_FOLDER, normalise_trial_name
+from defectml.core.readers import CHARGE_FOLDER, TRIAL_FOLDER, normalise_trial_name
 from defectml.errors import InputError
 from defectml.search.defects import (
     Defect,

@@ -27,6 +27,10 @@ from defectml.search.landscape import (
 from defectml.store import ResultStore
 from defectml.structure_io import image_distance, with_charge
 
+#: Default committee force spread (eV/Å) above which a minimum is flagged "untrusted"; a starting
+#: value, see benchmarks/active_loop.py for its calibration on held-out DFT frames.
+DEFAULT_THRESHOLD = 0.05
+
 
 def charge_label(name: str, charge: int) -> str:
     """ShakeNBreak-style folder label: ``v_Cd_0``, ``v_Cd_-1``, ``Mg_O_+2``."""
@@ -60,8 +64,6 @@ class DefectSummary:
 
     def untrusted(self, minimum: Minimum, threshold: float | None = None) -> bool | None:
         """Whether a minimum's committee spread exceeds ``threshold`` (``None``: cannot say)."""
-        from defectml.train.committee import DEFAULT_THRESHOLD
-
         t = self.trust(minimum)
         return None if t is None else t["force"] > (DEFAULT_THRESHOLD if threshold is None else threshold)
 

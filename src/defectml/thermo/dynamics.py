@@ -81,6 +81,33 @@ def defect_centre(atoms: Atoms, bulk: Atoms, kind: str, defect_index: int | None
     raise DefectMLError(f"unknown defect kind {kind!r}")
 
 
+def _defect_shell(frame: Atoms, centre: np.ndarray, shell: float) -> tuple[list, float | None, list | None]:
+    """The defect's neighbour shell in one frame and the shortest bond within it.
+
+    Args:
+        frame: One MD frame.
+        centre: The defect centre (Cartesian) in it.
+        shell: Radius (Å) of the shell; atoms within 0.3 Å of the centre are not in it.
+
+    Returns:
+        The sorted centre-neighbour distances (rounded to 1e-4 Å), the shortest neighbour-neighbour
+        distance and the angles (degrees, rounded to 0.01) of that bond to the x, y, z axes; the
+        last two ``None`` with fewer than two neighbours.
+    """
+    _, dist = get_distances(centre, frame.positions, cell=frame.cell, pbc=True)
+    sel = np.where((dist[0] > 0.3) & (dist[0] < shell))[0]
+    distances = np.sort(dist[0][sel]).round(4).tolist()
+    bond, angles = None, None
+    if len(sel) > 1:
+        pv, pd = get_distances(frame.positions[sel], cell=frame.cell, pbc=True)
+        iu = np.triu_indices(len(sel), 1)
+        k = int(np.argmin(pd[iu]))
+        bond = float(pd[iu][k])
+        v = pv[iu[0][k], iu[1][k]]
+        angles = np.degrees(np.arccos(np.abs(v) / np.linalg.norm(v))).round(2).tolist()
+    return distances, bond, angles
+
+
 def analyse_trajectory(
     frames: Sequence[Atoms],
     bulk: Atoms,
@@ -113,14 +140,8 @@ def analyse_trajectory(
     nn = float(np.min(d_bulk[d_bulk > 0.1]))
     shell = shell or 1.2 * nn
     bond_cutoff = bond_cutoff or 0.9 * _like_distance(bulk)
-    out = {
-        "time_fs": [],
-        "site": [],
-        "hops": [],
-        "neighbour_distances": [],
-        "shortest_bond": [],
-        "bond_angles": [],
-    }
+    keys = ("time_fs", "site", "hops", "neighbour_distances", "shortest_bond", "bond_angles")
+    out: dict = {key: [] for key in keys}
     hops, last = 0, None
     for f in frames:
         c = defect_centre(f, bulk, kind, defect_index)
@@ -128,20 +149,11 @@ def analyse_trajectory(
         if last is not None and site != last:
             hops += 1
         last = site
-        vec, dist = get_distances(c, f.positions, cell=f.cell, pbc=True)
-        sel = np.where((dist[0] > 0.3) & (dist[0] < shell))[0]
+        distances, bond, angles = _defect_shell(f, c, shell)
         out["time_fs"].append(float(f.info.get("time_fs", len(out["time_fs"]))))
         out["site"].append(site)
         out["hops"].append(hops)
-        out["neighbour_distances"].append(np.sort(dist[0][sel]).round(4).tolist())
-        bond, angles = None, None
-        if len(sel) > 1:
-            pv, pd = get_distances(f.positions[sel], cell=f.cell, pbc=True)
-            iu = np.triu_indices(len(sel), 1)
-            k = int(np.argmin(pd[iu]))
-            bond = float(pd[iu][k])
-            v = pv[iu[0][k], iu[1][k]]
-            angles = np.degrees(np.arccos(np.abs(v) / np.linalg.norm(v))).round(2).tolist()
+        out["neighbour_distances"].append(distances)
         out["shortest_bond"].append(bond)
         out["bond_angles"].append(angles if bond is not None and bond < bond_cutoff else None)
     out["n_hops"] = hops

@@ -23,6 +23,7 @@ from ase.units import kB
 from defectml.errors import DefectMLError
 from defectml.records import ThermoRecord
 from defectml.search.summary import DefectSummary
+from defectml.settings import FromOptions
 from defectml.store import ResultStore, content_key
 from defectml.thermo import vibrations as vib
 from defectml.thermo.configurational import configurational_entropy, populations
@@ -33,8 +34,8 @@ from defectml.thermo.integration import frenkel_ladd, model_evaluator
 
 
 @dataclass
-class ThermoSettings:
-    """What to compute.
+class ThermoSettings(FromOptions):
+    """What to compute (``defectml thermo``'s options are named for these fields).
 
     Attributes:
         temperatures: T grid (K).

@@ -43,6 +43,88 @@ def search_model(summary, override: str | None = None) -> Model:
     return load_model(search_model_ref(summary, override))
 
 
+def _thermo_summaries(store: ResultStore, run: str | None, defect: str | None, charge: int | None) -> list:
+    """The search's summaries of ``defect`` in ``charge`` (``None``: all).
+
+    Raises:
+        DefectMLError: none match.
+    """
+    summaries = [
+        s
+        for s in summarise(store, run, fidelity="mlip")
+        if (defect is None or s.defect == defect) and (charge is None or s.charge == charge)
+    ]
+    if not summaries:
+        raise DefectMLError(
+            f"no search results for {defect or 'any defect'}"
+            f"{'' if charge is None else f' in charge state {charge:+d}'} in {store.target}"
+        )
+    return summaries
+
+
+def _missing_mu(given: dict[str, float], elements, m: Model, log: Callable[[str], None]) -> dict[str, float]:
+    """``given`` chemical potentials plus, for each of ``elements`` missing, the model's element-rich limit.
+
+    Args:
+        given: Chemical potentials given (eV/atom); not changed.
+        elements: Elements exchanged with the reservoirs.
+        m: The search's model (its relaxed elemental phases).
+        log: Says each limit taken.
+    """
+    mu = dict(given)
+    for el in elements:
+        if el not in mu:
+            mu[el] = elemental_mu(el, m.calculator)
+            log(
+                f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from {m.name}'s relaxed elemental "
+                "phase (give --mu for other conditions)"
+            )
+    return mu
+
+
+def _supercell_site_symmetry(defect_atoms, row, defect: str, log: Callable[[str], None]) -> str:
+    """The site's symmetry in the unrelaxed defect supercell, with a note where it is lower.
+
+    Orientational degeneracy compares like with like: the site's symmetry in the unrelaxed
+    defect supercell (a supercell lattice can itself lower the primitive-cell site symmetry).
+    """
+    site_sym = local_symmetry(defect_atoms, np.asarray(row.data["site"]), row.data["defect_index"])
+    if site_sym != row.data["site_symmetry"]:
+        log(
+            f"note: the {defect} supercell lowers the site symmetry {row.data['site_symmetry']} to "
+            f"{site_sym}; orientational degeneracies are counted within the supercell"
+        )
+    return site_sym
+
+
+def _thermo_one(store: ResultStore, s, m: Model, settings: ThermoSettings,
+                log: Callable[[str], None]) -> ThermoResult:
+    """g_f(T) of one defect in one charge state (``s``, a search summary) with model ``m``."""
+    row = store.first(kind="defect", defect_key=s.defect_key)
+    host_row = store.first(kind="host", host_key=row.host_key)
+    host = host_row.toatoms()
+    bulk = make_supercell(host, np.asarray(row.data["sc_matrix"]))
+    e_bulk = float(host_row.energy) * len(bulk) / len(host)
+    defect_atoms = row.toatoms()
+    mu = _missing_mu(settings.mu, exchanged_atoms(defect_atoms, bulk), m, log)
+    site_sym = _supercell_site_symmetry(defect_atoms, row, s.defect, log)
+    st = ThermoSettings(**{**settings.__dict__, "mu": mu})
+    return formation_free_energy(
+        s,
+        defect_atoms,
+        bulk,
+        e_bulk,
+        site_symmetry=site_sym,
+        multiplicity=float(row.data["multiplicity"]),
+        cell_volume=float(host.get_volume()),
+        calculator=m.calculator,
+        model=f"{m.version} [{m.key}]",
+        settings=st,
+        store=store,
+        log=log,
+    )
+
+
 def thermo_from_store(
     store: ResultStore,
     settings: ThermoSettings,
@@ -59,60 +141,9 @@ def thermo_from_store(
     elemental phase (ASE reference state), and said so. ``run``: the search's settings key
     (default: the only run in the store).
     """
-    summaries = [
-        s
-        for s in summarise(store, run, fidelity="mlip")
-        if (defect is None or s.defect == defect) and (charge is None or s.charge == charge)
-    ]
-    if not summaries:
-        raise DefectMLError(
-            f"no search results for {defect or 'any defect'}"
-            f"{'' if charge is None else f' in charge state {charge:+d}'} in {store.target}"
-        )
+    summaries = _thermo_summaries(store, run, defect, charge)
     m = search_model(summaries[0], model)
-    name = m.name
-    results = []
-    for s in summaries:
-        row = store.first(kind="defect", defect_key=s.defect_key)
-        host_row = store.first(kind="host", host_key=row.host_key)
-        host = host_row.toatoms()
-        bulk = make_supercell(host, np.asarray(row.data["sc_matrix"]))
-        e_bulk = float(host_row.energy) * len(bulk) / len(host)
-        defect_atoms = row.toatoms()
-        mu = dict(settings.mu)
-        for el in exchanged_atoms(defect_atoms, bulk):
-            if el not in mu:
-                mu[el] = elemental_mu(el, m.calculator)
-                log(
-                    f"mu_{el} = {mu[el]:.3f} eV/atom: {el}-rich limit from {name}'s relaxed elemental "
-                    "phase (give --mu for other conditions)"
-                )
-        # Orientational degeneracy compares like with like: the site's symmetry in the unrelaxed
-        # defect supercell (a supercell lattice can itself lower the primitive-cell site symmetry).
-        site_sym = local_symmetry(defect_atoms, np.asarray(row.data["site"]), row.data["defect_index"])
-        if site_sym != row.data["site_symmetry"]:
-            log(
-                f"note: the {s.defect} supercell lowers the site symmetry {row.data['site_symmetry']} to "
-                f"{site_sym}; orientational degeneracies are counted within the supercell"
-            )
-        st = ThermoSettings(**{**settings.__dict__, "mu": mu})
-        results.append(
-            formation_free_energy(
-                s,
-                defect_atoms,
-                bulk,
-                e_bulk,
-                site_symmetry=site_sym,
-                multiplicity=float(row.data["multiplicity"]),
-                cell_volume=float(host.get_volume()),
-                calculator=m.calculator,
-                model=f"{m.version} [{m.key}]",
-                settings=st,
-                store=store,
-                log=log,
-            )
-        )
-    return results
+    return [_thermo_one(store, s, m, settings, log) for s in summaries]
 
 
 def dynamics_from_store(

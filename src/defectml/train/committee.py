@@ -25,11 +25,8 @@ import numpy as np
 from ase import Atoms
 
 from defectml.errors import InputError
+from defectml.search.summary import DEFAULT_THRESHOLD
 from defectml.structure_io import bare_atoms
-
-#: Default force spread (eV/Å) above which a structure is "untrusted"; a starting value, see
-#: benchmarks/active_loop.py for its calibration on held-out DFT frames.
-DEFAULT_THRESHOLD = 0.05
 
 
 @dataclass(frozen=True)

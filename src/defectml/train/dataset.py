@@ -32,12 +32,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 
 from defectml.errors import InputError
+from defectml.settings import FromOptions
 
 SAMPLERS = ("all", "even", "fps", "direct")
 SPLIT_BY = ("relaxation", "defect", "host")
@@ -119,13 +121,10 @@ def _check_consistent(fs: FrameSet) -> None:
 
 def read_extxyz(path: str | Path) -> list[FrameSet]:
     """Relaxations of an extxyz file, grouped by ``info["run_id"]`` (in file order)."""
-    from ase.io import read
+    from defectml.core.readers import read_trajectory
 
     path = Path(path)
-    try:
-        frames = read(path, ":")
-    except Exception as exc:  # noqa: BLE001 - ASE raises many kinds for a bad file
-        raise InputError(f"cannot read {path}: {exc}") from None
+    frames = read_trajectory(path)
     if not frames:
         raise InputError(f"{path}: no frames")
     groups: dict[str, list[Atoms]] = {}
@@ -198,11 +197,10 @@ def read_vasp(folder: str | Path, charge: int | None, host: str | None = None,
     Raises:
         InputError: no VASP output, or no ``charge`` (VASP outputs do not say it plainly).
     """
-    from defectml.dft.ingest import dft_theory, read_vasp_relaxation
+    from defectml.core.readers import VASP_OUTPUTS, dft_theory, read_vasp_relaxation
 
     folder = Path(folder)
-    names = ("vasprun.xml", "vasprun.xml.gz", "OUTCAR", "OUTCAR.gz")
-    dirs = sorted({p.parent for n in names for p in folder.rglob(n)})
+    dirs = sorted({p.parent for n in VASP_OUTPUTS for p in folder.rglob(n)})
     if not dirs:
         raise InputError(f"no vasprun.xml or OUTCAR under {folder}")
     if charge is None:
@@ -385,9 +383,17 @@ def sample(sets: list[FrameSet], method: str = "even", per_relaxation: int = 10,
 
 
 # --- splits ------------------------------------------------------------------------------------
+def parse_fractions(text: str) -> tuple[float, ...]:
+    """``--fractions``: train,val,test shares."""
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise InputError(f"--fractions must be three numbers like 0.8,0.1,0.1, not {text!r}") from None
+
+
 @dataclass
-class SplitSettings:
-    """How frames are split.
+class SplitSettings(FromOptions):
+    """How frames are split (``defectml dataset``'s options; ``by`` is ``--split-by``).
 
     Attributes:
         by: Keep each ``relaxation``, ``defect`` (all its charges and equivalent sites) or ``host``
@@ -402,10 +408,16 @@ class SplitSettings:
     """
 
     by: str = "defect"
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    fractions: tuple[float, float, float] = field(default=(0.8, 0.1, 0.1),
+                                                  metadata={"parse": parse_fractions})
     hold_out: tuple[str, ...] = ()
     bulk: str = "train"
     seed: int = 0
+
+    OPTION_NAMES: ClassVar[dict[str, str]] = {"by": "split_by"}
+
+    def __post_init__(self) -> None:
+        self.fractions, self.hold_out = tuple(self.fractions), tuple(self.hold_out)
 
     def validate(self) -> None:
         """Raise ``InputError`` for impossible settings."""
