@@ -189,3 +189,58 @@ def test_constraints_hold_as_in_ase(name):
         assert np.allclose(r.atoms.positions, work.positions, atol=1e-6)
         if isinstance(constraint, FixAtoms):
             assert len(near) == 4 and np.allclose(r.atoms.positions[near], a.positions[near])
+
+
+def test_batches_filled_by_memory_stay_within_it_and_give_the_unbatched_answer():
+    structures = _cu_vacancies(5)
+    seen = []
+    emt = calculator_batch_fn(EMT())
+
+    def recording(batch):
+        seen.append(len(batch))
+        return emt(batch)
+
+    costs = (3.0, 3.0, 3.0, 8.0, 1.0)
+    by_position = {tuple(np.round(a.positions[0], 9)): c for a, c in zip(structures, costs, strict=True)}
+
+    def memory(atoms):  # looked up by where the structure starts
+        return by_position[tuple(np.round(atoms.positions[0], 9))]
+
+    out = dict(relax_batched(structures, recording, fmax=0.05, max_batch=99, max_memory=6.0,
+                             memory_fn=memory))
+    one = dict(relax_batched(structures, emt, fmax=0.05, max_batch=1))
+    assert max(seen) == 2 and 1 in seen  # never three (9 > 6); the 8 runs alone: over budget alone
+    for i, r in one.items():
+        assert out[i].steps == r.steps and np.allclose(out[i].atoms.positions, r.atoms.positions)
+
+
+def test_batch_memory_is_refused_where_it_cannot_be_kept(tmp_path, copper):
+    from defectml.errors import InputError
+
+    with pytest.raises(InputError, match="no memory per structure|has none"):
+        search(copper, "v_Cu", [0], out=tmp_path / "a", settings=_settings(), progress=False,
+               batch_memory_gb=1.0)  # EMT: nothing measured, so nothing to fill by
+    with pytest.raises(InputError, match="--workers 1"):
+        search(copper, "v_Cu", [0], out=tmp_path / "b", settings=_settings(), progress=False,
+               batch_memory_gb=1.0, workers=2)
+
+
+def test_chgnet_memory_counts_are_chgnets_own_graph():
+    """The batcher's edges and angles are the graph CHGNet builds (rocksalt: 15x zinc blende's angles)."""
+    from ase.io import read
+    from pymatgen.io.ase import AseAtomsAdaptor
+
+    from defectml.models import load_model
+    from defectml.models.memory import graph_counts
+
+    model = load_model("chgnet", threads=1)
+    cells = [read("examples/CdTe.cif").repeat(2), bulk("MgO", "rocksalt", a=4.2, cubic=True).repeat(2)]
+    estimates = []
+    for atoms in cells:
+        del atoms[0]
+        atoms.rattle(0.1, seed=0)
+        graph = model.calculator.model.graph_converter(AseAtomsAdaptor.get_structure(atoms))
+        counts = graph_counts(atoms, "chgnet")
+        assert (counts["edges"], counts["angles"]) == (len(graph.atom_graph), len(graph.bond_graph))
+        estimates.append(model.memory(atoms))
+    assert estimates[1] > 4 * estimates[0] > 0  # same atom count, far more memory

@@ -141,7 +141,13 @@ def add_search_args(s: argparse.ArgumentParser) -> None:
                    help="local process pool (default) or Dask distributed")
     x.add_argument("--scheduler", default=None,
                    help="Dask scheduler address, e.g. tcp://head:8786 (default: a LocalCluster)")
-    x.add_argument("--batch-size", type=int, default=1, help="trials per task (1)")
+    x.add_argument("--batch-size", type=int, default=None,
+                   help="trials relaxed together, one model call per step for all (1; with --batch-memory: "
+                        "as many as fit)")
+    x.add_argument("--batch-memory", type=float, default=None, metavar="GB",
+                   help="fill the batch while the model's estimated memory of it stays within this many GB "
+                        "(finished trials leave, waiting ones enter; CHGNet, --workers 1; estimates "
+                        "measured on CPU: benchmarks/results/batch_memory.md)")
 
 
 def search_settings(a: argparse.Namespace, **over):
@@ -154,7 +160,7 @@ def search_settings(a: argparse.Namespace, **over):
 def execution(a: argparse.Namespace) -> dict:
     """Where relaxations run, from the parsed options."""
     return {"workers": a.workers, "executor": a.executor, "scheduler": a.scheduler,
-            "batch_size": a.batch_size}
+            "batch_size": a.batch_size, "batch_memory_gb": a.batch_memory}
 
 
 def add_run_arg(p: argparse.ArgumentParser) -> None:

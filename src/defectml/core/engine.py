@@ -87,9 +87,10 @@ def run_jobs(
     workers: int = 1,
     executor: str = "local",
     scheduler: str | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     model: Model | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
+    batch_memory: float | None = None,
 ) -> Iterator[tuple[Job, Relaxation]]:
     """Run ``jobs``; yield each ``(job, result)`` as soon as it is done.
 
@@ -102,29 +103,41 @@ def run_jobs(
             scheduler given). 1 with ``local`` runs in this process.
         executor: ``local`` or ``dask``.
         scheduler: Address of a running Dask scheduler (``tcp://host:8786``).
-        batch_size: Trials relaxed together (one model call per step for all of them).
+        batch_size: Trials relaxed together (one model call per step for all of them); ``None``:
+            one, or with ``batch_memory`` as many as fit.
         model: The already-loaded model, used when running in this process.
         optimizer: One of :data:`~defectml.core.optimizers.OPTIMIZERS`.
+        batch_memory: Fill the batch (in flight: finished trials leave, waiting ones enter) while
+            its estimated memory (:meth:`Model.memory <defectml.models.model.Model.memory>`,
+            bytes) stays within this; one process only (``workers`` 1, ``local``).
     """
     if executor not in EXECUTORS:
         raise InputError(f"unknown executor {executor!r}: use {' or '.join(EXECUTORS)}")
     if workers < 1:
         raise InputError(f"--workers must be at least 1, got {workers}")
+    if batch_memory is not None and (executor != "local" or workers != 1):
+        raise InputError("--batch-memory fills the batch of one process: use it with --workers 1 "
+                         "(and the local executor)")
     if not jobs:
         return
     if executor == "local" and workers == 1:
         model = model or _model(spec)
+        size = batch_size or (len(jobs) if batch_memory is not None else 1)
+        if batch_memory is not None and model.memory(jobs[0].atoms) is None:
+            raise InputError(f"--batch-memory needs a model whose memory per structure was measured "
+                             f"(chgnet; see benchmarks/batch_memory.py); {model.name} has none: use "
+                             "--batch-size")
         # batch of one: the model's own calculator; several: its batched prediction
-        fn = model.batch() if batch_size > 1 else calculator_batch_fn(model.calculator)
+        fn = model.batch() if size > 1 or batch_memory is not None else calculator_batch_fn(model.calculator)
         for i, r in relax_batched([j.atoms for j in jobs], fn, fmax=fmax, max_steps=max_steps,
-                                  max_batch=batch_size, watches=[j.watch for j in jobs],
-                                  optimizer=optimizer):
+                                  max_batch=size, watches=[j.watch for j in jobs], optimizer=optimizer,
+                                  max_memory=batch_memory, memory_fn=model.memory):
             yield jobs[i], r
         return
     per_worker = ModelSpec(spec.name, spec.device,
                            spec.threads or default_threads(workers),
                            spec.calculator)
-    batches = _batches(jobs, batch_size)
+    batches = _batches(jobs, batch_size or 1)
     if executor == "local":
         yield from _run_pool(batches, per_worker, fmax, max_steps, workers, optimizer)
     else:

@@ -186,6 +186,7 @@ class _State:
     frames: list = field(default_factory=list)  # (positions, energy, forces) per evaluation
     steps: int = 0
     last_good: np.ndarray | None = None
+    memory: float = 0.0  # estimated bytes in a batched call (0: not estimated)
 
     def record(self, energy: float, forces: np.ndarray) -> None:
         self.frames.append((self.atoms.positions.copy(), float(energy), np.array(forces)))
@@ -213,13 +214,18 @@ def relax_batched(
     max_batch: int = 16,
     watches: list | None = None,
     optimizer: str = DEFAULT_OPTIMIZER,
+    max_memory: float | None = None,
+    memory_fn: Callable[[Atoms], float | None] | None = None,
 ) -> Iterator[tuple[int, Relaxation]]:
     """Relax many structures together: one ``batch_fn`` call per optimisation step for all.
 
     One optimiser state per structure (``optimizer``, :mod:`~defectml.core.optimizers`; FIRE
-    with ASE's defaults unless asked); finished structures leave the batch and waiting ones enter,
-    up to ``max_batch`` at a time. ``watches``: one early-stop check per structure (or ``None``),
-    see :func:`relax_one`.
+    with ASE's defaults unless asked); finished structures leave the batch and waiting ones enter
+    (in flight), up to ``max_batch`` at a time and, with ``max_memory``, while the batch's
+    estimated memory (``memory_fn``, bytes per structure, e.g. :meth:`Model.memory
+    <defectml.models.model.Model.memory>`) stays within it; a structure larger than the budget
+    runs alone. ``watches``: one early-stop check per structure (or ``None``), see
+    :func:`relax_one`.
 
     Yields:
         ``(input index, Relaxation)`` as each finishes (not in input order).
@@ -230,9 +236,10 @@ def relax_batched(
     waiting = list(zip(range(len(structures)), structures, watches, strict=True))[::-1]
     active: list[_State] = []
     while waiting or active:
-        while waiting and len(active) < max_batch:
+        while waiting and _admits(active, waiting[-1][1], max_batch, max_memory, memory_fn):
             i, a, w = waiting.pop()
-            st = _State(i, a.copy(), time.perf_counter(), make_optimizer(optimizer), watch=w)
+            st = _State(i, a.copy(), time.perf_counter(), make_optimizer(optimizer), watch=w,
+                        memory=_memory(a, max_memory, memory_fn))
             st.atoms.calc = None
             st.last_good = st.atoms.positions.copy()
             d = closest_pair_below(st.atoms, min_distance)
@@ -260,6 +267,23 @@ def relax_batched(
             else:
                 yield st.index, done
         active = still
+
+
+def _memory(atoms: Atoms, max_memory: float | None, memory_fn) -> float:
+    """A structure's estimated bytes in a batched call (0 when batches are not filled by memory)."""
+    if max_memory is None or memory_fn is None:
+        return 0.0
+    return float(memory_fn(atoms) or 0.0)
+
+
+def _admits(active: list[_State], atoms: Atoms, max_batch: int, max_memory: float | None,
+            memory_fn) -> bool:
+    """Whether the next waiting structure may join the batch (an empty batch takes anything)."""
+    if len(active) >= max_batch:
+        return False
+    if not active or max_memory is None:
+        return True
+    return sum(st.memory for st in active) + _memory(atoms, max_memory, memory_fn) <= max_memory
 
 
 def constrained_forces(atoms: Atoms, forces: np.ndarray) -> np.ndarray:

@@ -69,6 +69,17 @@ class Model:
         """Energies and forces of many structures in one call (batched where the model can)."""
         return self.batch_fn or calculator_batch_fn(self.calculator)
 
+    def memory(self, atoms: Atoms) -> float | None:
+        """Estimated memory (bytes) of ``atoms`` in a batched call (:mod:`defectml.models.memory`).
+
+        ``None`` where the model has no batched call or its family no measured coefficients.
+        """
+        if self.batch_fn is None:
+            return None
+        from defectml.models.memory import structure_bytes
+
+        return structure_bytes(atoms, self.ref.family)
+
     def check_elements(self, elements) -> None:
         """Raise ``ModelError`` if the model does not cover every element in ``elements``."""
         if self.elements is None:

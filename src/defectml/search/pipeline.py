@@ -435,7 +435,8 @@ def search(
     workers: int = 1,
     executor: str = "local",
     scheduler: str | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
+    batch_memory_gb: float | None = None,
 ) -> SearchResult:
     """Search the low-energy structures of point defects in ``host``.
 
@@ -456,7 +457,11 @@ def search(
         workers: Worker processes (local pool, or Dask LocalCluster workers).
         executor: ``local`` (this process, or a process pool when workers > 1) or ``dask``.
         scheduler: A Dask scheduler address; none starts a LocalCluster.
-        batch_size: Trials per task sent to a worker.
+        batch_size: Trials relaxed together (one model call per step for all; in a pool: per task
+            sent to a worker); ``None``: one, or with ``batch_memory_gb`` as many as fit.
+        batch_memory_gb: Fill the batch while the model's estimated memory of it stays within this
+            many GB (:mod:`defectml.models.memory`; CHGNet, one process): trials of any size batch
+            without running out of memory.
 
     Returns:
         The per-defect summaries (also written to the store as raw relaxations).
@@ -496,7 +501,8 @@ def search(
     try:
         return _search(store, structure, defects, charges, s, model, progress, log_fn,
                        {"workers": workers, "executor": executor, "scheduler": scheduler,
-                        "batch_size": batch_size}, t0)
+                        "batch_size": batch_size,
+                        "batch_memory": None if batch_memory_gb is None else batch_memory_gb * 2**30}, t0)
     except BaseException:
         _remove_if_empty(store, made)  # only as the store's writer: a refused second one touches nothing
         raise

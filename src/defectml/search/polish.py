@@ -120,7 +120,8 @@ def polish_minima(store, summaries: list[DefectSummary], model, spec, *, fmax: f
         fmax: The tight force threshold (eV/Å).
         members: Relaxations continued per minimum (0: all).
         max_steps: Step limit of each continuation.
-        execution: ``workers``, ``executor``, ``scheduler``, ``batch_size`` as for the search.
+        execution: ``workers``, ``executor``, ``scheduler``, ``batch_size``, ``batch_memory`` as
+            for the search.
         optimizer: The search's optimiser.
         progress: Show a progress bar.
         log_fn: Where messages go.
