@@ -11,10 +11,11 @@ CdTe V_Cd^0 with CHGNet on CPU, default 15 trials, fmax 0.05 eV/A, for a 63-atom
                and line graph built anew for every structure on every step)
   batched_skin the same batch, graphs from defectml's SkinGraphConverter (straight from the
                Atoms; a skin neighbour list kept per batch slot, the graph rebuilt only when a
-               pair crossed a cutoff): the model's default batch function
+               pair crossed a cutoff): ``batch_fn(model, skin=1.0)``, opt-in
   workers2     two worker processes (one torch thread each), each loading the model
   workers2_batched  two workers, each relaxing half of the trials as one batch (the model's
-               default batch function: batched_skin's graphs)
+               default batch function; the recorded results ran it with the skin graphs, then
+               the default)
   early_stop   sequential, stopping trials that reach the basin of an already relaxed minimum
 
 For each: wall time, ratio to sequential, model calls, FIRE steps, the trials whose FIRE step count

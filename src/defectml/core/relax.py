@@ -233,13 +233,13 @@ def relax_batched(
     make_optimizer(optimizer)  # an unknown name fails before any work
     structures = list(structures)
     watches = list(watches) if watches is not None else [None] * len(structures)
-    waiting = list(zip(range(len(structures)), structures, watches, strict=True))[::-1]
+    costs = [_memory(a, max_memory, memory_fn) for a in structures]
+    waiting = list(zip(range(len(structures)), structures, watches, costs, strict=True))[::-1]
     active: list[_State] = []
     while waiting or active:
-        while waiting and _admits(active, waiting[-1][1], max_batch, max_memory, memory_fn):
-            i, a, w = waiting.pop()
-            st = _State(i, a.copy(), time.perf_counter(), make_optimizer(optimizer), watch=w,
-                        memory=_memory(a, max_memory, memory_fn))
+        while waiting and _admits(active, waiting[-1][3], max_batch, max_memory):
+            i, a, w, cost = waiting.pop()
+            st = _State(i, a.copy(), time.perf_counter(), make_optimizer(optimizer), watch=w, memory=cost)
             st.atoms.calc = None
             st.last_good = st.atoms.positions.copy()
             d = closest_pair_below(st.atoms, min_distance)
@@ -276,14 +276,13 @@ def _memory(atoms: Atoms, max_memory: float | None, memory_fn) -> float:
     return float(memory_fn(atoms) or 0.0)
 
 
-def _admits(active: list[_State], atoms: Atoms, max_batch: int, max_memory: float | None,
-            memory_fn) -> bool:
-    """Whether the next waiting structure may join the batch (an empty batch takes anything)."""
+def _admits(active: list[_State], cost: float, max_batch: int, max_memory: float | None) -> bool:
+    """Whether a waiting structure of ``cost`` bytes may join the batch (an empty one takes any)."""
     if len(active) >= max_batch:
         return False
     if not active or max_memory is None:
         return True
-    return sum(st.memory for st in active) + _memory(atoms, max_memory, memory_fn) <= max_memory
+    return sum(st.memory for st in active) + cost <= max_memory
 
 
 def constrained_forces(atoms: Atoms, forces: np.ndarray) -> np.ndarray:

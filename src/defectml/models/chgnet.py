@@ -100,7 +100,7 @@ def _from_file(path: str):
     return cls.from_dict(state["model"])
 
 
-def batch_fn(model, skin: float | None = 1.0):
+def batch_fn(model, skin: float | None = None):
     """CHGNet's batched prediction: all structures' graphs in one forward pass.
 
     A charge-aware model reads each structure's charge from ``info["charge"]``.
@@ -109,9 +109,14 @@ def batch_fn(model, skin: float | None = 1.0):
         model: A CHGNet (or charge-aware CHGNet) model.
         skin: The graphs come from :class:`~defectml.models.chgnet_graph.SkinGraphConverter`
             with this neighbour-list skin (Å): straight from the ``Atoms``, the neighbour list
-            kept per batch slot and rebuilt only when atoms moved more than the skin. ``None``:
-            CHGNet's own converter on a pymatgen ``Structure`` of every structure on every call
-            (the same graphs, up to the order of edges: the same results up to float32 round-off).
+            kept per batch slot and rebuilt only when atoms moved more than the skin (~1.2-1.4x
+            faster batched steps, benchmarks/results/search_speed.md). ``None`` (the default):
+            CHGNet's own converter on a pymatgen ``Structure`` of every structure on every call.
+            The graphs are the same up to the order of edges, so the results agree to float32
+            round-off; but with the skin graphs two identical structures in one batch can differ
+            by one float32 rounding step of the energy (3.6e-6 eV in a 15-atom cell with a
+            fine-tuned model, tests/test_charge_aware.py), where CHGNet's own edge order gives
+            them equal. Until that is understood the skin graphs are opt-in.
     """
     from pymatgen.io.ase import AseAtomsAdaptor
 
