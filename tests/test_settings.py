@@ -106,3 +106,18 @@ def test_thermo_settings_come_from_its_options_under_their_field_names():
     s = ThermoSettings.from_options(a, temperatures=[300.0], mu={})  # cmd_thermo parses these two
     assert (s.vibrations, s.ti_switch_steps, s.window) == ("none", 50, 0.2)
     assert s.ti_repeats == ThermoSettings.ti_repeats
+
+
+def test_the_written_settings_say_what_ran_defaults_included(tmp_path):
+    from defectml.cli.common import write_settings
+
+    parser = _parser("search")
+    a = parser.parse_args(["host.cif", "--defect", "v_Cd", "--no-dimer", "--soap-rcut", "4"])
+    s = SearchSettings.from_options(a)
+    written = __import__("yaml").safe_load(write_settings(a, tmp_path, s).read_text())
+    assert written["fmax"] == SearchSettings.fmax and written["relax_host"] is True  # defaults, as run
+    assert written["dimer"] is False and written["soap_r_cut"] == 4.0
+    assert written["distortions"] == list(TrialSettings().distortions)
+    # and it reads back to the same settings
+    again = parser.parse_args(["host.cif", *config_tokens(str(tmp_path / "settings.yaml"), parser, "search")])
+    assert SearchSettings.from_options(again) == s

@@ -64,3 +64,26 @@ def chosen_fields(cls, source: dict, names: str | dict[str, str], skip=()) -> di
             value, parse = source[name], f.metadata.get("parse")
             out[f.name] = parse(value) if parse and isinstance(value, str) else value
     return out
+
+
+def option_values(settings, names: str | dict[str, str] | None = None) -> dict:
+    """The options that would build ``settings`` (the inverse of :func:`chosen_fields`).
+
+    Used to write what a run actually used, defaults included, beside its results.
+    """
+    cls = type(settings)
+    names = getattr(cls, "OPTIONS_PREFIX", "") if names is None else names
+    out = {}
+    for f in fields(cls):
+        value = getattr(settings, f.name)
+        nested = f.metadata.get("options")
+        if nested is not None:
+            out.update(option_values(value, nested))
+            continue
+        if isinstance(names, dict):
+            name = names.get(f.name)
+        else:
+            name = getattr(cls, "OPTION_NAMES", {}).get(f.name, names + f.name)
+        if name is not None:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out

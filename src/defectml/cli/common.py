@@ -315,13 +315,20 @@ def _flag_tokens(action: argparse.Action, flag: str, name: str, value: bool) -> 
     return [positive if on else "--no-" + positive[2:]]
 
 
-def write_settings(a: argparse.Namespace, folder: Path) -> Path:
-    """Every option of this run, as a ``--config`` file beside its results (``settings.yaml``)."""
+def write_settings(a: argparse.Namespace, folder: Path, settings=None) -> Path:
+    """Every option of this run, as a ``--config`` file beside its results (``settings.yaml``).
+
+    Options left at ``None`` are written with the value ``settings`` (the run's, built from these
+    options) used, so the file keeps saying what ran if a default changes later.
+    """
     import yaml
 
+    from defectml.settings import option_values
     from defectml.structure_io import write_atomic
 
     doc = {k: v for k, v in sorted(vars(a).items()) if k not in ("command", "config", "func")}
+    used = option_values(settings) if settings is not None else {}
+    doc.update({k: used[k] for k, v in doc.items() if v is None and used.get(k) is not None})
     folder.mkdir(parents=True, exist_ok=True)
     return write_atomic(folder / "settings.yaml",
                         lambda tmp: Path(tmp).write_text(yaml.safe_dump(doc, sort_keys=True)))

@@ -100,11 +100,9 @@ def cmd_search(a: argparse.Namespace) -> int:
         a.trials_from = str(Path(a.trials_from).resolve())
     host = read_structure(a.structure)
     say = messages(a.quiet)
-    result = search(
-        host, a.defect or "all", parse_charges(a.charge), out=a.out, db=a.db,
-        settings=search_settings(a, trials_from=a.trials_from), progress=not a.quiet, log_fn=say,
-        **execution(a),
-    )
+    settings = search_settings(a, trials_from=a.trials_from)
+    result = search(host, a.defect or "all", parse_charges(a.charge), out=a.out, db=a.db,
+                    settings=settings, progress=not a.quiet, log_fn=say, **execution(a))
     extra = {
         "structure": str(a.structure), "model": result.model, "model_version": result.model_version,
         "settings_key": result.settings_key, "relaxed_this_run": result.relaxed,
@@ -112,7 +110,7 @@ def cmd_search(a: argparse.Namespace) -> int:
         "dropped_trials": result.dropped,
     }
     doc = write_outputs(result.summaries, Path(a.out), extra)
-    write_settings(a, Path(a.out))
+    write_settings(a, Path(a.out), settings)
     if not a.no_report:
         from defectml.search.html_report import write_report
 
