@@ -56,10 +56,7 @@ def chosen_fields(cls, source: dict, names: str | dict[str, str], skip=()) -> di
                 sub.validate()
             out[f.name] = sub
             continue
-        if isinstance(names, dict):
-            name = names.get(f.name)
-        else:
-            name = getattr(cls, "OPTION_NAMES", {}).get(f.name, names + f.name)
+        name = _option_name(cls, f.name, names)
         if name is not None and source.get(name) is not None:
             value, parse = source[name], f.metadata.get("parse")
             out[f.name] = parse(value) if parse and isinstance(value, str) else value
@@ -80,10 +77,18 @@ def option_values(settings, names: str | dict[str, str] | None = None) -> dict:
         if nested is not None:
             out.update(option_values(value, nested))
             continue
-        if isinstance(names, dict):
-            name = names.get(f.name)
-        else:
-            name = getattr(cls, "OPTION_NAMES", {}).get(f.name, names + f.name)
+        name = _option_name(cls, f.name, names)
         if name is not None:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _option_name(cls, field_name: str, names: str | dict[str, str]) -> str | None:
+    """The option a field is read from.
+
+    ``names[field]`` for a nested mapping (``None`` if absent), else the class's ``OPTION_NAMES``
+    exception, else the prefix ``names`` + the field name.
+    """
+    if isinstance(names, dict):
+        return names.get(field_name)
+    return getattr(cls, "OPTION_NAMES", {}).get(field_name, names + field_name)
